@@ -1,0 +1,143 @@
+"""Draw a phantom next to the real pelvic CT: same window, same anatomical levels.
+
+    python docs/make_phantom_vs_real.py [--seed 3] [--out docs/phantom_vs_real.png]
+
+Rows: the real CT (../shared/data/real/pelvis_ct) and a phantom. Columns: an
+axial slice through the femoral heads, an axial slice 40 mm higher (bladder),
+and a coronal slice through the femoral heads. Levels are found from each
+image's own labels (femur / femoral head), so the comparison is anatomical, not
+by slice number. Printed below: HU statistics per tissue in both images.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import SimpleITK as sitk  # noqa: E402
+from scipy import ndimage  # noqa: E402
+
+from segcore import anatomy, image, phantom  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+REAL = ROOT.parent / "shared" / "data" / "real" / "pelvis_ct"
+WINDOW = (40 - 200, 40 + 200)  # soft-tissue window W400 L40
+# Real (TotalSegmentator v1) labels compared with phantom labels.
+REAL_LABELS = {"bladder": [104], "femur_right": [89], "femur_left": [88], "hip bones": [90, 91], "sacrum": [92],
+               "gluteal muscle": [94, 95, 96, 97]}
+PHANTOM_LABELS = {"bladder": [2], "femur_right": [5, 11], "femur_left": [4, 10], "hip bones": [7, 8], "sacrum": [9],
+                  "gluteal muscle": [12]}
+
+
+def to_lps_axial(ct, labels):
+    """Canonical orientation (i=L, j=P, k=S) so slices are comparable."""
+    ct, _ = image.canonicalize(ct)
+    labels, _ = image.canonicalize(labels)
+    return ct, labels
+
+
+def femoral_head_centre(labels, values):
+    """Physical point of the centre of the femoral head: the centre of the
+    largest inscribed ball in the top 50 mm of the femur label."""
+    mask = np.isin(sitk.GetArrayViewFromImage(labels), values)
+    k_top = np.nonzero(mask.any(axis=(1, 2)))[0].max()
+    dz = labels.GetSpacing()[2]
+    cut = mask.copy()
+    cut[: max(0, k_top - int(50 / dz))] = False
+    distance = ndimage.distance_transform_edt(cut, sampling=labels.GetSpacing()[::-1])
+    k, j, i = np.unravel_index(np.argmax(distance), distance.shape)
+    return np.asarray(labels.TransformIndexToPhysicalPoint((int(i), int(j), int(k))))
+
+
+def tissue_stats(ct, labels, groups):
+    values, masks = sitk.GetArrayViewFromImage(ct), sitk.GetArrayViewFromImage(labels)
+    stats = {}
+    for name, group in groups.items():
+        inner = ndimage.binary_erosion(np.isin(masks, group), iterations=1)
+        if inner.any():
+            v = values[inner]
+            stats[name] = (float(np.median(v)), float(np.percentile(v, 75) - np.percentile(v, 25)),
+                           float(inner.sum() * np.prod(ct.GetSpacing()) / 1000))
+    fat = (values > -200) & (values < -30)
+    stats["fat (-200..-30 HU)"] = (float(np.median(values[fat])), float(np.subtract(*np.percentile(values[fat], [75, 25]))), 0)
+    return stats
+
+
+def slice_at(ct, point, axis):
+    index = ct.TransformPhysicalPointToIndex(tuple(float(v) for v in point))
+    array = sitk.GetArrayViewFromImage(ct)
+    sp, org, size = ct.GetSpacing(), ct.GetOrigin(), ct.GetSize()
+    if axis == "axial":
+        img = array[index[2]]
+        extent = (org[0] - sp[0] / 2, org[0] + sp[0] * (size[0] - 0.5), org[1] + sp[1] * (size[1] - 0.5), org[1] - sp[1] / 2)
+    else:  # coronal: rows are slices (S up)
+        img = array[::-1, index[1], :]
+        extent = (org[0] - sp[0] / 2, org[0] + sp[0] * (size[0] - 0.5), org[2] - sp[2] / 2, org[2] + sp[2] * (size[2] - 0.5))
+    return img, extent
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=3)
+    parser.add_argument("--out", default=str(ROOT / "docs" / "phantom_vs_real.png"))
+    args = parser.parse_args(argv)
+
+    real_ct = image.read_image(REAL / "example_ct.nii.gz")
+    real_labels = image.read_image(REAL / "example_seg_v1.nii.gz", kind="labels")
+    case = phantom.make_phantom(args.seed, matrix=512, orientation="LPS", implant=True)
+    rows = []
+    for title, ct, labels, groups in (("real CT (3 mm)", real_ct, real_labels, REAL_LABELS),
+                                      (f"phantom seed {args.seed}", case.ct, case.labels, PHANTOM_LABELS)):
+        ct, labels = to_lps_axial(ct, labels)
+        if ct.GetSpacing() != real_ct.GetSpacing():
+            # Show the phantom as the real scan was stored (3 mm voxels), so that
+            # noise texture and partial volume are compared like for like.
+            ct = image.resample_to_spacing(ct, real_ct.GetSpacing(), "linear")
+            labels = image.resample_like(labels, ct, "label")
+            title += " at 3 mm"
+        centre = (femoral_head_centre(labels, groups["femur_right"]) + femoral_head_centre(labels, groups["femur_left"])) / 2
+        rows.append((title, ct, labels, centre, tissue_stats(ct, labels, groups)))
+    # the reported separation uses the native grids' labels through the same method
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 10), facecolor="black")
+    for r, (title, ct, _, centre, _) in enumerate(rows):
+        views = [("axial, femoral heads", centre, "axial"),
+                 ("axial, 40 mm higher", centre + [0, 0, 40], "axial"),
+                 ("coronal, femoral heads", centre, "coronal")]
+        for c, (name, point, axis) in enumerate(views):
+            img, extent = slice_at(ct, point, axis)
+            ax = axes[r, c]
+            ax.imshow(img, cmap="gray", vmin=WINDOW[0], vmax=WINDOW[1], extent=extent, interpolation="nearest")
+            # Same physical field around the femoral heads in both rows.
+            ax.set_xlim(centre[0] - 200, centre[0] + 200)
+            if axis == "axial":
+                ax.set_ylim(centre[1] + 150, centre[1] - 170)
+            else:
+                ax.set_ylim(centre[2] - 110, centre[2] + 190)
+            ax.set_title(f"{title}: {name}", color="white", fontsize=10)
+            ax.axis("off")
+    fig.suptitle("Phantom vs real CT, window W400/L40, same anatomical levels (image left = patient right)",
+                 color="white")
+    fig.tight_layout()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=80, facecolor="black")
+    print(f"wrote {args.out}")
+    print(f"{'tissue':22s} {'real median/IQR HU':>20s} {'phantom median/IQR HU':>22s}")
+    for name in rows[0][4]:
+        real = rows[0][4].get(name)
+        synth = rows[1][4].get(name)
+        fmt = lambda v: f"{v[0]:7.0f} / {v[1]:5.0f}" if v else "      -"  # noqa: E731
+        print(f"{name:22s} {fmt(real):>20s} {fmt(synth):>22s}")
+    print("femoral head separation (mm): real %.0f, phantom %.0f" % tuple(
+        np.linalg.norm(femoral_head_centre(labels, g["femur_right"]) - femoral_head_centre(labels, g["femur_left"]))
+        for (_, _, labels, _, _), g in zip(rows, (REAL_LABELS, PHANTOM_LABELS))))
+    print("labels:", ", ".join(f"{s.value}={s.name}" for s in anatomy.STRUCTURES))
+
+
+if __name__ == "__main__":
+    main()
