@@ -17,12 +17,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import SimpleITK as sitk  # noqa: E402
-from scipy import ndimage  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
 
-from segcore import anatomy, image, phantom  # noqa: E402
+from segcore import anatomy, image, phantom
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL = ROOT.parent / "shared" / "data" / "real" / "pelvis_ct"
@@ -131,11 +131,11 @@ def main(argv=None):
     for name in rows[0][4]:
         real = rows[0][4].get(name)
         synth = rows[1][4].get(name)
-        fmt = lambda v: f"{v[0]:7.0f} / {v[1]:5.0f}" if v else "      -"  # noqa: E731
+        fmt = lambda v: f"{v[0]:7.0f} / {v[1]:5.0f}" if v else "      -"
         print(f"{name:22s} {fmt(real):>20s} {fmt(synth):>22s}")
-    print("femoral head separation (mm): real %.0f, phantom %.0f" % tuple(
+    print("femoral head separation (mm): real {:.0f}, phantom {:.0f}".format(*tuple(
         np.linalg.norm(femoral_head_centre(labels, g["femur_right"]) - femoral_head_centre(labels, g["femur_left"]))
-        for (_, _, labels, _, _), g in zip(rows, (REAL_LABELS, PHANTOM_LABELS))))
+        for (_, _, labels, _, _), g in zip(rows, (REAL_LABELS, PHANTOM_LABELS)))))
     print("labels:", ", ".join(f"{s.value}={s.name}" for s in anatomy.STRUCTURES))
 
 

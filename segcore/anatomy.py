@@ -10,7 +10,7 @@ lists do.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 ANATOMICAL_STRUCTURE = ("SCT", "123037004", "Anatomical Structure")
 TISSUE = ("SCT", "85756007", "Tissue")
@@ -39,7 +39,7 @@ class Structure:
         return data
 
     @staticmethod
-    def from_json(data: dict) -> "Structure":
+    def from_json(data: dict) -> Structure:
         def code(entry):
             if entry is None:
                 return None

@@ -255,9 +255,8 @@ def _sample(image: sitk.Image, max_values: int = 2_000_000) -> np.ndarray:
 def as_labelmap(image: sitk.Image, where: str = "label map") -> sitk.Image:
     """Cast an integer-valued image to UInt8 (or UInt16); refuse fractional or negative values."""
     array = sitk.GetArrayViewFromImage(image)
-    if array.dtype.kind == "f":
-        if not np.all(np.mod(array, 1) == 0):
-            raise UnsupportedImageError(f"{where}: fractional values; a label map holds whole numbers.")
+    if array.dtype.kind == "f" and not np.all(np.mod(array, 1) == 0):
+        raise UnsupportedImageError(f"{where}: fractional values; a label map holds whole numbers.")
     low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
     if low < 0 or high > 65535:
         raise UnsupportedImageError(f"{where}: values {low:.0f}..{high:.0f}; label values must be 0-65535.")

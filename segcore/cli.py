@@ -1,0 +1,195 @@
+"""The `prostateseg` command.
+
+Errors the user can fix are reported as one line on stderr ("error: ...") with
+exit code 1, never as a traceback; argument mistakes exit with 2 (argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from segcore import __version__
+from segcore.errors import SegcoreError
+
+EPILOG = """\
+examples:
+  prostateseg phantom cases/ -n 3 --seed 1          three synthetic pelvic CTs with labels
+  prostateseg evaluate pred.nii.gz ref.nii.gz       DSC, ASD, HD, HD95, SEN, PPV, volumes
+  prostateseg models list                           installed model packages
+  prostateseg models install pkg.zip --sha256 HEX   add a model package (zip or https URL)
+
+Run `prostateseg COMMAND --help` for the options of each command.
+"""
+
+
+def _phantom(args) -> int:
+    from tqdm import tqdm
+
+    from segcore.phantom import ORIENTATIONS, write_phantoms
+
+    if args.orientation not in ("random", *ORIENTATIONS):
+        raise SegcoreError(f"--orientation must be 'random' or one of {', '.join(ORIENTATIONS)}")
+    implant = {"random": None, "yes": True, "no": False}[args.implant]
+    with tqdm(total=args.n, desc="phantoms", unit="case", file=sys.stderr, disable=args.quiet) as bar:
+        written = write_phantoms(
+            args.outdir, args.n, seed=args.seed, matrix=args.size, overwrite=args.overwrite,
+            progress=lambda done, total: bar.update(1), orientation=args.orientation,
+            oblique=args.oblique, implant=implant,
+        )
+    if not args.quiet:
+        print(f"wrote {len(written) // 2} case(s) and labels.json to {args.outdir}")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from segcore import metrics
+    from segcore.image import read_image
+
+    labels = None
+    if args.labels:
+        try:
+            labels = [int(v) for v in args.labels.split(",") if v.strip()]
+        except ValueError:
+            raise SegcoreError(f"--labels takes label values separated by commas (e.g. 1,2), not {args.labels!r}")
+    pred = read_image(args.pred, kind="labels")
+    ref = read_image(args.ref, kind="labels")
+    results = metrics.evaluate(pred, ref, labels)
+    print(metrics.format_table(results))
+    meta = {"prediction": str(args.pred), "reference": str(args.ref)}
+    if args.json:
+        metrics.write_json(results, args.json, meta=meta, overwrite=args.overwrite)
+    if args.csv:
+        metrics.write_csv(results, args.csv, overwrite=args.overwrite)
+    return 0
+
+
+def _models(args) -> int:
+    from segcore import packages
+
+    if args.action == "list":
+        entries = packages.list_packages(check_hashes=args.verify)
+        if not entries:
+            print("no model packages installed")
+        for e in entries:
+            state = "ok" if e.ok else f"DAMAGED: {e.problem}"
+            if e.shadowed:
+                state += " (hidden by the bundled package of the same name)"
+            print(f"{e.name:28s} {e.version or '?':10s} {e.task or '?':9s} {e.where:8s} {state}")
+        print(f"\nbundled: {packages.bundled_models_dir()}\nuser:    {packages.user_models_dir()}"
+              f"  (set {packages.HOME_ENV} to move it)")
+        return 0 if all(e.ok for e in entries) else 1
+    if args.action == "info":
+        print(packages.open_package(args.name).describe())
+        return 0
+    if args.action == "verify":
+        report = packages.verify_package(args.name)
+        print(report)
+        return 0 if report.ok else 1
+    if args.action == "install":
+        package = packages.install_package(args.source, args.sha256, force=args.force, progress=not args.quiet)
+        print(f"installed {package.name} {package.version} into {package.path}")
+        return 0
+    if args.action == "remove":
+        path = packages.remove_package(args.name)
+        print(f"removed {args.name} ({path})")
+        return 0
+    raise AssertionError(args.action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="prostateseg",
+        description="Segment the prostate and pelvic organs in planning CT; make phantoms, evaluate results, "
+        "manage model packages.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"prostateseg {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes on stderr")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    p = commands.add_parser(
+        "phantom", help="write synthetic labelled pelvic CTs (the digital phantom)",
+        description="Write N synthetic pelvic CTs with their label maps: OUTDIR/caseNNN_ct.nii.gz, "
+        "caseNNN_labels.nii.gz, caseNNN_info.json (drawn parameters) and labels.json (label values, names, "
+        "colours, SNOMED CT codes). Case i is made from seed S+i, so the same command gives the same files.",
+    )
+    p.add_argument("outdir", type=Path, help="output folder (created if missing)")
+    p.add_argument("-n", type=int, default=1, help="number of cases (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first case (default 0)")
+    p.add_argument("--size", type=int, default=512,
+                   help="in-plane matrix (default 512 as on scanners, ~1 mm; 96-160 for quick experiments)")
+    p.add_argument("--orientation", default="random",
+                   help="voxel storage order: random (default), LPS, RAS, LPI, coronal, sagittal")
+    p.add_argument("--oblique", action="store_true", help="tilt the voxel grid (oblique acquisition)")
+    p.add_argument("--implant", choices=("random", "yes", "no"), default="random",
+                   help="metal hip prosthesis with streak artefacts (default: random, 15%% of cases)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing case files")
+    p.set_defaults(run=_phantom)
+
+    p = commands.add_parser(
+        "evaluate", help="compare a label map with a reference (DSC, ASD, HD, HD95, SEN, PPV, volume)",
+        description="Compare a predicted label map with a reference on the same grid, per label: Dice (DSC), "
+        "average symmetric surface distance (ASD, mm), Hausdorff distance (HD, mm) and its 95th percentile "
+        "(HD95, mm), sensitivity (SEN), positive predictive value (PPV) and volumes (cc). Empty masks are "
+        "flagged, never NaN.",
+    )
+    p.add_argument("pred", type=Path, help="predicted label map (NIfTI, NRRD, MHA, DICOM...)")
+    p.add_argument("ref", type=Path, help="reference label map on the same grid")
+    p.add_argument("--labels", help="label values to compare, e.g. 1,2 (default: all present)")
+    p.add_argument("--json", type=Path, help="also write the results as JSON")
+    p.add_argument("--csv", type=Path, help="also write the results as CSV")
+    p.add_argument("--overwrite", action="store_true", help="replace existing --json/--csv files")
+    p.set_defaults(run=_evaluate)
+
+    p = commands.add_parser(
+        "models", help="list, inspect, verify, install or remove model packages",
+        description="Model packages live in the bundled Resources/Models folder and in the user's model "
+        "folder (PROSTATESEG_HOME/models). Weights are .safetensors files whose sha256 is checked.",
+    )
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+    a = actions.add_parser("list", help="list the packages found")
+    a.add_argument("--verify", action="store_true", help="also check every weights file's sha256")
+    a = actions.add_parser("info", help="show a package's description, labels, training and validation")
+    a.add_argument("name", help="package name (or folder)")
+    a = actions.add_parser("verify", help="re-check a package's manifest and every sha256")
+    a.add_argument("name", help="package name (or folder)")
+    a = actions.add_parser("install", help="install a package from a .zip file or an https URL",
+                           description="Install a model package. The archive's sha256 is required and "
+                           "checked before anything is unpacked; nothing is left behind on failure.")
+    a.add_argument("source", help="path of a .zip, or an https:// URL")
+    a.add_argument("--sha256", required=True, help="expected sha256 of the archive (from its publisher)")
+    a.add_argument("--force", action="store_true", help="replace an installed user package of the same name")
+    a = actions.add_parser("remove", help="remove a user-installed package (bundled ones stay)")
+    a.add_argument("name", help="package name")
+    p.set_defaults(run=_models)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log = logging.getLogger("segcore")
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    try:
+        return args.run(args)
+    except SegcoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        log.removeHandler(handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,385 @@
+"""Writing results: Slicer segmentations (.seg.nrrd), NIfTI / NRRD label maps and
+surface meshes, all through a temporary file renamed onto the target.
+
+Geometry: label maps are SimpleITK images, whose physical space is LPS. A
+``.seg.nrrd`` is written with ``space: left-posterior-superior`` and the image's
+own IJK -> LPS matrix (spacing, direction cosines including oblique and
+mirrored axes, origin), which is what slicerio writes and what Slicer reads;
+Slicer converts to its RAS space itself (x and y negated).
+
+Segment metadata follows Slicer's ``.seg.nrrd`` fields: name, colour (0..1
+floats, not auto-generated), label value, layer, extent and the
+``TerminologyEntry`` tag (see :func:`terminology_entry`).
+
+DICOM SEG and RT Structure Sets are written elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from segcore import anatomy
+from segcore.anatomy import Structure
+from segcore.errors import (
+    GeometryError,
+    InputNotFoundError,
+    OutputExistsError,
+    SegcoreError,
+    UnreadableImageError,
+    UnsupportedImageError,
+)
+from segcore.image import as_labelmap, write_image
+
+LABELMAP_FORMATS = ("seg.nrrd", "nii.gz", "nii", "nrrd")
+SURFACE_FORMATS = ("stl", "obj", "vtp", "ply")
+SUPPORTED_FORMATS = LABELMAP_FORMATS + SURFACE_FORMATS
+
+# Context names of Slicer's bundled terminology lists (Terminologies module).
+SEGMENTATION_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
+
+_LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd")
+
+
+# --------------------------------------------------------------------------- files
+
+
+@contextmanager
+def atomic_output(path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success rename it onto `path`.
+
+    The temporary name keeps the target's suffixes (``.tmp-<random>-name.nii.gz``)
+    so writers that pick the format from the extension still work. If the block
+    raises, the temporary file is removed and the target is left untouched. An
+    existing target raises OutputExistsError before any work unless overwrite.
+    """
+    path = Path(path)
+    if not overwrite and path.exists():
+        raise OutputExistsError(_exists_message([path]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Not created here: a writer then makes the file with normal permissions, and
+    # a writer that silently writes nothing is caught below.
+    tmp = path.with_name(f".tmp-{secrets.token_hex(6)}-{path.name}")
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise SegcoreError(f"writing {path} produced no file")
+        if not overwrite and path.exists():  # appeared while we were writing
+            raise OutputExistsError(_exists_message([path]))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _exists_message(paths: Sequence[Path]) -> str:
+    listed = ", ".join(str(p) for p in paths)
+    return f"output already exists: {listed}; pass --overwrite to replace it or choose another output folder"
+
+
+# ------------------------------------------------------------------------ geometry
+
+
+def ijk_to_lps_matrix(image: sitk.Image) -> np.ndarray:
+    """4x4 matrix taking voxel indices (i, j, k, 1) to LPS millimetres."""
+    direction = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    matrix = np.eye(4)
+    matrix[:3, :3] = direction * np.array(image.GetSpacing(), dtype=np.float64)  # scales columns
+    matrix[:3, 3] = image.GetOrigin()
+    return matrix
+
+
+def _image_from_ijk_to_lps(voxels_ijk: np.ndarray, matrix: np.ndarray) -> sitk.Image:
+    image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(voxels_ijk, (2, 1, 0))))
+    columns = np.asarray(matrix, dtype=np.float64)[:3, :3]
+    spacing = np.linalg.norm(columns, axis=0)
+    if np.any(spacing <= 0):
+        raise GeometryError(f"voxel spacing must be positive, got {spacing.tolist()}")
+    image.SetSpacing(spacing.tolist())
+    image.SetDirection((columns / spacing).ravel().tolist())
+    image.SetOrigin(np.asarray(matrix, dtype=np.float64)[:3, 3].tolist())
+    return image
+
+
+def _checked_labelmap(labelmap: sitk.Image) -> sitk.Image:
+    """The label map as UInt8/UInt16 after checking it is 3-D with whole, non-negative values."""
+    if labelmap.GetDimension() != 3 or labelmap.GetNumberOfComponentsPerPixel() != 1:
+        raise UnsupportedImageError(
+            f"a label map must be a 3-D scalar image, got a {labelmap.GetDimension()}-D image with "
+            f"{labelmap.GetNumberOfComponentsPerPixel()} component(s) per voxel"
+        )
+    return as_labelmap(labelmap)
+
+
+def _smallest_label_type(array: np.ndarray):
+    return np.uint8 if (array.size == 0 or array.max() <= np.iinfo(np.uint8).max) else np.uint16
+
+
+# --------------------------------------------------------------------- terminology
+
+
+def _code(triple) -> str:
+    return "^".join(triple) if triple else "^^"
+
+
+def terminology_entry(structure: Structure) -> str:
+    """Slicer's ``TerminologyEntry`` tag for a structure.
+
+    Seven ``~``-separated fields, each code a ``scheme^value^meaning`` triple:
+    segmentation context ~ category ~ type ~ type modifier (left/right) ~ anatomic
+    context ~ anatomic region ~ region modifier -- the order of
+    ``vtkSlicerTerminologiesModuleLogic::SerializeTerminologyEntry``.
+    """
+    return "~".join(
+        (
+            SEGMENTATION_CONTEXT,
+            _code(structure.category),
+            _code(structure.type),
+            _code(structure.modifier),
+            ANATOMIC_CONTEXT,
+            "^^",
+            "^^",
+        )
+    )
+
+
+# ------------------------------------------------------------------------- writers
+
+
+def write_labelmap(image: sitk.Image, path, overwrite: bool = False) -> Path:
+    """Write a label map as compressed NIfTI (.nii.gz / .nii) or NRRD (.nrrd), uint8 or uint16."""
+    path = Path(path)
+    if not path.name.lower().endswith(_LABELMAP_SUFFIXES) or path.name.lower().endswith(".seg.nrrd"):
+        raise SegcoreError(
+            f"cannot write a label map to {path.name!r}: use one of {', '.join(_LABELMAP_SUFFIXES)} "
+            "(or write_seg_nrrd for .seg.nrrd)"
+        )
+    return write_image(_checked_labelmap(image), path, overwrite=overwrite)
+
+
+def _check_structures(structures: Sequence[Structure]) -> list[Structure]:
+    structures = list(structures)
+    values = [s.value for s in structures]
+    names = [s.name for s in structures]
+    if len(set(values)) != len(values) or len(set(names)) != len(names):
+        raise SegcoreError(
+            f"structures must have distinct label values and names, got {list(zip(values, names))}"
+        )
+    for s in structures:
+        if not 0 < s.value <= np.iinfo(np.uint16).max:
+            raise SegcoreError(f"label value of {s.name!r} must be 1..65535, got {s.value}")
+    return structures
+
+
+def write_seg_nrrd(
+    labelmap: sitk.Image, structures: Sequence[Structure], path, overwrite: bool = False
+) -> Path:
+    """Write a Slicer segmentation (.seg.nrrd): one segment per structure, on the label map's grid.
+
+    Voxels whose value is not among `structures` are written as background.
+    """
+    import slicerio  # only needed here
+    from slicerio.segmentation import terminology_entry_from_string
+
+    path = Path(path)
+    if not path.name.lower().endswith(".seg.nrrd"):
+        raise SegcoreError(f"a Slicer segmentation file name must end in .seg.nrrd, got {path.name!r}")
+    structures = _check_structures(structures)
+    labelmap = _checked_labelmap(labelmap)  # keep a reference: the array below is a view
+    array = sitk.GetArrayViewFromImage(labelmap)
+    listed = [s.value for s in structures]
+    kji = np.where(np.isin(array, listed), array, 0).astype(_smallest_label_type(np.array(listed)))
+    shape_ijk = kji.shape[::-1]
+    full_extent = [0, shape_ijk[0] - 1, 0, shape_ijk[1] - 1, 0, shape_ijk[2] - 1]
+
+    segmentation = {
+        "voxels": np.transpose(kji, (2, 1, 0)),  # slicerio's default index order is (i, j, k)
+        "ijkToLPS": ijk_to_lps_matrix(labelmap),
+        "encoding": "gzip",
+        "containedRepresentationNames": ["Binary labelmap", "Closed surface"],  # show 3D on load
+        "masterRepresentation": "Binary labelmap",
+        "referenceImageExtentOffset": [0, 0, 0],
+        "segments": [],
+    }
+    for s in structures:
+        segmentation["segments"].append(
+            {
+                "id": s.name,
+                "name": s.name,
+                "nameAutoGenerated": False,  # keeps Slicer from renaming from terminology
+                "color": [c / 255.0 for c in s.color],
+                "colorAutoGenerated": False,
+                "labelValue": int(s.value),
+                "layer": 0,
+                # The full extent works around old Slicer versions that cropped
+                # every segment of a layer to the first segment's extent.
+                "extent": full_extent,
+                "terminology": terminology_entry_from_string(terminology_entry(s)),
+            }
+        )
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        slicerio.write_segmentation(str(tmp), segmentation)
+    return path
+
+
+# ------------------------------------------------------------------------- readers
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A segment read from a .seg.nrrd; `value` is its label in the returned image."""
+
+    id: str
+    name: str
+    value: int
+    color: tuple[float, float, float] | None
+    terminology: str | None
+
+
+def read_seg_nrrd(path) -> tuple[sitk.Image, list[Segment]]:
+    """Read a .seg.nrrd into one label map (LPS, as SimpleITK) and its segments.
+
+    A single-layer file keeps its label values. In a multi-layer file (overlapping
+    segments) each segment gets the value of its position (1, 2, ...) and where
+    segments overlap the later one wins.
+    """
+    import slicerio
+    from slicerio.segmentation import terminology_entry_to_string
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFoundError(f"segmentation file not found: {path}")
+    try:
+        segmentation = slicerio.read_segmentation(str(path))
+    except Exception as error:  # pynrrd/slicerio raise assorted types
+        raise UnreadableImageError(f"cannot read {path} as a Slicer segmentation: {error}") from error
+
+    voxels = np.asarray(segmentation["voxels"])
+    raw_segments = segmentation.get("segments", [])
+    if voxels.ndim == 3:
+        labels = voxels
+        values = [int(s.get("labelValue", 1)) for s in raw_segments]
+    elif voxels.ndim == 4:
+        labels = np.zeros(voxels.shape[1:], dtype=np.uint8 if len(raw_segments) < 256 else np.uint16)
+        values = []
+        for index, s in enumerate(raw_segments, start=1):
+            labels[voxels[int(s.get("layer", 0))] == int(s.get("labelValue", 1))] = index
+            values.append(index)
+    else:
+        raise UnsupportedImageError(
+            f"{path} has {voxels.ndim} dimensions; a segmentation has 3 (or 4 with layers)"
+        )
+
+    segments = []
+    for s, value in zip(raw_segments, values):
+        terminology = s.get("terminology")
+        segments.append(
+            Segment(
+                id=str(s.get("id", "")),
+                name=str(s.get("name", s.get("id", ""))),
+                value=value,
+                color=tuple(float(c) for c in s["color"]) if "color" in s else None,
+                terminology=terminology_entry_to_string(terminology) if terminology else None,
+            )
+        )
+    return _image_from_ijk_to_lps(labels, segmentation["ijkToLPS"]), segments
+
+
+# --------------------------------------------------------------------- entry point
+
+
+def _normalise_formats(formats: Iterable[str]) -> list[str]:
+    if isinstance(formats, str):
+        formats = [formats]
+    result = []
+    for fmt in formats:
+        key = str(fmt).strip().lower().lstrip(".")
+        if key not in SUPPORTED_FORMATS:
+            raise SegcoreError(
+                f"unknown export format {fmt!r}; supported formats: {', '.join(SUPPORTED_FORMATS)}"
+            )
+        if key not in result:
+            result.append(key)
+    if not result:
+        raise SegcoreError(f"no export format given; supported formats: {', '.join(SUPPORTED_FORMATS)}")
+    return result
+
+
+def export_labelmap(
+    labelmap: sitk.Image,
+    structures: Sequence[Structure] | None,
+    outdir,
+    stem: str,
+    formats: Iterable[str] = ("seg.nrrd", "nii.gz"),
+    overwrite: bool = False,
+    smoothing: float = 0.5,
+    decimation: float = 0.0,
+) -> list[Path]:
+    """Write a label map in each requested format into `outdir`; return the files written.
+
+    Label map formats give ``<stem>.<format>``; surface formats (stl, obj, vtp,
+    ply) give one ``<stem>_<structure name>.<format>`` per structure present in the
+    image. `structures` names the labels to export (default: every catalogued
+    label present); other voxel values are written as background. All targets are
+    checked before anything is written, so a refused export leaves no partial set.
+    """
+    fmts = _normalise_formats(formats)
+    if not stem or Path(stem).name != stem or stem in (".", ".."):
+        raise SegcoreError(f"the output name stem must be a plain file name, got {stem!r}")
+    labelmap = _checked_labelmap(labelmap)
+    array = sitk.GetArrayViewFromImage(labelmap)
+    present = {int(v) for v in np.unique(array) if v != 0}
+    if structures is None:
+        unknown = sorted(present - set(anatomy.BY_VALUE))
+        if unknown:
+            raise SegcoreError(f"label values {unknown} are not in the structure catalogue; pass structures")
+        structures = [anatomy.BY_VALUE[v] for v in sorted(present)]
+    structures = _check_structures(structures)
+
+    outdir = Path(outdir)
+    plan: list[tuple[str, Path, Structure | None]] = []
+    for fmt in fmts:
+        if fmt in SURFACE_FORMATS:
+            for s in structures:
+                if s.value in present:
+                    plan.append((fmt, outdir / f"{stem}_{s.name}.{fmt}", s))
+        else:
+            plan.append((fmt, outdir / f"{stem}.{fmt}", None))
+    if not overwrite:
+        existing = [p for _, p, _ in plan if p.exists()]
+        if existing:
+            raise OutputExistsError(_exists_message(existing))
+
+    listed = [s.value for s in structures]
+    if present - set(listed):
+        kept = np.where(np.isin(array, listed), array, 0)
+        only_listed = sitk.GetImageFromArray(kept.astype(_smallest_label_type(kept)))
+        only_listed.CopyInformation(labelmap)
+        labelmap = only_listed
+
+    surfaces = {}
+    if any(fmt in SURFACE_FORMATS for fmt in fmts):
+        from segcore import surfaces as surface_module  # vtk is loaded only when meshes are asked for
+
+        surfaces = surface_module.labelmap_to_surfaces(
+            labelmap, labels=[s.value for s in structures], smoothing=smoothing, decimation=decimation
+        )
+
+    written: list[Path] = []
+    for fmt, target, structure in plan:
+        if fmt == "seg.nrrd":
+            write_seg_nrrd(labelmap, structures, target, overwrite=overwrite)
+        elif fmt in SURFACE_FORMATS:
+            surface_module.write_surface(surfaces[structure.value], target, overwrite=overwrite)
+        else:
+            write_labelmap(labelmap, target, overwrite=overwrite)
+        written.append(target)
+    return written
