@@ -79,6 +79,7 @@ def read_image(path: str | Path, kind: str = "ct") -> sitk.Image:
         image = _read_volume_file(path)
     check_volume(image, str(path))
     if kind == "ct":
+        check_not_blank(image, str(path))
         check_ct_like(image, str(path))
     elif kind == "labels":
         image = as_labelmap(image, str(path))
@@ -125,11 +126,10 @@ def _read_dicom_folder(folder: Path) -> sitk.Image:
 
 def _read_dicom_file(path: Path) -> sitk.Image:
     """A single DICOM file: the whole series it belongs to if its folder holds it, else the file."""
-    info = _dicom_header(str(path))
-    sid = info.get("0020|000e", "").strip()
-    if sid:
-        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path.parent), sid)
-        if len(files) > 1:
+    folder = str(path.parent)
+    for sid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder):
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, sid)
+        if len(files) > 1 and any(Path(f).resolve() == path.resolve() for f in files):
             log.info("%s is one slice of a series of %d: reading the whole series", path.name, len(files))
             return _read_dicom_series(files, str(path))
     try:
@@ -227,6 +227,17 @@ def check_volume(image: sitk.Image, where: str = "image") -> None:
     direction = np.asarray(image.GetDirection()).reshape(3, 3)
     if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-3):
         raise GeometryError(f"{where}: the direction matrix is not orthonormal (sheared or damaged header).")
+
+
+def check_not_blank(image: sitk.Image, where: str = "image") -> None:
+    """A volume with one value everywhere is what ITK returns for some truncated
+    files; no scan looks like that."""
+    low, high = np.percentile(_sample(image), [0.1, 99.9])
+    if low == high:
+        raise UnreadableImageError(
+            f"{where}: (nearly) every voxel holds the same value ({low:g}): the file is empty or damaged "
+            "(e.g. an interrupted copy). Export or copy it again."
+        )
 
 
 def check_ct_like(image: sitk.Image, where: str = "image") -> None:

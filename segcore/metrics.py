@@ -46,12 +46,13 @@ import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
 from segcore import anatomy
-from segcore.errors import GeometryError, OutputExistsError, UnsupportedImageError
+from segcore.errors import GeometryError, UnsupportedImageError
 
 HD95_PERCENTILE = 95.0
 
@@ -408,11 +409,11 @@ def centroids(label_image) -> dict[int, tuple[float, ...]]:
 # --------------------------------------------------------------------------- output
 
 
-def _open_for_writing(path, overwrite: bool):
-    path = os.fspath(path)
-    if not overwrite and os.path.exists(path):
-        raise OutputExistsError(f"{path} exists; choose another name or allow overwriting")
-    return open(path, "w", encoding="utf-8", newline="")
+def _write_text(path, text: str, overwrite: bool) -> None:
+    from segcore.export import atomic_output
+
+    with atomic_output(Path(path), overwrite=overwrite) as temporary:
+        temporary.write_text(text, encoding="utf-8", newline="")
 
 
 def results_to_json(results: Sequence[LabelMetrics], meta: dict | None = None) -> str:
@@ -424,9 +425,7 @@ def results_to_json(results: Sequence[LabelMetrics], meta: dict | None = None) -
 
 def write_json(results: Sequence[LabelMetrics], path, meta: dict | None = None, overwrite: bool = True) -> None:
     """Write the results (and optional ``meta``, e.g. input paths) as JSON."""
-    text = results_to_json(results, meta)
-    with _open_for_writing(path, overwrite) as fh:
-        fh.write(text)
+    _write_text(path, results_to_json(results, meta), overwrite)
 
 
 def read_json(path) -> list[LabelMetrics]:
@@ -458,9 +457,7 @@ def results_to_csv(results: Sequence[LabelMetrics]) -> str:
 
 def write_csv(results: Sequence[LabelMetrics], path, overwrite: bool = True) -> None:
     """Write the results as CSV (header = :data:`FIELD_NAMES`)."""
-    text = results_to_csv(results)
-    with _open_for_writing(path, overwrite) as fh:
-        fh.write(text)
+    _write_text(path, results_to_csv(results), overwrite)
 
 
 def read_csv(path) -> list[LabelMetrics]:

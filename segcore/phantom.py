@@ -520,13 +520,14 @@ def _draw_grid(rng, matrix, spacing, orientation, oblique, anatomy_):
     z_low, z_high = rng.uniform(-105, -70), rng.uniform(105, 150)
     center_shift = np.array([rng.uniform(-15, 15), rng.uniform(-25, 5), 0.0])
     size_lps = (int(matrix), int(matrix), int(np.ceil((z_high - z_low) / spacing[2])))
+    drawn_orientation = str(rng.choice(list(ORIENTATIONS), p=[0.45, 0.35, 0.1, 0.05, 0.05]))
+    angles = rng.uniform(-0.35, 0.35, 3)  # drawn always, used when oblique: same FOV either way
     if orientation == "random":
-        orientation = str(rng.choice(list(ORIENTATIONS), p=[0.45, 0.35, 0.1, 0.05, 0.05]))
+        orientation = drawn_orientation
     if orientation not in ORIENTATIONS:
         raise ValueError(f"orientation must be 'random' or one of {list(ORIENTATIONS)}, not {orientation!r}")
     columns = np.asarray(ORIENTATIONS[orientation], float).T  # direction[:, index axis]
     if oblique:
-        angles = rng.uniform(-0.35, 0.35, 3)
         columns = _euler(angles) @ columns
     # index axis m runs along physical axis phys[m]
     phys = [int(np.argmax(np.abs(columns[:, m]))) for m in range(3)]
@@ -559,13 +560,16 @@ def make_phantom(seed: int, matrix: int = 512, spacing=None, orientation: str = 
     oblique: tilt the grid by up to 20 degrees about each axis.
     implant: True/False forces a hip prosthesis on/off; None draws it (15 %).
     """
-    rng = np.random.default_rng(seed)
+    # Separate random streams for the patient and the scan, so that the same
+    # seed gives the same patient at the same place whatever grid is asked for.
+    rng = np.random.default_rng([seed, 0])
     a = draw_anatomy(rng, implant)
-    size, grid_spacing, origin, direction, orientation = _draw_grid(rng, matrix, spacing, orientation, oblique, a)
-    yaw = np.deg2rad(a["yaw_deg"])
-    patient_rotation = np.array([[np.cos(yaw), -np.sin(yaw), 0], [np.sin(yaw), np.cos(yaw), 0], [0, 0, 1]])
     # The patient's prostate sits at a drawn position in scanner space.
     patient_center = np.array([rng.uniform(-10, 10), rng.uniform(-60, -20), rng.uniform(-400, 400)])
+    scan_rng = np.random.default_rng([seed, 1])
+    size, grid_spacing, origin, direction, orientation = _draw_grid(scan_rng, matrix, spacing, orientation, oblique, a)
+    yaw = np.deg2rad(a["yaw_deg"])
+    patient_rotation = np.array([[np.cos(yaw), -np.sin(yaw), 0], [np.sin(yaw), np.cos(yaw), 0], [0, 0, 1]])
     origin = origin + patient_center
     canvas = _Canvas(size, grid_spacing, origin, direction, patient_center, patient_rotation)
     _paint_anatomy(canvas, a, rng)
@@ -612,6 +616,7 @@ def _add_scanner_effects(hu, canvas, noise_hu, rng):
     center_x, center_y = _grid_center_xy(canvas)
     outside = np.broadcast_to(_norm(x - center_x, y - center_y) > radius, hu.shape)
     hu[outside] = MIN_HU
+    canvas.labels[outside] = 0  # nothing is seen, so nothing is labelled, outside the field
 
 
 def _grid_center_xy(canvas):

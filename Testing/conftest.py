@@ -1,0 +1,41 @@
+"""Shared fixtures: the real CT data beside the project, and small phantoms."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data: skipped when absent, a failure when PROSTATESEG_REQUIRE_SHARED_DATA=1 (CI)."""
+    if not (SHARED_DATA / "real").is_dir():
+        if os.environ.get("PROSTATESEG_REQUIRE_SHARED_DATA") == "1":
+            pytest.fail(f"shared test data not found at {SHARED_DATA} (PROSTATESEG_REQUIRE_SHARED_DATA=1)")
+        pytest.skip("shared test data (../shared/data) not present")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def pelvis_ct_path(shared_data) -> Path:
+    return shared_data / "real" / "pelvis_ct" / "example_ct.nii.gz"
+
+
+@pytest.fixture(scope="session")
+def pelvis_labels_path(shared_data) -> Path:
+    return shared_data / "real" / "pelvis_ct" / "example_seg_v1.nii.gz"
+
+
+@pytest.fixture(scope="session")
+def abdomen_dicom(shared_data) -> Path:
+    return shared_data / "real" / "abdomen_dicom"
+
+
+@pytest.fixture(scope="session")
+def small_phantom():
+    from segcore.phantom import make_phantom
+
+    return make_phantom(11, matrix=96, orientation="LPS")
