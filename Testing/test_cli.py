@@ -126,7 +126,7 @@ def test_evaluate_real_label_maps_matches_documented_dice(shared_data, tmp_path,
     """The 3 mm "fast" TotalSegmentator map against the normal one: the data's
     README states bladder 0.976, femur right 0.975, femur left 0.838."""
     folder = shared_data / "real" / "pelvis_ct"
-    code, out, _ = run(capsys, "evaluate", folder / "example_seg_fast_v1.nii.gz", folder / "example_seg_v1.nii.gz",
+    code, _, _ = run(capsys, "evaluate", folder / "example_seg_fast_v1.nii.gz", folder / "example_seg_v1.nii.gz",
                        "--labels", "104,89,88", "--json", tmp_path / "real.json")
     assert code == 0
     dsc = {r["label"]: r["dsc"] for r in json.loads((tmp_path / "real.json").read_text())["labels"]}

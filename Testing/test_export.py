@@ -12,6 +12,7 @@ from slicerio.segmentation import terminology_entry_to_string
 
 from segcore import anatomy, export
 from segcore.errors import OutputExistsError, SegcoreError, UnsupportedImageError
+from segcore.image import ijk_to_lps_matrix
 
 
 def rotation(axis, angle):
@@ -165,7 +166,7 @@ def test_seg_nrrd_read_with_slicerio(tmp_path):
     assert header["space"] == "left-posterior-superior"
 
     seg = slicerio.read_segmentation(str(path))
-    np.testing.assert_allclose(seg["ijkToLPS"], export.ijk_to_lps_matrix(image), atol=1e-12)
+    np.testing.assert_allclose(seg["ijkToLPS"], ijk_to_lps_matrix(image), atol=1e-12)
     # ...and that matrix is SimpleITK's own index -> physical mapping.
     for index in [(0, 0, 0), (33, 0, 0), (0, 29, 0), (0, 0, 17), (5, 7, 11)]:
         np.testing.assert_allclose(

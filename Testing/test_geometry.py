@@ -33,7 +33,7 @@ def directions(draw):
     signs = draw(st.lists(st.sampled_from([-1.0, 1.0]), min_size=3, max_size=3))
     matrix = np.eye(3)[:, permutation] * signs
     if draw(st.booleans()):
-        angles = draw(st.lists(st.floats(-1.05, 1.05), min_size=3, max_size=3))
+        angles = draw(st.lists(st.floats(-1.05, 1.05, allow_subnormal=False), min_size=3, max_size=3))
         matrix = rotation(np.asarray(angles)) @ matrix
     return matrix
 

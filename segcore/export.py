@@ -36,7 +36,7 @@ from segcore.errors import (
     UnreadableImageError,
     UnsupportedImageError,
 )
-from segcore.image import as_labelmap, write_image
+from segcore.image import as_labelmap, ijk_to_lps_matrix, write_image
 
 LABELMAP_FORMATS = ("seg.nrrd", "nii.gz", "nii", "nrrd")
 SURFACE_FORMATS = ("stl", "obj", "vtp", "ply")
@@ -86,15 +86,6 @@ def _exists_message(paths: Sequence[Path]) -> str:
 
 
 # ------------------------------------------------------------------------ geometry
-
-
-def ijk_to_lps_matrix(image: sitk.Image) -> np.ndarray:
-    """4x4 matrix taking voxel indices (i, j, k, 1) to LPS millimetres."""
-    direction = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
-    matrix = np.eye(4)
-    matrix[:3, :3] = direction * np.array(image.GetSpacing(), dtype=np.float64)  # scales columns
-    matrix[:3, 3] = image.GetOrigin()
-    return matrix
 
 
 def _image_from_ijk_to_lps(voxels_ijk: np.ndarray, matrix: np.ndarray) -> sitk.Image:

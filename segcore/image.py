@@ -274,14 +274,40 @@ def as_labelmap(image: sitk.Image, where: str = "label map") -> sitk.Image:
     return sitk.Cast(image, sitk.sitkUInt8 if high <= 255 else sitk.sitkUInt16)
 
 
-def same_grid(a: sitk.Image, b: sitk.Image, tolerance_mm: float = 1e-3) -> bool:
+def grid_differences(a: sitk.Image, b: sitk.Image, origin_tolerance_mm: float | None = None) -> list[str]:
+    """How the voxel grids of a and b differ (empty when they are the same).
+
+    Tolerances absorb float32 rounding in file headers: spacing 1e-4 relative,
+    direction 1e-4, origin 1e-3 of the smallest voxel unless given in mm.
+    """
+    problems = []
+    if a.GetDimension() != b.GetDimension():
+        return [f"dimension {a.GetDimension()} vs {b.GetDimension()}"]
+    if a.GetSize() != b.GetSize():
+        problems.append(f"size {a.GetSize()} vs {b.GetSize()}")
+    if not np.allclose(a.GetSpacing(), b.GetSpacing(), rtol=1e-4, atol=0.0):
+        problems.append(f"spacing {a.GetSpacing()} vs {b.GetSpacing()} mm")
+    if origin_tolerance_mm is None:
+        origin_tolerance_mm = 1e-3 * min(min(a.GetSpacing()), min(b.GetSpacing()))
+    if np.max(np.abs(np.subtract(a.GetOrigin(), b.GetOrigin()))) > origin_tolerance_mm:
+        problems.append(f"origin {a.GetOrigin()} vs {b.GetOrigin()} mm")
+    if not np.allclose(a.GetDirection(), b.GetDirection(), rtol=0.0, atol=1e-4):
+        problems.append(f"direction {a.GetDirection()} vs {b.GetDirection()}")
+    return problems
+
+
+def same_grid(a: sitk.Image, b: sitk.Image, tolerance_mm: float | None = None) -> bool:
     """True when both images have the same size, spacing, origin and direction."""
-    return (
-        a.GetSize() == b.GetSize()
-        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-5)
-        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tolerance_mm)
-        and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-5)
-    )
+    return not grid_differences(a, b, tolerance_mm)
+
+
+def ijk_to_lps_matrix(image: sitk.Image) -> np.ndarray:
+    """4x4 matrix taking voxel indices (i, j, k, 1) to LPS millimetres."""
+    direction = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    matrix = np.eye(4)
+    matrix[:3, :3] = direction * np.array(image.GetSpacing(), dtype=np.float64)  # scales columns
+    matrix[:3, 3] = image.GetOrigin()
+    return matrix
 
 
 # --------------------------------------------------------------------------- writing

@@ -65,9 +65,6 @@ JSON_SCHEMA = "prostateseg.metrics/1"
 
 # Grid tolerances: files written as float32 (NIfTI) round origins and spacings,
 # so exact equality would reject images that are really on the same grid.
-SPACING_RTOL = 1e-4
-ORIGIN_TOL_VOXELS = 1e-3  # fraction of the smallest voxel size
-DIRECTION_ATOL = 1e-4
 
 # find_objects allocates one entry per label value up to the maximum.
 _MAX_FIND_OBJECTS_LABEL = 1 << 16
@@ -334,31 +331,11 @@ def evaluate_arrays(pred, ref, spacing, labels: Iterable[int] | None = None) -> 
 # --------------------------------------------------------------------------- SimpleITK level
 
 
-def _grid(image):
-    return (
-        tuple(image.GetSize()),
-        tuple(image.GetSpacing()),
-        tuple(image.GetOrigin()),
-        tuple(image.GetDirection()),
-    )
-
-
 def check_same_grid(pred_image, ref_image, what: tuple[str, str] = ("prediction", "reference")) -> None:
     """Raise GeometryError unless both images have the same size, spacing, origin and direction."""
-    (size_a, sp_a, or_a, dir_a), (size_b, sp_b, or_b, dir_b) = _grid(pred_image), _grid(ref_image)
-    problems = []
-    if len(size_a) != len(size_b):
-        problems.append(f"dimension {len(size_a)} vs {len(size_b)}")
-    else:
-        if size_a != size_b:
-            problems.append(f"size {size_a} vs {size_b}")
-        if not np.allclose(sp_a, sp_b, rtol=SPACING_RTOL, atol=0.0):
-            problems.append(f"spacing {sp_a} vs {sp_b} mm")
-        origin_tol = ORIGIN_TOL_VOXELS * min(min(sp_a), min(sp_b))
-        if np.max(np.abs(np.subtract(or_a, or_b))) > origin_tol:
-            problems.append(f"origin {or_a} vs {or_b} mm")
-        if not np.allclose(dir_a, dir_b, rtol=0.0, atol=DIRECTION_ATOL):
-            problems.append(f"direction {dir_a} vs {dir_b}")
+    from segcore.image import grid_differences
+
+    problems = grid_differences(pred_image, ref_image)
     if problems:
         raise GeometryError(
             f"the {what[0]} and the {what[1]} are not on the same voxel grid ("

@@ -52,7 +52,8 @@ from vtkmodules.vtkIOPLY import vtkPLYWriter
 from vtkmodules.vtkIOXML import vtkXMLPolyDataWriter
 
 from segcore.errors import SegcoreError, UnsupportedImageError
-from segcore.export import atomic_output, ijk_to_lps_matrix
+from segcore.export import atomic_output
+from segcore.image import ijk_to_lps_matrix
 
 SURFACE_SUFFIXES = (".stl", ".obj", ".vtp", ".ply", ".vtk")
 HEADER_TEXT = "ProstateSeg output."
