@@ -149,23 +149,26 @@ def _dicom_header(file_name: str) -> dict[str, str]:
 
 
 def _read_dicom_series(files, where: str) -> sitk.Image:
-    _check_slice_positions(files, where)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()  # keep each slice's header: positions are checked below
     try:
-        return reader.Execute()
+        image = reader.Execute()
     except RuntimeError as exc:
         raise UnreadableImageError(f"{where}: cannot read the DICOM series ({_first_line(exc)}).") from None
+    headers = [{key: reader.GetMetaData(n, key) for key in ("0020|0032", "0020|0037")
+                if reader.HasMetaDataKey(n, key)} for n in range(len(files))]
+    _check_slice_positions(headers, where)
+    return image
 
 
-def _check_slice_positions(files, where: str) -> None:
+def _check_slice_positions(headers, where: str) -> None:
     """Refuse series whose slices are not evenly spaced along one normal (gaps,
     duplicates, gantry tilt): one spacing per axis cannot describe them."""
-    if len(files) < 3:
+    if len(headers) < 3:
         return
     positions, normal = [], None
-    for f in files:
-        header = _dicom_header(f)
+    for header in headers:
         try:
             positions.append([float(v) for v in header["0020|0032"].split("\\")])
             if normal is None:
