@@ -20,6 +20,7 @@ Label values are fixed project-wide in `segcore.anatomy`.
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,7 +141,7 @@ class _Canvas:
     def box(self, low, high, margin=3.0):
         """numpy slices of the voxels whose patient coordinates may lie in [low, high]."""
         low, high = np.asarray(low, float) - margin, np.asarray(high, float) + margin
-        corners = np.array([[c[0], c[1], c[2]] for c in np.array(np.meshgrid(*zip(low, high))).T.reshape(-1, 3)])
+        corners = np.array(list(itertools.product(*zip(low, high))))
         index = (corners - self.offset) @ self._inverse.T
         lo = np.floor(index.min(axis=0)).astype(int)
         hi = np.ceil(index.max(axis=0)).astype(int) + 1
