@@ -1,0 +1,66 @@
+"""Stage 1: a light 2.5-D U-Net that finds the prostate on a coarse (about 4 mm) grid.
+
+Neighbouring axial slices are stacked as input channels and the network
+predicts the middle slice, as in the MetricUNet paper's first stage. The same
+building blocks serve every U-Net-shaped network of the project.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def conv_bn_relu(in_channels: int, out_channels: int, kernel: int = 3) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+def double_conv(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(conv_bn_relu(in_channels, out_channels), conv_bn_relu(out_channels, out_channels))
+
+
+class UNet2p5D(nn.Module):
+    """Encoder-decoder with skip connections; ``widths`` gives the channels per level.
+
+    ``in_channels`` is the number of stacked slices (5 for stage 1). The input's
+    height and width must be multiples of ``2 ** (len(widths) - 1)``.
+    """
+
+    def __init__(self, in_channels: int = 5, num_classes: int = 2, widths=(16, 32, 64, 128)):
+        super().__init__()
+        widths = [int(w) for w in widths]
+        if len(widths) < 2:
+            raise ValueError("a U-Net needs at least two levels")
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.down = nn.ModuleList()
+        channels = in_channels
+        for width in widths:
+            self.down.append(double_conv(channels, width))
+            channels = width
+        self.upsample = nn.ModuleList()
+        self.up = nn.ModuleList()
+        for skip in reversed(widths[:-1]):
+            self.upsample.append(nn.ConvTranspose2d(channels, skip, 2, stride=2))
+            self.up.append(double_conv(2 * skip, skip))
+            channels = skip
+        self.head = nn.Conv2d(channels, num_classes, 1)
+
+    @property
+    def divisor(self) -> int:
+        return 2 ** (len(self.down) - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for i, block in enumerate(self.down):
+            if i:
+                x = nn.functional.max_pool2d(x, 2)
+            x = block(x)
+            skips.append(x)
+        for upsample, block, skip in zip(self.upsample, self.up, reversed(skips[:-1])):
+            x = block(torch.cat([upsample(x), skip], dim=1))
+        return self.head(x)

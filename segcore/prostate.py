@@ -1,0 +1,358 @@
+"""The two-stage prostate pipeline of the MetricUNet paper.
+
+Stage 1 looks at the whole CT on a coarse (about 4 mm) grid with a light 2.5-D
+U-Net and finds where the prostate is; stage 2 segments a 128 mm cube around
+that point at 1 mm, slice by slice with 3 neighbouring slices as channels.
+The probabilities are resampled straight onto the input's own grid, so the
+result lies on the input voxels whatever their orientation.
+
+Both grids are axis-aligned in LPS (the canonical orientation) and are made by
+resampling in physical space, so an input stored in any orientation (flipped,
+permuted, oblique, any DICOM slice order) reaches the networks the same way.
+The functions that prepare network input are shared with `training/`, so a
+model sees in use exactly what it saw in training.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import anatomy
+from . import image as imageio
+from .errors import ModelPackageError, SegcoreError
+from .postprocess import clean_mask
+from .result import Result, SegmentResult, label_volume_cc
+
+log = logging.getLogger("segcore")
+
+DEFAULT_MODEL = "prostate-metricunet-demo"
+PROSTATE = anatomy.structure("prostate")
+Progress = Callable[[float, str], None]
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """How a CT is prepared for the two stages; a package may override any of these in ``pipeline``."""
+
+    window: tuple[float, float] = (-200.0, 300.0)        # HU mapped to [0, 1]
+    coarse_spacing_mm: tuple[float, float, float] = (4.0, 4.0, 4.0)
+    coarse_slices: int = 5
+    fine_spacing_mm: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    fine_slices: int = 3
+    crop_mm: tuple[float, float, float] = (128.0, 128.0, 128.0)
+    threshold: float = 0.5
+    slice_margin_mm: float = 12.0      # stage 2 runs this far beyond the coarse mask's top and bottom
+    min_coarse_cc: float = 3.0         # a smaller coarse blob is noise, not a prostate
+    plausible_cc: tuple[float, float] = (8.0, 200.0)
+
+    @classmethod
+    def from_package(cls, package) -> PipelineSettings:
+        extra = dict(package.manifest.get("pipeline", {}))
+        extra["window"] = tuple(package.input.intensity_window)
+        extra["fine_spacing_mm"] = tuple(package.input.spacing_mm)
+        known = {k: v for k, v in extra.items() if k in cls.__dataclass_fields__}
+        try:
+            return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in known.items()})
+        except TypeError as error:
+            raise ModelPackageError(f"model package {package.name!r}: bad 'pipeline' settings: {error}") from None
+
+    def to_json(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+# --------------------------------------------------------------------------- preparing network input
+
+
+def normalise(hu: np.ndarray, window) -> np.ndarray:
+    """HU clipped to the window and scaled to [0, 1] (float32); air and anything below the window is 0."""
+    low, high = float(window[0]), float(window[1])
+    out = np.clip(np.asarray(hu, dtype=np.float32), low, high)
+    out -= low
+    out *= 1.0 / (high - low)
+    return out
+
+
+def coarse_image(ct: sitk.Image, settings: PipelineSettings) -> sitk.Image:
+    """The CT on the stage-1 grid: axis-aligned LPS, coarse spacing, covering the whole image."""
+    return imageio.resample_to_spacing(ct, settings.coarse_spacing_mm, "linear")
+
+
+def crop_reference(center_lps, settings: PipelineSettings) -> sitk.Image:
+    """The stage-2 grid: an axis-aligned cube of ``crop_mm`` at fine spacing centred on a point."""
+    spacing = np.asarray(settings.fine_spacing_mm, float)
+    size = np.maximum(1, np.round(np.asarray(settings.crop_mm, float) / spacing)).astype(int)
+    origin = np.asarray(center_lps, float) - (size - 1) / 2 * spacing
+    reference = sitk.Image([int(s) for s in size], sitk.sitkUInt8)
+    reference.SetSpacing(tuple(float(s) for s in spacing))
+    reference.SetOrigin(tuple(float(o) for o in origin))
+    return reference
+
+
+def slice_stacks(volume: np.ndarray, indices, count: int) -> np.ndarray:
+    """For each axial index, ``count`` neighbouring slices centred on it (edges repeated): (n, count, y, x)."""
+    half = count // 2
+    offsets = np.arange(-half, count - half)
+    which = np.clip(np.asarray(indices)[:, None] + offsets[None, :], 0, volume.shape[0] - 1)
+    return volume[which]
+
+
+def pad_to_multiple(batch: np.ndarray, divisor: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Zero-pad the last two axes up to multiples of ``divisor``; return the original (y, x) size."""
+    y, x = batch.shape[-2:]
+    py, px = (-y) % divisor, (-x) % divisor
+    if py or px:
+        batch = np.pad(batch, [(0, 0)] * (batch.ndim - 2) + [(0, py), (0, px)])
+    return batch, (y, x)
+
+
+def predict_slices(network, volume: np.ndarray, indices, count: int, device, batch_size: int = 16,
+                   progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """Foreground probability for the given axial slices of a normalised volume: (len(indices), y, x)."""
+    import torch
+
+    indices = np.asarray(list(indices), dtype=int)
+    out = np.zeros((len(indices),) + volume.shape[1:], np.float32)
+    network.eval()
+    with torch.inference_mode():
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start:start + batch_size]
+            batch, (y, x) = pad_to_multiple(slice_stacks(volume, chunk, count), network.divisor)
+            logits = network(torch.from_numpy(np.ascontiguousarray(batch)).to(device))
+            probabilities = torch.softmax(logits.float(), dim=1)[:, 1, :y, :x]
+            out[start:start + len(chunk)] = probabilities.cpu().numpy()
+            if progress is not None:
+                progress(min(start + batch_size, len(indices)), len(indices))
+    return out
+
+
+# --------------------------------------------------------------------------- devices and models
+
+
+def resolve_device(device: str = "auto"):
+    """'auto' (CUDA when torch sees it, else CPU), 'cpu' or 'cuda[:n]' as a torch.device."""
+    import torch
+
+    name = (device or "auto").lower()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SegcoreError("device 'cuda' was asked for, but PyTorch sees no CUDA GPU here "
+                           "(a CPU-only PyTorch, or no GPU driver). Use --device cpu or auto.")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise SegcoreError(f"unknown device {device!r}: use auto, cpu or cuda")
+    try:
+        return torch.device(name)
+    except RuntimeError as error:
+        raise SegcoreError(f"unknown device {device!r}: {error}") from None
+
+
+def use_available_cores() -> None:
+    """Never run more CPU threads than this process may use (containers and batch systems limit it)."""
+    import torch
+
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        available = os.cpu_count() or 1
+    if torch.get_num_threads() > available:
+        torch.set_num_threads(available)
+
+
+def open_model(model=None):
+    """The prostate model package: by name, by folder path, an open package, or the default."""
+    from . import packages
+
+    package = model if isinstance(model, packages.ModelPackage) else packages.open_package(model or DEFAULT_MODEL)
+    if package.task != "prostate":
+        raise ModelPackageError(f"model package {package.name!r} is for task {package.task!r}, "
+                                "not 'prostate'; choose a prostate model (prostateseg models list).")
+    for stage in ("stage1", "stage2"):
+        package.stage(stage)
+    return package
+
+
+def load_network(package, stage: str, device):
+    """Build one stage's network from the package and load its checked weights."""
+    from . import networks
+
+    spec = package.stage(stage)
+    network = networks.build(spec.architecture, spec.arguments)
+    networks.load_state(network, package.load_weights(stage), f"model package {package.name!r} {stage}")
+    return network.to(device).eval()
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+@dataclass
+class Localisation:
+    """What stage 1 found."""
+
+    found: bool
+    center_lps: tuple[float, float, float] | None
+    z_range_lps: tuple[float, float] | None
+    volume_cc: float
+    mean_probability: float
+
+
+def localise(probabilities: np.ndarray, coarse: sitk.Image, settings: PipelineSettings) -> Localisation:
+    """Centroid and axial extent of the largest coarse blob; not found when it is too small to be a prostate."""
+    from .postprocess import largest_component
+
+    mask = largest_component(probabilities > settings.threshold)
+    voxel_cc = float(np.prod(coarse.GetSpacing())) / 1000.0
+    volume = float(mask.sum()) * voxel_cc
+    if volume < settings.min_coarse_cc:
+        return Localisation(False, None, None, volume, 0.0)
+    k, j, i = np.nonzero(mask)
+    center = coarse.TransformContinuousIndexToPhysicalPoint([float(i.mean()), float(j.mean()), float(k.mean())])
+    z_low = coarse.TransformContinuousIndexToPhysicalPoint([0.0, 0.0, float(k.min()) - 0.5])[2]
+    z_high = coarse.TransformContinuousIndexToPhysicalPoint([0.0, 0.0, float(k.max()) + 0.5])[2]
+    return Localisation(True, tuple(center), (min(z_low, z_high), max(z_low, z_high)), volume,
+                        float(probabilities[mask].mean()))
+
+
+def paste_back(probabilities: sitk.Image, target: sitk.Image, threshold: float) -> np.ndarray:
+    """Resample crop probabilities onto the target grid (only where the crop reaches) and threshold."""
+    low, high = imageio.physical_bounds(probabilities)
+    corners = [target.TransformPhysicalPointToContinuousIndex([float(c) for c in corner])
+               for corner in np.array(np.meshgrid(*zip(low, high), indexing="ij")).reshape(3, -1).T]
+    corners = np.asarray(corners)
+    size = np.asarray(target.GetSize())
+    first = np.clip(np.floor(corners.min(axis=0)).astype(int), 0, size)
+    last = np.clip(np.ceil(corners.max(axis=0)).astype(int) + 1, 0, size)
+    mask = np.zeros(size[::-1], bool)
+    if np.any(last <= first):
+        return mask
+    region = sitk.Image([int(v) for v in last - first], sitk.sitkUInt8)
+    region.SetSpacing(target.GetSpacing())
+    region.SetDirection(target.GetDirection())
+    region.SetOrigin(target.TransformIndexToPhysicalPoint([int(v) for v in first]))
+    resampled = imageio.resample_like(probabilities, region, "linear", default_value=0.0)
+    mask[first[2]:last[2], first[1]:last[1], first[0]:last[0]] = sitk.GetArrayViewFromImage(resampled) > threshold
+    return mask
+
+
+def soft_agreement(probabilities: np.ndarray, threshold: float) -> float:
+    """How decided the network is: soft Dice between the probabilities and their own thresholded mask."""
+    mask = probabilities > threshold
+    total = float(probabilities.sum() + mask.sum())
+    return 2.0 * float(probabilities[mask].sum()) / total if total > 0 else 0.0
+
+
+class ProstateSegmenter:
+    """A loaded prostate model, ready to segment many images (what a batch should use)."""
+
+    def __init__(self, model=None, device: str = "auto"):
+        self.package = open_model(model)
+        self.settings = PipelineSettings.from_package(self.package)
+        self.device = resolve_device(device)
+        if self.device.type == "cpu":
+            use_available_cores()
+        self.stage1 = load_network(self.package, "stage1", self.device)
+        self.stage2 = load_network(self.package, "stage2", self.device)
+        if self.stage1.in_channels != self.settings.coarse_slices or self.stage2.in_channels != self.settings.fine_slices:
+            raise ModelPackageError(
+                f"model package {self.package.name!r}: the networks take {self.stage1.in_channels} and "
+                f"{self.stage2.in_channels} slices, but its pipeline settings say {self.settings.coarse_slices} "
+                f"and {self.settings.fine_slices}.")
+
+    def __call__(self, image_or_path, progress: Progress | None = None) -> Result:
+        report = progress or (lambda fraction, message: None)
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        report(0.0, "reading")
+        ct = read_input(image_or_path)
+        timings["read"] = time.perf_counter() - started
+
+        tick = time.perf_counter()
+        report(0.05, "stage 1: locating the prostate")
+        coarse = coarse_image(ct, self.settings)
+        volume = normalise(sitk.GetArrayViewFromImage(coarse), self.settings.window)
+        coarse_p = predict_slices(self.stage1, volume, range(volume.shape[0]), self.settings.coarse_slices,
+                                  self.device, batch_size=32)
+        where = localise(coarse_p, coarse, self.settings)
+        timings["stage1"] = time.perf_counter() - tick
+        labelmap = sitk.Image(ct.GetSize(), sitk.sitkUInt8)
+        labelmap.CopyInformation(ct)
+        details = {"coarse_volume_cc": round(where.volume_cc, 2)}
+        if not where.found:
+            timings["total"] = time.perf_counter() - started
+            report(1.0, "no prostate found")
+            return Result(labelmap, [], 0.0, self.package.name, timings=timings, details=details, messages=[
+                "no prostate found: the localiser saw nothing prostate-like in this image. "
+                "Check that the pelvis is in the field of view."])
+        details["center_lps_mm"] = [round(v, 2) for v in where.center_lps]
+
+        tick = time.perf_counter()
+        report(0.15, "stage 2: segmenting the prostate")
+        reference = crop_reference(where.center_lps, self.settings)
+        crop = imageio.resample_like(ct, reference, "linear")
+        fine = normalise(sitk.GetArrayViewFromImage(crop), self.settings.window)
+        z0 = reference.GetOrigin()[2]
+        dz = reference.GetSpacing()[2]
+        low = int(np.floor((where.z_range_lps[0] - self.settings.slice_margin_mm - z0) / dz))
+        high = int(np.ceil((where.z_range_lps[1] + self.settings.slice_margin_mm - z0) / dz))
+        slices = range(max(0, low), min(fine.shape[0], high + 1))
+        fine_p = np.zeros(fine.shape, np.float32)
+        fine_p[slices.start:slices.stop] = predict_slices(
+            self.stage2, fine, slices, self.settings.fine_slices, self.device, batch_size=8,
+            progress=lambda done, total: report(0.15 + 0.7 * done / total, "stage 2: segmenting the prostate"))
+        timings["stage2"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        report(0.9, "placing the result on the input grid")
+        probabilities = sitk.GetImageFromArray(fine_p)
+        probabilities.CopyInformation(reference)
+        mask = clean_mask(paste_back(probabilities, ct, self.settings.threshold))
+        labelmap = sitk.GetImageFromArray(mask.astype(np.uint8) * np.uint8(PROSTATE.value))
+        labelmap.CopyInformation(ct)
+        timings["paste_back"] = time.perf_counter() - tick
+
+        messages = []
+        segments = []
+        volume_cc = label_volume_cc(labelmap, PROSTATE.value)
+        confidence = where.mean_probability * soft_agreement(fine_p, self.settings.threshold)
+        if volume_cc == 0:
+            confidence = 0.0
+            messages.append("no prostate found: stage 2 found no prostate voxels near the located region.")
+        else:
+            low_cc, high_cc = self.settings.plausible_cc
+            if not low_cc <= volume_cc <= high_cc:
+                confidence *= 0.5
+                messages.append(f"unusual prostate volume {volume_cc:.1f} cc (expected {low_cc:g}-{high_cc:g} cc): "
+                                "check the result.")
+            segments.append(SegmentResult(PROSTATE, volume_cc, confidence))
+        timings["total"] = time.perf_counter() - started
+        report(1.0, "done")
+        return Result(labelmap, segments, float(confidence), self.package.name, messages, timings, details)
+
+
+def read_input(image_or_path) -> sitk.Image:
+    """A CT from a path (file, DICOM file or folder) or an image, checked to be a CT volume."""
+    if isinstance(image_or_path, (str, Path)):
+        return imageio.read_image(image_or_path, kind="ct")
+    if isinstance(image_or_path, sitk.Image):
+        imageio.check_volume(image_or_path)
+        imageio.check_not_blank(image_or_path)
+        imageio.check_ct_like(image_or_path)
+        return image_or_path
+    raise SegcoreError(f"expected a path or a SimpleITK image, got {type(image_or_path).__name__}")
+
+
+def segment_prostate(image_or_path, model=None, device: str = "auto", progress: Progress | None = None) -> Result:
+    """Segment the prostate in one CT; the label map lies on the input's own grid.
+
+    ``model`` is a package name, a package folder or None for the bundled default;
+    ``progress(fraction, message)`` is called as the work advances. To segment
+    many images, make one `ProstateSegmenter` and call it per image.
+    """
+    return ProstateSegmenter(model, device)(image_or_path, progress)

@@ -1,0 +1,282 @@
+"""Training cases: where they come from, the preprocessing cache, 2.5-D patch sampling and augmentation.
+
+A case is prepared once per pipeline setting and cached as arrays in HU:
+- the whole CT on the stage-1 grid (made by `segcore.prostate.coarse_image`, so
+  training sees exactly what inference sees) with its label maps;
+- a cube around the prostate on the stage-2 grid, ``margin_mm`` larger on each
+  side than the inference crop so that patches can wander as far as a stage-1
+  error would move the crop.
+
+Folder layout (what `prostateseg phantom` writes and Slicer's "Save as training
+case" writes): ``<name>_ct.<ext>`` with ``<name>_labels.<ext>`` beside it, ext
+one of nii.gz, nii, nrrd, mha. Labels follow ProstateSeg's values (prostate = 1)
+unless ``prostate_label`` says otherwise; all other labels are kept and used
+only to randomise intensities per tissue.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from segcore import image as imageio
+from segcore.errors import SegcoreError
+from segcore.prostate import PipelineSettings, coarse_image, crop_reference
+
+CACHE_VERSION = 1
+EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
+
+
+@dataclass
+class PreparedCase:
+    """One case's arrays, (z, y, x), CT in HU (int16), masks uint8."""
+
+    case_id: str
+    coarse_ct: np.ndarray
+    coarse_target: np.ndarray
+    coarse_tissue: np.ndarray
+    coarse_spacing: tuple
+    fine_ct: np.ndarray
+    fine_target: np.ndarray
+    fine_tissue: np.ndarray
+    fine_spacing: tuple
+
+
+@dataclass(frozen=True)
+class CaseSource:
+    """Where a case comes from: a phantom seed or a CT/label file pair."""
+
+    case_id: str
+    phantom_seed: int | None = None
+    phantom_matrix: int = 512
+    ct_path: str | None = None
+    labels_path: str | None = None
+    prostate_label: int = 1
+
+    def load(self) -> tuple[sitk.Image, sitk.Image]:
+        if self.phantom_seed is not None:
+            from segcore.phantom import make_phantom
+
+            case = make_phantom(self.phantom_seed, matrix=self.phantom_matrix)
+            return case.ct, case.labels
+        ct = imageio.read_image(self.ct_path, kind="ct")
+        labels = imageio.read_image(self.labels_path, kind="labels")
+        if not imageio.same_grid(ct, labels):
+            raise SegcoreError(f"{self.labels_path} is not on the grid of {self.ct_path}: "
+                               f"{'; '.join(imageio.grid_differences(ct, labels))}")
+        return ct, labels
+
+    def describe(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+def phantom_sources(seed: int, count: int, matrix: int = 512) -> list[CaseSource]:
+    return [CaseSource(f"phantom{seed + i:05d}", phantom_seed=seed + i, phantom_matrix=matrix) for i in range(count)]
+
+
+def folder_sources(folder, prostate_label: int = 1) -> list[CaseSource]:
+    """Every ``<name>_ct.<ext>`` / ``<name>_labels.<ext>`` pair in a folder (sorted by name)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SegcoreError(f"training data folder {folder} does not exist")
+    sources = []
+    for ct_path in sorted(folder.iterdir()):
+        ext = next((e for e in EXTENSIONS if ct_path.name.endswith("_ct" + e)), None)
+        if ext is None:
+            continue
+        stem = ct_path.name[: -len("_ct" + ext)]
+        labels = [folder / f"{stem}_labels{e}" for e in EXTENSIONS if (folder / f"{stem}_labels{e}").is_file()]
+        if not labels:
+            raise SegcoreError(f"{ct_path} has no label map beside it (expected {stem}_labels{ext})")
+        sources.append(CaseSource(stem, ct_path=str(ct_path), labels_path=str(labels[0]),
+                                  prostate_label=prostate_label))
+    if not sources:
+        raise SegcoreError(f"no training cases in {folder}: expected <name>_ct.nii.gz with <name>_labels.nii.gz")
+    return sources
+
+
+def prepare_case(source: CaseSource, settings: PipelineSettings, margin_mm: float) -> PreparedCase:
+    """Resample one case onto the stage-1 grid and a stage-2 cube around its prostate."""
+    ct, labels = source.load()
+    prostate = sitk.Equal(labels, source.prostate_label)
+    if not np.any(sitk.GetArrayViewFromImage(prostate)):
+        raise SegcoreError(f"case {source.case_id} has no voxel of prostate label {source.prostate_label}")
+    coarse = coarse_image(ct, settings)
+    coarse_labels = imageio.resample_like(labels, coarse, "label")
+    # The fine cube is centred on the prostate's centroid (what a perfect stage 1 would find).
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(sitk.Cast(prostate, sitk.sitkUInt8))
+    center = stats.GetCentroid(1)
+    wide = PipelineSettings(**{**settings.__dict__,
+                               "crop_mm": tuple(c + 2 * margin_mm for c in settings.crop_mm)})
+    reference = crop_reference(center, wide)
+    fine = imageio.resample_like(ct, reference, "linear")
+    fine_labels = imageio.resample_like(labels, reference, "label")
+
+    def hu(img):
+        return np.clip(np.rint(sitk.GetArrayViewFromImage(img)), -1024, 3071).astype(np.int16)
+
+    def lab(img):
+        return np.clip(sitk.GetArrayViewFromImage(img), 0, 255).astype(np.uint8)
+
+    coarse_tissue, fine_tissue = lab(coarse_labels), lab(fine_labels)
+    return PreparedCase(
+        case_id=source.case_id,
+        coarse_ct=hu(coarse), coarse_target=(coarse_tissue == source.prostate_label).astype(np.uint8),
+        coarse_tissue=coarse_tissue, coarse_spacing=coarse.GetSpacing(),
+        fine_ct=hu(fine), fine_target=(fine_tissue == source.prostate_label).astype(np.uint8),
+        fine_tissue=fine_tissue, fine_spacing=reference.GetSpacing(),
+    )
+
+
+def cached_case(source: CaseSource, settings: PipelineSettings, margin_mm: float, cache_dir) -> PreparedCase:
+    """`prepare_case`, cached on disk under a key of everything that affects the arrays."""
+    key_data = {"v": CACHE_VERSION, "source": source.describe(), "settings": settings.to_json(), "margin": margin_mm}
+    key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"{source.case_id}-{key}.npz"
+    if path.is_file():
+        with np.load(path) as data:
+            return PreparedCase(case_id=source.case_id,
+                                coarse_spacing=tuple(data["coarse_spacing"]), fine_spacing=tuple(data["fine_spacing"]),
+                                **{k: data[k] for k in ("coarse_ct", "coarse_target", "coarse_tissue",
+                                                        "fine_ct", "fine_target", "fine_tissue")})
+    case = prepare_case(source, settings, margin_mm)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **{k: v for k, v in case.__dict__.items() if k != "case_id"})
+    tmp.replace(path)
+    return case
+
+
+# --------------------------------------------------------------------------- patches
+
+
+@dataclass
+class PatchSpec:
+    """How one stage samples 2.5-D patches."""
+
+    size: int = 64               # in-plane patch size (voxels)
+    slices: int = 3              # stacked neighbouring slices
+    foreground_fraction: float = 0.5
+    jitter: int = 24             # in-plane offset (voxels) of foreground-centred patches
+    z_margin: int = 0            # slices beyond the prostate's top and bottom that may be patch centres
+
+
+def sample_patches(ct: np.ndarray, tissue: np.ndarray, target: np.ndarray, count: int, spec: PatchSpec,
+                   rng: np.random.Generator, region: tuple | None = None):
+    """``count`` patches: HU (count, slices, size, size), tissue labels of the same shape, target (count, size, size).
+
+    Half (``foreground_fraction``) are centred near a prostate voxel; the rest at
+    random inside ``region`` (a (z, y, x) tuple of slices; default the whole
+    volume), limited in z to the prostate's extent plus ``z_margin``. Outside
+    the volume the CT is air and the labels background; slices repeat at the
+    top and bottom as they do in inference.
+    """
+    fg = np.argwhere(target > 0)
+    zs = fg[:, 0]
+    z_low, z_high = max(0, zs.min() - spec.z_margin), min(ct.shape[0] - 1, zs.max() + spec.z_margin)
+    region = region or tuple(slice(0, n) for n in ct.shape)
+    half = spec.size // 2
+    centers = np.empty((count, 3), int)
+    for n in range(count):
+        if rng.random() < spec.foreground_fraction:
+            z, y, x = fg[rng.integers(len(fg))]
+            y += rng.integers(-spec.jitter, spec.jitter + 1)
+            x += rng.integers(-spec.jitter, spec.jitter + 1)
+        else:
+            z = rng.integers(max(z_low, region[0].start), min(z_high, region[0].stop - 1) + 1)
+            y = rng.integers(region[1].start, region[1].stop)
+            x = rng.integers(region[2].start, region[2].stop)
+        centers[n] = z, y, x
+    offsets = np.arange(spec.slices) - spec.slices // 2
+    images = np.full((count, spec.slices, spec.size, spec.size), -1024, np.int16)
+    tissues = np.zeros(images.shape, np.uint8)
+    targets = np.zeros((count, spec.size, spec.size), np.uint8)
+    for n, (z, y, x) in enumerate(centers):
+        ys, xs = slice(y - half, y - half + spec.size), slice(x - half, x - half + spec.size)
+        src_y = slice(max(0, ys.start), min(ct.shape[1], ys.stop))
+        src_x = slice(max(0, xs.start), min(ct.shape[2], xs.stop))
+        dst_y = slice(src_y.start - ys.start, src_y.stop - ys.start)
+        dst_x = slice(src_x.start - xs.start, src_x.stop - xs.start)
+        if src_y.stop <= src_y.start or src_x.stop <= src_x.start:
+            continue
+        zz = np.clip(z + offsets, 0, ct.shape[0] - 1)
+        images[n, :, dst_y, dst_x] = ct[zz, src_y, src_x]
+        tissues[n, :, dst_y, dst_x] = tissue[zz, src_y, src_x]
+        targets[n, dst_y, dst_x] = target[z, src_y, src_x]
+    return images, tissues, targets
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+# Spread (HU) of the per-tissue intensity offsets by catalogue label: bone varies
+# most between scanners and patients, fat next, soft tissue least; label 0 (other
+# soft tissue and air) shifts like soft tissue, which clipping makes harmless in air.
+_BONE = (4, 5, 7, 8, 9, 10, 11)
+
+
+def tissue_sigmas(soft: float = 10.0, fat: float = 20.0, bone: float = 60.0) -> np.ndarray:
+    sigmas = np.full(256, soft, np.float32)
+    sigmas[13] = fat
+    sigmas[list(_BONE)] = bone
+    sigmas[[15, 16]] = 0.0  # metal and couch are what they are
+    return sigmas
+
+
+@dataclass
+class AugmentSpec:
+    tissue_probability: float = 0.8
+    tissue_sigmas: tuple = (10.0, 20.0, 60.0)   # soft, fat, bone
+    contrast: tuple = (0.9, 1.1)
+    shift_hu: float = 10.0
+    noise_hu: float = 12.0
+    flip: bool = True
+    rotate_deg: float = 10.0
+    scale: tuple = (0.9, 1.1)
+    spatial_probability: float = 0.5
+
+
+def augment(images: np.ndarray, tissues: np.ndarray, targets: np.ndarray, spec: AugmentSpec,
+            rng: np.random.Generator):
+    """SynthSeg-style per-tissue intensity randomisation, contrast/shift/noise, left-right flip and a
+    small in-plane rotation/scale. Works in HU; returns float32 HU and int64 targets (torch tensors)."""
+    import torch
+    from torch.nn import functional as F
+
+    count = images.shape[0]
+    hu = images.astype(np.float32)
+    sigmas = tissue_sigmas(*spec.tissue_sigmas)
+    for n in range(count):
+        if rng.random() < spec.tissue_probability:
+            offsets = rng.standard_normal(256).astype(np.float32) * sigmas
+            hu[n] += offsets[tissues[n]]
+    body = hu > -500  # keep air as air
+    gain = rng.uniform(*spec.contrast, size=(count, 1, 1, 1)).astype(np.float32)
+    shift = (rng.standard_normal((count, 1, 1, 1)) * spec.shift_hu).astype(np.float32)
+    noise = rng.standard_normal(hu.shape).astype(np.float32) * rng.uniform(0, spec.noise_hu, (count, 1, 1, 1)).astype(np.float32)
+    hu = np.where(body, hu * gain + shift, hu) + noise
+    targets = targets.astype(np.int64)
+    if spec.flip:
+        flip = rng.random(count) < 0.5
+        hu[flip] = hu[flip][..., ::-1]
+        targets[flip] = targets[flip][..., ::-1]
+    x = torch.from_numpy(np.ascontiguousarray(hu))
+    y = torch.from_numpy(np.ascontiguousarray(targets))
+    move = rng.random(count) < spec.spatial_probability
+    if move.any():
+        angle = np.deg2rad(rng.uniform(-spec.rotate_deg, spec.rotate_deg, count)) * move
+        scale = np.where(move, rng.uniform(*spec.scale, count), 1.0)
+        cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
+        theta = torch.tensor(np.stack([np.stack([cos, -sin, np.zeros(count)], 1),
+                                       np.stack([sin, cos, np.zeros(count)], 1)], 1), dtype=torch.float32)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x + 1024.0, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1024.0
+        y = F.grid_sample(y[:, None].float(), grid, mode="nearest", padding_mode="zeros",
+                          align_corners=False)[:, 0].long()
+    return x, y
