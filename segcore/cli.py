@@ -16,6 +16,8 @@ from segcore.errors import SegcoreError
 
 EPILOG = """\
 examples:
+  prostateseg segment ct.nii.gz -o results/         segment the prostate (bundled demo model)
+  prostateseg segment scans/*.nii.gz dicom_dir/ -o results/ --formats seg.nrrd,stl
   prostateseg phantom cases/ -n 3 --seed 1          three synthetic pelvic CTs with labels
   prostateseg evaluate pred.nii.gz ref.nii.gz       DSC, ASD, HD, HD95, SEN, PPV, volumes
   prostateseg models list                           installed model packages
@@ -66,6 +68,97 @@ def _evaluate(args) -> int:
     return 0
 
 
+def expand_inputs(paths) -> list[Path]:
+    """Files as given; a folder holding DICOM files is one input, any other folder gives the images in it."""
+    from segcore.errors import InputNotFoundError
+    from segcore.image import is_dicom_file, is_volume_file
+
+    inputs = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise InputNotFoundError(f"{path} does not exist")
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+            if any(is_dicom_file(p) for p in files[:50]):
+                inputs.append(path)
+                continue
+            found = [p for p in files if is_volume_file(p)]
+            found += [d for d in sorted(path.iterdir()) if d.is_dir() and any(
+                is_dicom_file(p) for p in sorted(d.iterdir())[:50] if p.is_file())]
+            if not found:
+                raise InputNotFoundError(f"{path} holds no DICOM series and no image files (.nii.gz, .nrrd, .mha...)")
+            inputs += found
+        else:
+            inputs.append(path)
+    return inputs
+
+
+def output_stem(path: Path) -> str:
+    """``case_ct.nii.gz`` -> ``case_ct_seg``; a DICOM folder -> ``<folder>_seg``."""
+    name = path.name
+    for suffix in (".nii.gz", ".seg.nrrd", ".nii", ".nrrd", ".mha", ".mhd", ".dcm"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return f"{name}_seg"
+
+
+def _segment(args) -> int:
+    import json
+
+    from tqdm import tqdm
+
+    from segcore.export import atomic_output, export_labelmap
+    from segcore.prostate import PROSTATE, ProstateSegmenter
+
+    formats = [f.strip().lower().lstrip(".") for f in args.formats.split(",") if f.strip()]
+    inputs = expand_inputs(args.inputs)
+    stems = [output_stem(p) for p in inputs]
+    clashes = sorted({s for s in stems if stems.count(s) > 1})
+    if clashes:
+        raise SegcoreError(f"several inputs would write the same output names ({', '.join(clashes)}); "
+                           "segment them into different output folders.")
+    args.output.mkdir(parents=True, exist_ok=True)
+    segmenter = ProstateSegmenter(args.model, args.device)
+    failures, quiet = [], args.quiet
+    with tqdm(total=100 * len(inputs), file=sys.stderr, disable=quiet, unit="%",
+              bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}") as bar:
+        for n, (path, stem) in enumerate(zip(inputs, stems)):
+            def progress(fraction, message, base=100 * n):
+                bar.set_description_str(f"[{n + 1}/{len(inputs)}] {path.name}: {message}")
+                bar.n = base + int(100 * fraction)
+                bar.refresh()
+
+            try:
+                report_path = args.output / f"{stem}.json"
+                if report_path.exists() and not args.overwrite:
+                    raise SegcoreError(f"{report_path} exists; use --overwrite to replace the outputs")
+                result = segmenter(path, progress)
+                written = export_labelmap(result.labelmap, [PROSTATE], args.output, stem, formats,
+                                          overwrite=args.overwrite)
+                with atomic_output(report_path, overwrite=args.overwrite) as tmp:
+                    tmp.write_text(json.dumps({"input": str(path), **result.to_json(),
+                                               "outputs": [p.name for p in written]}, indent=1))
+            except SegcoreError as error:
+                failures.append((path, str(error)))
+                bar.write(f"error: {path}: {error}", file=sys.stderr)
+                continue
+            finally:
+                bar.n = 100 * (n + 1)
+                bar.refresh()
+            summary = ", ".join(f"{s.name} {s.volume_cc:.1f} cc" for s in result.segments) or "nothing found"
+            line = f"{path}: {summary}; confidence {result.confidence:.2f} ({result.timings['total']:.1f} s)"
+            for message in result.messages:
+                line += f"\n  note: {message}"
+            bar.write(line, file=sys.stdout)
+    if failures:
+        print(f"{len(failures)} of {len(inputs)} input(s) failed:", file=sys.stderr)
+        for path, error in failures:
+            print(f"  {path}: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _models(args) -> int:
     from segcore import packages
 
@@ -111,6 +204,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes on stderr")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
+
+    p = commands.add_parser(
+        "segment", help="segment the prostate in CT images (files, DICOM folders or folders of images)",
+        description="Two-stage prostate segmentation: a coarse localiser finds the prostate, a 1 mm network "
+        "segments it, and the result is placed on each input's own voxel grid. For each input INPUT the "
+        "output folder gets INPUT_seg.<format> for each label-map format, INPUT_seg_prostate.<format> for "
+        "each surface format (stl, obj, vtp, ply) and INPUT_seg.json (volume, confidence, notes, timings). "
+        "A batch goes on past a bad input; the exit code is 1 if any input failed.",
+        epilog="Model packages: `prostateseg models list`. The bundled default is demo weights trained on "
+        "synthetic phantoms, not validated on patient data.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="CT image file (NIfTI, NRRD, MHA, a DICOM file), DICOM series folder, or a folder of images")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output folder (created if missing)")
+    p.add_argument("--model", help="model package name or folder (default: the bundled prostate demo model)")
+    p.add_argument("--device", default="auto", help="auto (GPU when available), cpu or cuda (default auto)")
+    p.add_argument("--formats", default="seg.nrrd,nii.gz",
+                   help="comma-separated outputs: seg.nrrd, nii.gz, nii, nrrd (label maps), stl, obj, vtp, ply "
+                   "(surfaces); default seg.nrrd,nii.gz")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (never done otherwise)")
+    p.set_defaults(run=_segment)
 
     p = commands.add_parser(
         "phantom", help="write synthetic labelled pelvic CTs (the digital phantom)",

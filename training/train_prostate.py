@@ -257,7 +257,7 @@ def validate(network, cases, stage: str, settings: PipelineSettings, config: dic
 
 
 def train_stage(stage: str, config: dict, train_cases, val_cases, settings, device, outdir: Path,
-                resume: bool, log) -> list[EpochRecord]:
+                resume: bool, log, max_epochs: int | None = None) -> list[EpochRecord]:
     import torch
     from torch.nn import functional as F
 
@@ -290,7 +290,8 @@ def train_stage(stage: str, config: dict, train_cases, val_cases, settings, devi
         history = [EpochRecord(**r) for r in state["history"]]
         log(f"{stage}: resuming after epoch {state['epoch'] + 1}")
     writer = _tensorboard(folder)
-    for epoch in range(start_epoch, spec["epochs"]):
+    stop = spec["epochs"] if max_epochs is None else min(spec["epochs"], start_epoch + max_epochs)
+    for epoch in range(start_epoch, stop):
         tick = time.perf_counter()
         rng = np.random.default_rng([seed, epoch])
         torch.manual_seed(seed * 1000 + epoch)
@@ -460,6 +461,11 @@ def pipeline_settings(config: dict) -> PipelineSettings:
 # --------------------------------------------------------------------------- command line
 
 
+def _finished(folder: Path, epochs: int) -> bool:
+    path = folder / "last.json"
+    return path.is_file() and json.loads(path.read_text())["epoch"] + 1 >= epochs
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training.train_prostate",
@@ -473,6 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", help="run folder (checkpoints, log.csv, curves.png); default from the config")
     parser.add_argument("--stages", default="stage1,stage2", help="which stages to train (default both)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoints in the run folder")
+    parser.add_argument("--max-epochs", type=int, metavar="N",
+                        help="stop each stage after N more epochs (continue later with --resume)")
     parser.add_argument("--export", metavar="FOLDER", help="package folder to export to (default <output>/package)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing exported package")
     parser.add_argument("--device", help="auto, cpu or cuda (default from the config)")
@@ -506,7 +514,12 @@ def main(argv=None) -> int:
         for stage in [s.strip() for s in args.stages.split(",") if s.strip()]:
             if stage not in STAGES:
                 raise SegcoreError(f"unknown stage {stage!r}: choose from {', '.join(STAGES)}")
-            train_stage(stage, config, train_cases, val_cases, settings, device, outdir, args.resume, log)
+            train_stage(stage, config, train_cases, val_cases, settings, device, outdir, args.resume, log,
+                        args.max_epochs)
+        untrained = [s for s in STAGES if not _finished(outdir / s, config[s]["epochs"])]
+        if untrained:
+            log(f"not exporting a package yet: {', '.join(untrained)} not trained in {outdir}")
+            return 0
         target = Path(args.export) if args.export else outdir / "package"
         package = export_package(config, outdir, target, data_text, overwrite=args.overwrite)
         log(f"exported model package {package.name} to {package.path}")

@@ -1,0 +1,142 @@
+"""The training kit: patch sampling, augmentation, a tiny real training run, resume, export, install, use."""
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from safetensors.torch import load_file
+
+from segcore import packages
+from segcore.cli import main as cli
+from training import data
+from training import train_prostate as tp
+
+TINY = [
+    "data.cases=2", "data.validation_cases=1", "data.matrix=96",
+    "stage1.epochs=1", "stage1.patches_per_case=16", "stage1.batch_size=8", "stage1.arguments.widths=[8,16]",
+    "stage2.epochs=1", "stage2.patches_per_case=8", "stage2.batch_size=4",
+    "stage2.arguments.encoder=[8,16,32,64]", "stage2.arguments.decoder=[32,16,16]", "stage2.arguments.head=16",
+    "name=prostate-tiny",
+]
+
+
+def tiny_args(tmp_path, *extra):
+    args = ["--output", str(tmp_path / "run"), "--set", f"cache={tmp_path.parent / 'training-cache'}"]
+    for item in TINY + list(extra):
+        args += ["--set", item]
+    return args
+
+
+def test_patches_are_centred_where_asked():
+    ct = np.full((20, 50, 50), 40, np.int16)
+    target = np.zeros(ct.shape, np.uint8)
+    target[8:12, 20:30, 20:30] = 1
+    spec = data.PatchSpec(size=16, slices=3, foreground_fraction=1.0, jitter=0)
+    images, tissues, targets = data.sample_patches(ct, target, target, 30, spec, np.random.default_rng(0))
+    assert images.shape == (30, 3, 16, 16) and targets.shape == (30, 16, 16)
+    assert (targets[:, 8, 8] == 1).all()          # every patch is centred on a prostate voxel
+    assert (tissues[:, 1] == targets).all()        # the middle slice's labels are the target
+    corner = np.zeros(ct.shape, np.uint8)
+    corner[0, 0, 0] = 1
+    images, _, _ = data.sample_patches(ct, corner, corner, 1, spec, np.random.default_rng(0))
+    assert (images[0, :, :8, :8] == -1024).all()   # beyond the volume is air
+    assert (images[0, :, 8:, 8:] == 40).all()
+
+
+def test_tissue_randomisation_shifts_each_tissue_as_one():
+    images = np.zeros((4, 3, 8, 8), np.int16)
+    tissues = np.zeros(images.shape, np.uint8)
+    tissues[:, :, :4] = 1
+    tissues[:, :, 4:] = 13
+    targets = (tissues[:, 1] == 1).astype(np.uint8)
+    spec = data.AugmentSpec(tissue_probability=1.0, contrast=(1, 1), shift_hu=0, noise_hu=0, flip=False,
+                            spatial_probability=0)
+    hu, y = data.augment(images, tissues, targets, spec, np.random.default_rng(3))
+    hu = hu.numpy()
+    for n in range(4):
+        prostate, fat = hu[n][tissues[n] == 1], hu[n][tissues[n] == 13]
+        assert np.ptp(prostate) == 0 and np.ptp(fat) == 0     # one offset per tissue
+    assert len({float(hu[n, 0, 0, 0]) for n in range(4)}) == 4   # different per patch
+    assert (y.numpy() == targets).all()
+
+
+def test_flips_and_rotations_keep_image_and_target_together():
+    images = np.full((8, 1, 16, 16), -1024, np.int16)
+    images[:, :, 2:7, 3:9] = 200
+    targets = (images[:, 0] > 0).astype(np.uint8)
+    spec = data.AugmentSpec(tissue_probability=0, contrast=(1, 1), shift_hu=0, noise_hu=0, flip=True,
+                            rotate_deg=15, spatial_probability=1.0)
+    hu, y = data.augment(images, np.zeros(images.shape, np.uint8), targets, spec, np.random.default_rng(1))
+    bright = hu.numpy()[:, 0] > 0
+    agreement = (bright == y.numpy().astype(bool)).mean()
+    assert agreement > 0.97
+
+
+def test_tiny_training_run_exports_installs_and_segments(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PROSTATESEG_HOME", str(tmp_path / "home"))
+    assert tp.main(tiny_args(tmp_path)) == 0
+    run = tmp_path / "run"
+    assert (run / "log.csv").read_text().count("\n") == 3  # header + one epoch per stage
+    assert (run / "curves.png").stat().st_size > 0
+    package = packages.open_package(run / "package")
+    assert packages.verify_package(package.path).ok
+    manifest = json.loads((package.path / "model.json").read_text())
+    assert manifest["training"]["seed"] == 0 and manifest["training"]["epochs"] == 2
+    assert "phantom" in manifest["training"]["data"]
+    assert set(manifest["validation"]) == {"stage1", "stage2"}
+    # The package holds the inference network only: no optimiser state, no metric-learning module.
+    stage2 = load_file(str(package.path / "stage2.safetensors"))
+    from segcore.networks import build
+
+    assert set(stage2) == set(build("metricunet", manifest["stages"]["stage2"]["arguments"]).state_dict())
+
+    archive = packages.zip_package(package.path, tmp_path / "tiny.zip")
+    digest = packages.sha256_file(archive)
+    assert cli(["models", "install", str(archive), "--sha256", digest]) == 0
+    case = __import__("segcore.phantom", fromlist=["make_phantom"]).make_phantom(21, matrix=96, orientation="RAS")
+    sitk.WriteImage(case.ct, str(tmp_path / "p_ct.nii.gz"))
+    out = tmp_path / "seg"
+    code = cli(["-q", "segment", str(tmp_path / "p_ct.nii.gz"), "-o", str(out), "--model", "prostate-tiny"])
+    assert code == 0
+    labelmap = sitk.ReadImage(str(out / "p_ct_seg.nii.gz"))
+    assert labelmap.GetSize() == case.ct.GetSize()
+    assert labelmap.GetOrigin() == pytest.approx(case.ct.GetOrigin())
+    assert labelmap.GetDirection() == pytest.approx(case.ct.GetDirection())
+    report = json.loads((out / "p_ct_seg.json").read_text())
+    assert report["model"] == "prostate-tiny" and 0.0 <= report["confidence"] <= 1.0
+    with zipfile.ZipFile(archive) as zf:
+        assert not any(n.endswith((".pt", ".pth", ".pkl")) for n in zf.namelist())
+
+
+def test_runs_are_deterministic_and_resume_exactly(tmp_path):
+    one_epoch = ["--stages", "stage1"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    straight.mkdir(), split.mkdir()
+    assert tp.main(tiny_args(straight, "stage1.epochs=2") + one_epoch) == 0
+    assert tp.main(tiny_args(split, "stage1.epochs=2") + one_epoch + ["--max-epochs", "1"]) == 0
+    assert json.loads((split / "run" / "stage1" / "last.json").read_text())["epoch"] == 0
+    assert tp.main(tiny_args(split, "stage1.epochs=2") + one_epoch + ["--resume"]) == 0
+    a = load_file(str(straight / "run" / "stage1" / "last.safetensors"))
+    b = load_file(str(split / "run" / "stage1" / "last.safetensors"))
+    assert a.keys() == b.keys()
+    assert all((a[k] == b[k]).all() for k in a)
+    history = json.loads((split / "run" / "stage1" / "last.json").read_text())["history"]
+    assert [r["epoch"] for r in history] == [1, 2]
+
+
+def test_folder_layout_is_read_and_checked(tmp_path):
+    (tmp_path / "a_ct.nii.gz").write_bytes(b"")
+    with pytest.raises(Exception, match="no label map beside it"):
+        data.folder_sources(tmp_path)
+    (tmp_path / "a_labels.nii.gz").write_bytes(b"")
+    (tmp_path / "b_ct.nrrd").write_bytes(b"")
+    (tmp_path / "b_labels.nrrd").write_bytes(b"")
+    sources = data.folder_sources(tmp_path, prostate_label=3)
+    assert [s.case_id for s in sources] == ["a", "b"]
+    assert sources[1].labels_path.endswith("b_labels.nrrd") and sources[1].prostate_label == 3
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(Exception, match="no training cases"):
+        data.folder_sources(empty)
