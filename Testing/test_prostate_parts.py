@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from segcore.postprocess import bounding_box, clean_mask, fill_holes, largest_component
 from segcore.prostate import (
     PipelineSettings,
     crop_reference,
@@ -13,7 +14,6 @@ from segcore.prostate import (
     slice_stacks,
     soft_agreement,
 )
-from segcore.postprocess import bounding_box, clean_mask, fill_holes, largest_component
 
 
 def test_normalise_maps_the_window_to_unit_range():

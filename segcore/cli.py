@@ -68,28 +68,27 @@ def _evaluate(args) -> int:
     return 0
 
 
-def expand_inputs(paths) -> list[Path]:
-    """Files as given; a folder holding DICOM files is one input, any other folder gives the images in it."""
-    from segcore.errors import InputNotFoundError
+def expand_inputs(paths) -> list[tuple[Path, str | None]]:
+    """(input, problem) pairs: files as given; a folder holding DICOM files is one input, any other folder
+    gives the images and DICOM series folders in it. A missing path is kept with its problem, so that a
+    batch reports it and goes on."""
     from segcore.image import is_dicom_file, is_volume_file
+
+    def holds_dicom(folder: Path) -> bool:
+        return any(is_dicom_file(p) for p in sorted(folder.iterdir())[:50] if p.is_file())
 
     inputs = []
     for path in map(Path, paths):
         if not path.exists():
-            raise InputNotFoundError(f"{path} does not exist")
-        if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-            if any(is_dicom_file(p) for p in files[:50]):
-                inputs.append(path)
-                continue
-            found = [p for p in files if is_volume_file(p)]
-            found += [d for d in sorted(path.iterdir()) if d.is_dir() and any(
-                is_dicom_file(p) for p in sorted(d.iterdir())[:50] if p.is_file())]
+            inputs.append((path, f"{path} does not exist"))
+        elif path.is_dir() and not holds_dicom(path):
+            found = [p for p in sorted(path.iterdir()) if (p.is_file() and is_volume_file(p))
+                     or (p.is_dir() and holds_dicom(p))]
             if not found:
-                raise InputNotFoundError(f"{path} holds no DICOM series and no image files (.nii.gz, .nrrd, .mha...)")
-            inputs += found
+                inputs.append((path, "the folder holds no DICOM series and no image files (.nii.gz, .nrrd, .mha...)"))
+            inputs += [(p, None) for p in found]
         else:
-            inputs.append(path)
+            inputs.append((path, None))
     return inputs
 
 
@@ -113,8 +112,8 @@ def _segment(args) -> int:
 
     formats = [f.strip().lower().lstrip(".") for f in args.formats.split(",") if f.strip()]
     inputs = expand_inputs(args.inputs)
-    stems = [output_stem(p) for p in inputs]
-    clashes = sorted({s for s in stems if stems.count(s) > 1})
+    stems = [output_stem(p) for p, _ in inputs]
+    clashes = sorted({s for (_, problem), s in zip(inputs, stems) if not problem and stems.count(s) > 1})
     if clashes:
         raise SegcoreError(f"several inputs would write the same output names ({', '.join(clashes)}); "
                            "segment them into different output folders.")
@@ -123,13 +122,15 @@ def _segment(args) -> int:
     failures, quiet = [], args.quiet
     with tqdm(total=100 * len(inputs), file=sys.stderr, disable=quiet, unit="%",
               bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}") as bar:
-        for n, (path, stem) in enumerate(zip(inputs, stems)):
-            def progress(fraction, message, base=100 * n):
-                bar.set_description_str(f"[{n + 1}/{len(inputs)}] {path.name}: {message}")
-                bar.n = base + int(100 * fraction)
+        for n, ((path, problem), stem) in enumerate(zip(inputs, stems)):
+            def progress(fraction, message, n=n, name=path.name):
+                bar.set_description_str(f"[{n + 1}/{len(inputs)}] {name}: {message}")
+                bar.n = 100 * n + int(100 * fraction)
                 bar.refresh()
 
             try:
+                if problem:
+                    raise SegcoreError(problem)
                 report_path = args.output / f"{stem}.json"
                 if report_path.exists() and not args.overwrite:
                     raise SegcoreError(f"{report_path} exists; use --overwrite to replace the outputs")

@@ -287,9 +287,9 @@ class ProstateSegmenter:
         if not where.found:
             timings["total"] = time.perf_counter() - started
             report(1.0, "no prostate found")
-            return Result(labelmap, [], 0.0, self.package.name, timings=timings, details=details, messages=[
+            return Result(labelmap, [], 0.0, self.package.name, timings=timings, details=details, messages=[(
                 "no prostate found: the localiser saw nothing prostate-like in this image. "
-                "Check that the pelvis is in the field of view."])
+                "Check that the pelvis is in the field of view.")])
         details["center_lps_mm"] = [round(v, 2) for v in where.center_lps]
 
         tick = time.perf_counter()

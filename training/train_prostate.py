@@ -169,7 +169,7 @@ def inference_region(case: data.PreparedCase, stage: str, config: dict) -> tuple
     """Stage 2 only: the part of the cached cube the inference crop covers (the cube minus its margin)."""
     if stage == "stage1":
         return None
-    margin = int(round(config["margin_mm"] / case.fine_spacing[0]))
+    margin = round(config["margin_mm"] / case.fine_spacing[0])
     return tuple(slice(margin, n - margin) for n in case.fine_ct.shape)
 
 
@@ -244,7 +244,7 @@ def validate(network, cases, stage: str, settings: PipelineSettings, config: dic
         if stage == "stage1":
             indices = np.arange(volume.shape[0])
         else:
-            margin = int(round(settings.slice_margin_mm / spacing[2]))
+            margin = round(settings.slice_margin_mm / spacing[2])
             indices = np.arange(max(0, zs.min() - margin), min(volume.shape[0], zs.max() + margin + 1))
         probabilities = np.zeros(volume.shape, np.float32)
         probabilities[indices] = predict_slices(network, volume, indices, slices_in, device, batch_size=16)
