@@ -56,7 +56,7 @@ DEFAULTS = {
         "arguments": {"in_channels": 5, "num_classes": 2, "widths": [16, 32, 64, 128]},
         # Background patches come from the whole scan, so that stage 1 learns what is not prostate.
         "patch": {"size": 64, "slices": 5, "foreground_fraction": 0.5, "jitter": 24, "z_margin": 10000},
-        "epochs": 10, "patches_per_case": 500, "batch_size": 32,
+        "epochs": 10, "patches_per_case": 500, "batch_size": 32, "loss": "ce+dice",
         "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "poly_power": 0.9,
     },
     "stage2": {
@@ -229,6 +229,16 @@ class EpochRecord:
         return out
 
 
+def soft_dice_loss(logits, target):
+    """1 - soft Dice of the foreground over the whole batch: counters the small share of prostate voxels
+    in stage-1 patches, where cross-entropy alone settles on 'all background' for a long time."""
+    import torch
+
+    p = torch.softmax(logits.float(), dim=1)[:, 1]
+    y = (target == 1).float()
+    return 1 - (2 * (p * y).sum() + 1) / (p.sum() + y.sum() + 1)
+
+
 def validate(network, cases, stage: str, settings: PipelineSettings, config: dict, device) -> dict:
     """Mean DSC / ASD / HD95 over validation cases: the whole coarse volume (stage 1) or the slices of
     the inference crop that hold prostate, plus a margin (stage 2, crop centred on the true centroid)."""
@@ -324,6 +334,9 @@ def train_stage(stage: str, config: dict, train_cases, val_cases, settings, devi
                     logits = network(x)
                     terms = {"ce": F.cross_entropy(logits.float(), y)}
                     terms["total"] = terms["ce"]
+                if spec.get("loss", "ce") == "ce+dice":
+                    terms["dice"] = soft_dice_loss(logits, y)
+                    terms["total"] = terms["total"] + terms["dice"]
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(terms["total"]).backward()
