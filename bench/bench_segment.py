@@ -10,6 +10,8 @@ Each job runs in a fresh process (its peak memory is its own; see README.md):
 4. unless --no-nnunet: nnU-Net v2's own predictor with a default 3d_fullres U-Net
    at 3 mm and random weights (bench/nnunet_standin.py), as the stand-in for what
    a TotalSegmentator-style tool spends on the same CT; the ratio is reported.
+   nnunetv2 pulls its own torch build; install it in a separate environment and
+   point NNUNET_PYTHON at that environment's python.
 
     python bench/bench_segment.py --repeat 3
     python bench/bench_segment.py --device cuda     # when a GPU is present
@@ -102,6 +104,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=2, help="phantom seed of the test CT (default 2)")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "prostateseg-bench")
     parser.add_argument("--no-nnunet", action="store_true", help="skip the nnU-Net stand-in")
+    parser.add_argument("--nnunet-repeat", type=int, default=1, help="runs of the (slow) stand-in (default 1)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -129,7 +132,7 @@ def main(argv=None) -> int:
         standin = HERE / "nnunet_standin.py"
         python = os.environ.get("NNUNET_PYTHON", sys.executable)
         nn_runs = []
-        for _ in range(args.repeat):
+        for _ in range(args.nnunet_repeat):
             out = subprocess.run([python, str(standin), str(ct)], capture_output=True, text=True, check=False)
             if out.returncode != 0:
                 print(f"nnU-Net stand-in skipped: {(out.stderr or out.stdout).strip().splitlines()[-1]}")
