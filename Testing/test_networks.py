@@ -110,6 +110,40 @@ def test_triplet_and_pair_losses_match_hand_values():
     assert losses["hard"].item() == pytest.approx(0.0)
 
 
+def test_positive_pair_term_and_total_match_hand_values():
+    # One image: foreground voxels split between two orthogonal directions, background on a third.
+    target = torch.zeros(1, 4, 4, dtype=torch.long)
+    target[0, :2] = 1
+    features = torch.zeros(1, 3, 4, 4)
+    features[0, 0, 0] = 1.0       # foreground row 0: e0
+    features[0, 1, 1] = 1.0       # foreground row 1: e1  -> d(e0, e1) = 2
+    features[0, 2, 2:] = 1.0      # background: e2, at distance 2 from both
+    logits = torch.zeros(1, 2, 4, 4)
+    config = MetricLossConfig(strategies=("random",), anchors=50, samples=1, margin=0.0, beta=0.1,
+                              pair_epsilon=0.01)
+    generator = torch.Generator().manual_seed(0)
+    loss = VoxelMetricLoss(config)(features, logits, target, generator)["random"]
+    # Recompute what eq. 2 gives for the same draws: the triplet term relu(d_ap - d_an + 0) is 0 here
+    # (d_an = 2 >= d_ap), the pair term is beta * relu(d_ap - eps) = 0.1 * 1.99 for each mixed pair.
+    generator = torch.Generator().manual_seed(0)
+    flat = target.reshape(-1).bool()
+    anchors = _pick(flat, 50, generator)
+    positives = _pick(flat, 50, generator)
+    mixed = ((anchors < 4) != (positives < 4)).sum().item()
+    assert mixed > 0
+    assert loss.item() == pytest.approx(0.1 * 1.99 * mixed, rel=1e-5)
+
+    net = MetricUNet(encoder=(4, 8, 8, 8), decoder=(8, 8, 8), head=8)
+    target = torch.zeros(2, 16, 16, dtype=torch.long)
+    target[:, 4:10, 4:10] = 1
+    logits, feats = net(torch.randn(2, 3, 16, 16), return_features=True)
+    metric = VoxelMetricLoss(weight=0.01)
+    terms = metricunet_loss(logits, feats, target, metric, torch.Generator().manual_seed(0))
+    expected = terms["ce"] + 0.01 * (terms["metric_hard"] + terms["metric_contour"])
+    assert terms["total"].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert terms["metric_hard"].item() > 0 and terms["metric_contour"].item() > 0
+
+
 def test_unknown_strategy_and_architecture_are_refused():
     with pytest.raises(ValueError, match="unknown sampling"):
         MetricLossConfig(strategies=("nearest",))

@@ -111,19 +111,28 @@ def test_tiny_training_run_exports_installs_and_segments(tmp_path, monkeypatch, 
 
 
 def test_runs_are_deterministic_and_resume_exactly(tmp_path):
-    one_epoch = ["--stages", "stage1"]
+    one_epoch = ["--stages", "stage2"]   # MetricUNet with its metric-learning sampler
     straight, split = tmp_path / "straight", tmp_path / "split"
     straight.mkdir(), split.mkdir()
-    assert tp.main(tiny_args(straight, "stage1.epochs=2") + one_epoch) == 0
-    assert tp.main(tiny_args(split, "stage1.epochs=2") + one_epoch + ["--max-epochs", "1"]) == 0
-    assert json.loads((split / "run" / "stage1" / "last.json").read_text())["epoch"] == 0
-    assert tp.main(tiny_args(split, "stage1.epochs=2") + one_epoch + ["--resume"]) == 0
-    a = load_file(str(straight / "run" / "stage1" / "last.safetensors"))
-    b = load_file(str(split / "run" / "stage1" / "last.safetensors"))
+    assert tp.main(tiny_args(straight, "stage2.epochs=2") + one_epoch) == 0
+    assert tp.main(tiny_args(split, "stage2.epochs=2") + one_epoch + ["--max-epochs", "1"]) == 0
+    assert json.loads((split / "run" / "stage2" / "last.json").read_text())["epoch"] == 0
+    # A fresh run over existing checkpoints is refused rather than silently replacing them.
+    assert tp.main(tiny_args(split, "stage2.epochs=2") + one_epoch) == 1
+    assert tp.main(tiny_args(split, "stage2.epochs=2") + one_epoch + ["--resume"]) == 0
+    a = load_file(str(straight / "run" / "stage2" / "last.safetensors"))
+    b = load_file(str(split / "run" / "stage2" / "last.safetensors"))
     assert a.keys() == b.keys()
     assert all((a[k] == b[k]).all() for k in a)
-    history = json.loads((split / "run" / "stage1" / "last.json").read_text())["history"]
+    history = json.loads((split / "run" / "stage2" / "last.json").read_text())["history"]
     assert [r["epoch"] for r in history] == [1, 2]
+
+
+def test_configuration_typos_are_refused(tmp_path, capsys):
+    assert tp.main(tiny_args(tmp_path, "stage2.epoch=3")) == 1
+    assert "unknown configuration keys: stage2.epoch" in capsys.readouterr().err
+    assert tp.main(tiny_args(tmp_path, "stage2.metric.tua=0.2")) == 1
+    assert "bad configuration" in capsys.readouterr().err
 
 
 def test_folder_layout_is_read_and_checked(tmp_path):

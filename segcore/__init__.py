@@ -1,6 +1,21 @@
 """ProstateSeg inference core: image I/O and geometry, phantoms, model packages,
-metrics, surfaces and export. Importing it does no work and loads no model."""
+networks and pipelines, metrics, surfaces and export.
+
+Importing it does no work and loads neither torch nor a model: the pipelines
+are imported on first use (``segcore.segment_prostate``).
+"""
 
 __version__ = "0.1.0"
 
 from segcore.errors import SegcoreError  # noqa: F401  (cheap, no heavy imports)
+
+_LAZY = {"segment_prostate": "segcore.prostate", "ProstateSegmenter": "segcore.prostate",
+         "Result": "segcore.result"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'segcore' has no attribute {name!r}")

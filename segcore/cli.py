@@ -94,7 +94,7 @@ def expand_inputs(paths) -> list[tuple[Path, str | None]]:
 
 def output_stem(path: Path) -> str:
     """``case_ct.nii.gz`` -> ``case_ct_seg``; a DICOM folder -> ``<folder>_seg``."""
-    name = path.name
+    name = path.resolve().name
     for suffix in (".nii.gz", ".seg.nrrd", ".nii", ".nrrd", ".mha", ".mhd", ".dcm"):
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
@@ -143,6 +143,11 @@ def _segment(args) -> int:
             except SegcoreError as error:
                 failures.append((path, str(error)))
                 bar.write(f"error: {path}: {error}", file=sys.stderr)
+                continue
+            except (OSError, RuntimeError, MemoryError, ValueError) as error:
+                # Disk full, out of memory, a library failing on odd data: this input fails, the batch goes on.
+                failures.append((path, f"could not be processed: {type(error).__name__}: {error}"))
+                bar.write(f"error: {path}: could not be processed: {error}", file=sys.stderr)
                 continue
             finally:
                 bar.n = 100 * (n + 1)

@@ -17,7 +17,8 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
-    """Fill enclosed cavities in 3-D and then in every axial slice (2-D holes open to another slice)."""
+    """Fill enclosed cavities in 3-D and then in every slice along the first array axis (the stored
+    slices: axial for an axial CT), which also closes 2-D holes that open into another slice."""
     filled = ndimage.binary_fill_holes(mask)
     for k in np.flatnonzero(filled.any(axis=tuple(range(1, mask.ndim)))):
         filled[k] = ndimage.binary_fill_holes(filled[k])

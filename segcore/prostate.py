@@ -28,7 +28,7 @@ import SimpleITK as sitk
 from . import anatomy
 from . import image as imageio
 from .errors import ModelPackageError, SegcoreError
-from .postprocess import clean_mask
+from .postprocess import bounding_box, clean_mask
 from .result import Result, SegmentResult, label_volume_cc
 
 log = logging.getLogger("segcore")
@@ -51,7 +51,9 @@ class PipelineSettings:
     threshold: float = 0.5
     slice_margin_mm: float = 12.0      # stage 2 runs this far beyond the coarse mask's top and bottom
     min_coarse_cc: float = 3.0         # a smaller coarse blob is noise, not a prostate
+    max_coarse_extent_mm: float = 100.0  # a taller coarse blob is not a prostate either (bladder, bowel...)
     plausible_cc: tuple[float, float] = (8.0, 200.0)
+    max_shift_mm: float = 20.0         # stage 2's prostate this far from stage 1's centre: the two disagree
 
     @classmethod
     def from_package(cls, package) -> PipelineSettings:
@@ -146,6 +148,9 @@ def resolve_device(device: str = "auto"):
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SegcoreError("device 'cuda' was asked for, but PyTorch sees no CUDA GPU here "
                            "(a CPU-only PyTorch, or no GPU driver). Use --device cpu or auto.")
+    if name.startswith("cuda:") and name[5:].isdigit() and int(name[5:]) >= torch.cuda.device_count():
+        raise SegcoreError(f"device {name!r} was asked for, but PyTorch sees {torch.cuda.device_count()} GPU(s) "
+                           "(numbered from 0).")
     if name != "cpu" and not name.startswith("cuda"):
         raise SegcoreError(f"unknown device {device!r}: use auto, cpu or cuda")
     try:
@@ -312,7 +317,10 @@ class ProstateSegmenter:
         report(0.9, "placing the result on the input grid")
         probabilities = sitk.GetImageFromArray(fine_p)
         probabilities.CopyInformation(reference)
-        mask = clean_mask(paste_back(probabilities, ct, self.settings.threshold))
+        mask = paste_back(probabilities, ct, self.settings.threshold)
+        box = bounding_box(mask, margin=1)
+        if box is not None:  # clean only where the crop landed: the rest of a large CT is empty anyway
+            mask[box] = clean_mask(mask[box])
         labelmap = sitk.GetImageFromArray(mask.astype(np.uint8) * np.uint8(PROSTATE.value))
         labelmap.CopyInformation(ct)
         timings["paste_back"] = time.perf_counter() - tick
@@ -321,6 +329,18 @@ class ProstateSegmenter:
         segments = []
         volume_cc = label_volume_cc(labelmap, PROSTATE.value)
         confidence = where.mean_probability * soft_agreement(fine_p, self.settings.threshold)
+        extent = where.z_range_lps[1] - where.z_range_lps[0]
+        if extent > self.settings.max_coarse_extent_mm:
+            confidence *= 0.25
+            messages.append(f"the localiser's region is {extent:.0f} mm tall, far more than a prostate: "
+                            "the result is unreliable.")
+        if volume_cc > 0:
+            shift = np.linalg.norm(np.asarray(_centroid(labelmap, mask)) - np.asarray(where.center_lps))
+            details["stage_shift_mm"] = round(float(shift), 1)
+            if shift > self.settings.max_shift_mm:
+                confidence *= 0.5
+                messages.append(f"the two stages disagree on where the prostate is ({shift:.0f} mm apart): "
+                                "check the result.")
         if volume_cc == 0:
             confidence = 0.0
             messages.append("no prostate found: stage 2 found no prostate voxels near the located region.")
@@ -334,6 +354,11 @@ class ProstateSegmenter:
         timings["total"] = time.perf_counter() - started
         report(1.0, "done")
         return Result(labelmap, segments, float(confidence), self.package.name, messages, timings, details)
+
+
+def _centroid(image: sitk.Image, mask: np.ndarray) -> tuple[float, float, float]:
+    k, j, i = np.nonzero(mask)
+    return image.TransformContinuousIndexToPhysicalPoint([float(i.mean()), float(j.mean()), float(k.mean())])
 
 
 def read_input(image_or_path) -> sitk.Image:

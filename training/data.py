@@ -72,7 +72,14 @@ class CaseSource:
         return ct, labels
 
     def describe(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if v is not None}
+        """Everything that identifies the case's data; for files also their size and time, so that a label
+        map corrected in place is prepared again."""
+        out = {k: v for k, v in self.__dict__.items() if v is not None}
+        for key in ("ct_path", "labels_path"):
+            if out.get(key) and Path(out[key]).exists():
+                stat = Path(out[key]).stat()
+                out[key + "_stat"] = [stat.st_size, stat.st_mtime_ns]
+        return out
 
 
 def phantom_sources(seed: int, count: int, matrix: int = 512) -> list[CaseSource]:

@@ -63,8 +63,10 @@ DEFAULTS = {
         "architecture": "metricunet",
         "arguments": {"in_channels": 3, "num_classes": 2},
         "metric": {},
-        "patch": {"size": 64, "slices": 3, "foreground_fraction": 0.7, "jitter": 24, "z_margin": 10},
-        "epochs": 10, "patches_per_case": 500, "batch_size": 16,
+        # Background patches reach as far beyond the prostate as inference runs stage 2 (the coarse
+        # blob's extent plus slice_margin_mm).
+        "patch": {"size": 64, "slices": 3, "foreground_fraction": 0.7, "jitter": 24, "z_margin": 20},
+        "epochs": 10, "patches_per_case": 500, "batch_size": 16, "loss": "ce",
         "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "poly_power": 0.9,
     },
     "export": {"fp16": True},
@@ -84,6 +86,19 @@ def merge(base: dict, update: dict) -> dict:
     return out
 
 
+FREE_FORM = ("arguments", "metric", "pipeline", "augment")  # checked by the constructors they feed
+
+
+def unknown_keys(config: dict, defaults: dict, where: str = "") -> list[str]:
+    problems = []
+    for key, value in config.items():
+        if key not in defaults:
+            problems.append(f"{where}{key}")
+        elif isinstance(defaults[key], dict) and isinstance(value, dict) and key not in FREE_FORM:
+            problems += unknown_keys(value, defaults[key], f"{where}{key}.")
+    return problems
+
+
 def load_config(path: str | None, overrides: list[str]) -> dict:
     import yaml
 
@@ -100,6 +115,10 @@ def load_config(path: str | None, overrides: list[str]) -> dict:
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = yaml.safe_load(value)
+    unknown = unknown_keys(config, DEFAULTS)
+    if unknown:
+        raise SegcoreError(f"unknown configuration keys: {', '.join(unknown)} (see DEFAULTS in "
+                           "training/train_prostate.py for the names)")
     return config
 
 
@@ -169,8 +188,10 @@ def inference_region(case: data.PreparedCase, stage: str, config: dict) -> tuple
     """Stage 2 only: the part of the cached cube the inference crop covers (the cube minus its margin)."""
     if stage == "stage1":
         return None
-    margin = round(config["margin_mm"] / case.fine_spacing[0])
-    return tuple(slice(margin, n - margin) for n in case.fine_ct.shape)
+    settings = pipeline_settings(config)
+    crop = np.maximum(1, np.round(np.asarray(settings.crop_mm) / np.asarray(settings.fine_spacing_mm))).astype(int)
+    starts = [(n - c) // 2 for n, c in zip(case.fine_ct.shape, crop[::-1])]  # same rounding as crop_reference
+    return tuple(slice(a, a + c) for a, c in zip(starts, crop[::-1]))
 
 
 # --------------------------------------------------------------------------- checkpoints (no pickles)
@@ -267,7 +288,7 @@ def validate(network, cases, stage: str, settings: PipelineSettings, config: dic
 
 
 def train_stage(stage: str, config: dict, train_cases, val_cases, settings, device, outdir: Path,
-                resume: bool, log, max_epochs: int | None = None) -> list[EpochRecord]:
+                resume: bool, log, max_epochs: int | None = None, restart: bool = False) -> list[EpochRecord]:
     import torch
     from torch.nn import functional as F
 
@@ -294,6 +315,9 @@ def train_stage(stage: str, config: dict, train_cases, val_cases, settings, devi
 
     history: list[EpochRecord] = []
     start_epoch, best = 0, -1.0
+    if not resume and not restart and (folder / "last.json").is_file():
+        raise SegcoreError(f"{folder} already holds a {stage} run: continue it with --resume, or start "
+                           "again from scratch with --restart (its checkpoints are then replaced)")
     if resume and (folder / "last.json").is_file():
         state = load_checkpoint(folder, "last", network, optimizer)
         start_epoch, best = state["epoch"] + 1, state["best_dsc"]
@@ -447,7 +471,7 @@ def export_package(config: dict, outdir: Path, target: Path, data_text: str, ove
         best = max(state["history"], key=lambda r: r["validation"].get("dsc", -1))
         validation[stage] = {"epoch": best["epoch"], **{k: round(v, 4) if math.isfinite(v) else None
                                                         for k, v in best["validation"].items()}}
-        epochs += state["epoch"] + 1
+        epochs += json.loads((outdir / stage / "last.json").read_text())["epoch"] + 1
     manifest = {
         "name": config["name"], "version": str(config["version"]), "task": "prostate",
         "description": config["description"], "licence": config["licence"],
@@ -492,6 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", help="run folder (checkpoints, log.csv, curves.png); default from the config")
     parser.add_argument("--stages", default="stage1,stage2", help="which stages to train (default both)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoints in the run folder")
+    parser.add_argument("--restart", action="store_true",
+                        help="train again from scratch over an existing run's checkpoints")
     parser.add_argument("--max-epochs", type=int, metavar="N",
                         help="stop each stage after N more epochs (continue later with --resume)")
     parser.add_argument("--export", metavar="FOLDER", help="package folder to export to (default <output>/package)")
@@ -506,6 +532,7 @@ def main(argv=None) -> int:
     from segcore.prostate import resolve_device
 
     args = build_parser().parse_args(argv)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         config = load_config(args.config, args.set)
         if args.output:
@@ -518,6 +545,10 @@ def main(argv=None) -> int:
         def log(message):
             print(message, file=sys.stderr, flush=True)
 
+        target = Path(args.export) if args.export else outdir / "package"
+        if target.exists() and not args.overwrite:
+            raise SegcoreError(f"{target} exists: choose another --export folder or add --overwrite "
+                               "(checked before training, so that no training is wasted)")
         settings = pipeline_settings(config)
         train_sources, val_sources, data_text = case_sources(config)
         log(f"preparing {len(train_sources)} training and {len(val_sources)} validation cases")
@@ -528,17 +559,21 @@ def main(argv=None) -> int:
             if stage not in STAGES:
                 raise SegcoreError(f"unknown stage {stage!r}: choose from {', '.join(STAGES)}")
             train_stage(stage, config, train_cases, val_cases, settings, device, outdir, args.resume, log,
-                        args.max_epochs)
+                        args.max_epochs, args.restart)
         untrained = [s for s in STAGES if not _finished(outdir / s, config[s]["epochs"])]
         if untrained:
             log(f"not exporting a package yet: {', '.join(untrained)} not trained in {outdir}")
             return 0
-        target = Path(args.export) if args.export else outdir / "package"
         package = export_package(config, outdir, target, data_text, overwrite=args.overwrite)
         log(f"exported model package {package.name} to {package.path}")
     except SegcoreError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except TypeError as error:  # a wrong key in a free-form section (network arguments, metric, augment)
+        print(f"error: bad configuration: {error}", file=sys.stderr)
+        return 1
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
     return 0
 
 
