@@ -67,8 +67,14 @@ def real_ct_plausibility(prediction: sitk.Image, reference: sitk.Image) -> dict:
 
     Femoral heads: the top 30 mm of each femur label. Rectum: the colon label
     (which includes the rectum) in the slices the prediction spans. LPS: x grows
-    to the patient's left, y to the back, z upward.
+    to the patient's left, y to the back, z upward. Assumes axially stored slices
+    (k runs along z, either way), as the real pelvic CT is.
     """
+    from segcore.image import grid_differences
+
+    differences = grid_differences(prediction, reference)
+    if differences:
+        raise SegcoreError("the reference label map is not on the CT's grid: " + "; ".join(differences))
     pred = sitk.GetArrayViewFromImage(prediction) == PROSTATE.value
     ref = np.rint(sitk.GetArrayViewFromImage(reference)).astype(np.int32)
     spacing = np.asarray(prediction.GetSpacing())
@@ -94,7 +100,9 @@ def real_ct_plausibility(prediction: sitk.Image, reference: sitk.Image) -> dict:
     pk = np.nonzero(pred.any(axis=(1, 2)))[0]
     bk = np.nonzero(bladder.any(axis=(1, 2)))[0]
     checks["bladder_centroid_lps_mm"] = [round(float(v), 1) for v in b]
-    checks["inferior_to_bladder"] = bool(p[2] < b[2] and z_of(pk.min()) < z_of(bk.min()))
+    lowest_prostate = min(z_of(k) for k in (pk.min(), pk.max()))
+    lowest_bladder = min(z_of(k) for k in (bk.min(), bk.max()))
+    checks["inferior_to_bladder"] = bool(p[2] < b[2] and lowest_prostate < lowest_bladder)
     checks["overlap_with_bladder_cc"] = float((pred & bladder).sum() * np.prod(spacing) / 1000)
     heads = []
     for label in (TS_FEMUR_LEFT, TS_FEMUR_RIGHT):
