@@ -306,11 +306,18 @@ class ProstateSegmenter:
         dz = reference.GetSpacing()[2]
         low = int(np.floor((where.z_range_lps[0] - self.settings.slice_margin_mm - z0) / dz))
         high = int(np.ceil((where.z_range_lps[1] + self.settings.slice_margin_mm - z0) / dz))
-        slices = range(max(0, low), min(fine.shape[0], high + 1))
+        # Only crop slices inside the scan are segmented, and their neighbour stacks repeat the scan's
+        # last slice rather than the air the crop is padded with, as stage 1 and training do.
+        scan_low, scan_high = imageio.physical_bounds(ct)
+        inside = range(max(0, int(np.ceil((scan_low[2] - z0) / dz))),
+                       min(fine.shape[0], int(np.floor((scan_high[2] - z0) / dz)) + 1))
+        slices = range(max(inside.start, low), min(inside.stop, high + 1))
         fine_p = np.zeros(fine.shape, np.float32)
-        fine_p[slices.start:slices.stop] = predict_slices(
-            self.stage2, fine, slices, self.settings.fine_slices, self.device, batch_size=8,
-            progress=lambda done, total: report(0.15 + 0.7 * done / total, "stage 2: segmenting the prostate"))
+        if len(slices):
+            fine_p[slices.start:slices.stop] = predict_slices(
+                self.stage2, fine[inside.start:inside.stop], np.arange(slices.start, slices.stop) - inside.start,
+                self.settings.fine_slices, self.device, batch_size=8,
+                progress=lambda done, total: report(0.15 + 0.7 * done / total, "stage 2: segmenting the prostate"))
         timings["stage2"] = time.perf_counter() - tick
 
         tick = time.perf_counter()

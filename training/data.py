@@ -172,6 +172,9 @@ class PatchSpec:
     foreground_fraction: float = 0.5
     jitter: int = 24             # in-plane offset (voxels) of foreground-centred patches
     z_margin: int = 0            # slices beyond the prostate's top and bottom that may be patch centres
+    # Share of patches from a scan that ends (inferiorly) inside or just below the prostate, as real
+    # planning CTs sometimes do: slices below the cut do not exist and the stack repeats the last one.
+    cut_probability: float = 0.0
 
 
 def sample_patches(ct: np.ndarray, tissue: np.ndarray, target: np.ndarray, count: int, spec: PatchSpec,
@@ -190,13 +193,18 @@ def sample_patches(ct: np.ndarray, tissue: np.ndarray, target: np.ndarray, count
     region = region or tuple(slice(0, n) for n in ct.shape)
     half = spec.size // 2
     centers = np.empty((count, 3), int)
+    cuts = np.zeros(count, int)
     for n in range(count):
+        if spec.cut_probability and rng.random() < spec.cut_probability:
+            # k grows superiorly on the canonical grids: cut between just below the prostate and its middle
+            cuts[n] = rng.integers(max(0, zs.min() - 2), (zs.min() + zs.max()) // 2 + 1)
+        usable = fg[fg[:, 0] >= cuts[n]]
         if rng.random() < spec.foreground_fraction:
-            z, y, x = fg[rng.integers(len(fg))]
+            z, y, x = usable[rng.integers(len(usable))]
             y += rng.integers(-spec.jitter, spec.jitter + 1)
             x += rng.integers(-spec.jitter, spec.jitter + 1)
         else:
-            z = rng.integers(max(z_low, region[0].start), min(z_high, region[0].stop - 1) + 1)
+            z = rng.integers(max(z_low, region[0].start, cuts[n]), min(z_high, region[0].stop - 1) + 1)
             y = rng.integers(region[1].start, region[1].stop)
             x = rng.integers(region[2].start, region[2].stop)
         centers[n] = z, y, x
@@ -204,7 +212,7 @@ def sample_patches(ct: np.ndarray, tissue: np.ndarray, target: np.ndarray, count
     images = np.full((count, spec.slices, spec.size, spec.size), -1024, np.int16)
     tissues = np.zeros(images.shape, np.uint8)
     targets = np.zeros((count, spec.size, spec.size), np.uint8)
-    for n, (z, y, x) in enumerate(centers):
+    for n, ((z, y, x), cut) in enumerate(zip(centers, cuts)):
         ys, xs = slice(y - half, y - half + spec.size), slice(x - half, x - half + spec.size)
         src_y = slice(max(0, ys.start), min(ct.shape[1], ys.stop))
         src_x = slice(max(0, xs.start), min(ct.shape[2], xs.stop))
@@ -212,7 +220,7 @@ def sample_patches(ct: np.ndarray, tissue: np.ndarray, target: np.ndarray, count
         dst_x = slice(src_x.start - xs.start, src_x.stop - xs.start)
         if src_y.stop <= src_y.start or src_x.stop <= src_x.start:
             continue
-        zz = np.clip(z + offsets, 0, ct.shape[0] - 1)
+        zz = np.clip(z + offsets, cut, ct.shape[0] - 1)
         images[n, :, dst_y, dst_x] = ct[zz, src_y, src_x]
         tissues[n, :, dst_y, dst_x] = tissue[zz, src_y, src_x]
         targets[n, dst_y, dst_x] = target[z, src_y, src_x]
