@@ -141,11 +141,16 @@ def prepare_case(source: CaseSource, settings: PipelineSettings, margin_mm: floa
     )
 
 
+def cache_key(source: CaseSource, settings: PipelineSettings, margin_mm: float) -> str:
+    """A hash of what shapes a prepared case: its source and the grids (not thresholds or windows)."""
+    grids = {k: list(getattr(settings, k)) for k in ("coarse_spacing_mm", "fine_spacing_mm", "crop_mm")}
+    key_data = {"v": CACHE_VERSION, "source": source.describe(), "grids": grids, "margin": margin_mm}
+    return hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def cached_case(source: CaseSource, settings: PipelineSettings, margin_mm: float, cache_dir) -> PreparedCase:
     """`prepare_case`, cached on disk under a key of everything that affects the arrays."""
-    key_data = {"v": CACHE_VERSION, "source": source.describe(), "settings": settings.to_json(), "margin": margin_mm}
-    key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:16]
-    path = Path(cache_dir) / f"{source.case_id}-{key}.npz"
+    path = Path(cache_dir) / f"{source.case_id}-{cache_key(source, settings, margin_mm)}.npz"
     if path.is_file():
         with np.load(path) as data:
             return PreparedCase(case_id=source.case_id,
