@@ -47,14 +47,27 @@ def coarse_grid():
 def test_localise_finds_the_blob_centre_and_extent():
     image = coarse_grid()
     p = np.zeros((30, 40, 40), np.float32)
-    p[10:14, 20:24, 5:9] = 0.9          # 64 voxels of 64 mm3 = 4.1 cc
+    p[10:14, 20:24, 16:20] = 0.9        # 64 voxels of 64 mm3 = 4.1 cc
     p[2, 2, 2] = 0.9                    # a stray voxel elsewhere is ignored
     found = localise(p, image, PipelineSettings())
     assert found.found
-    assert found.center_lps == pytest.approx((-80 + 4 * 6.5, -100 + 4 * 21.5, 200 + 4 * 11.5))
+    assert found.center_lps == pytest.approx((-80 + 4 * 17.5, -100 + 4 * 21.5, 200 + 4 * 11.5))
     assert found.z_range_lps == pytest.approx((200 + 4 * 9.5, 200 + 4 * 13.5))
     assert found.volume_cc == pytest.approx(64 * 64 / 1000)
     assert found.mean_probability == pytest.approx(0.9)
+
+
+def test_localise_prefers_the_midline_blob_over_a_bigger_lateral_one():
+    image = coarse_grid()   # 0 HU everywhere: the body's middle is the grid's middle, x = -2 mm
+    p = np.zeros((30, 40, 40), np.float32)
+    p[10:14, 20:24, 18:22] = 0.95       # near the midline, 4.1 cc
+    p[10:15, 20:25, 1:6] = 0.99         # bigger, but 70 mm to the side (a hip look-alike)
+    found = localise(p, image, PipelineSettings())
+    assert found.found and found.center_lps[0] == pytest.approx(-80 + 4 * 19.5)
+    only_lateral = np.zeros_like(p)
+    only_lateral[10:15, 20:25, 1:6] = 0.99
+    lost = localise(only_lateral, image, PipelineSettings())
+    assert not lost.found and lost.volume_cc == pytest.approx(125 * 64 / 1000)
 
 
 def test_localise_calls_a_speck_not_found():

@@ -52,6 +52,7 @@ class PipelineSettings:
     slice_margin_mm: float = 12.0      # stage 2 runs this far beyond the coarse mask's top and bottom
     min_coarse_cc: float = 3.0         # a smaller coarse blob is noise, not a prostate
     max_coarse_extent_mm: float = 100.0  # a taller coarse blob is not a prostate either (bladder, bowel...)
+    max_midline_offset_mm: float = 50.0  # the prostate sits on the body's left-right midline
     plausible_cc: tuple[float, float] = (8.0, 200.0)
     max_shift_mm: float = 20.0         # stage 2's prostate this far from stage 1's centre: the two disagree
 
@@ -209,20 +210,48 @@ class Localisation:
 
 
 def localise(probabilities: np.ndarray, coarse: sitk.Image, settings: PipelineSettings) -> Localisation:
-    """Centroid and axial extent of the largest coarse blob; not found when it is too small to be a prostate."""
-    from .postprocess import largest_component
+    """Pick the prostate among stage 1's blobs; not found when no blob is big enough and near the midline.
 
-    mask = largest_component(probabilities > settings.threshold)
+    The prostate is a midline organ: blobs whose centre lies more than
+    ``max_midline_offset_mm`` from the body's left-right middle (over the blob's
+    slices) are discarded, which keeps a hip or buttock look-alike from winning.
+    Among the rest, the one with the most probability mass wins. ``coarse`` is
+    the CT on the stage-1 grid (axis-aligned LPS), in HU.
+    """
+    from scipy import ndimage
+
+    mask = probabilities > settings.threshold
+    labelled, count = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
     voxel_cc = float(np.prod(coarse.GetSpacing())) / 1000.0
-    volume = float(mask.sum()) * voxel_cc
-    if volume < settings.min_coarse_cc:
-        return Localisation(False, None, None, volume, 0.0)
-    k, j, i = np.nonzero(mask)
+    body = sitk.GetArrayViewFromImage(coarse) > -300
+    spacing_x, origin_x = coarse.GetSpacing()[0], coarse.GetOrigin()[0]
+    best, best_mass, largest_cc = None, 0.0, 0.0
+    for index, where in enumerate(ndimage.find_objects(labelled), start=1):
+        blob = labelled[where] == index
+        volume = float(blob.sum()) * voxel_cc
+        largest_cc = max(largest_cc, volume)
+        if volume < settings.min_coarse_cc:
+            continue
+        k, _, i = np.nonzero(blob)
+        blob_x = origin_x + spacing_x * (i.mean() + where[2].start)
+        slab = body[where[0]]
+        if slab.any():
+            body_x = origin_x + spacing_x * np.nonzero(slab)[2].mean()
+            if abs(blob_x - body_x) > settings.max_midline_offset_mm:
+                continue
+        mass = float(probabilities[where][blob].sum())
+        if mass > best_mass:
+            best, best_mass = (index, where), mass
+    if best is None:
+        return Localisation(False, None, None, largest_cc, 0.0)
+    index, where = best
+    blob = labelled == index
+    k, j, i = np.nonzero(blob)
     center = coarse.TransformContinuousIndexToPhysicalPoint([float(i.mean()), float(j.mean()), float(k.mean())])
     z_low = coarse.TransformContinuousIndexToPhysicalPoint([0.0, 0.0, float(k.min()) - 0.5])[2]
     z_high = coarse.TransformContinuousIndexToPhysicalPoint([0.0, 0.0, float(k.max()) + 0.5])[2]
-    return Localisation(True, tuple(center), (min(z_low, z_high), max(z_low, z_high)), volume,
-                        float(probabilities[mask].mean()))
+    return Localisation(True, tuple(center), (min(z_low, z_high), max(z_low, z_high)), float(blob.sum()) * voxel_cc,
+                        float(probabilities[blob].mean()))
 
 
 def paste_back(probabilities: sitk.Image, target: sitk.Image, threshold: float) -> np.ndarray:
