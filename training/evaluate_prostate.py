@@ -24,7 +24,7 @@ from segcore import metrics
 from segcore.errors import SegcoreError
 from segcore.prostate import PROSTATE, ProstateSegmenter
 
-METRICS = ("dsc", "asd", "hd95", "sensitivity", "ppv")
+METRICS = ("dsc", "asd", "hd95", "sen", "ppv")
 
 # TotalSegmentator v1 labels of the reference map of the real pelvic CT.
 TS_BLADDER, TS_FEMUR_LEFT, TS_FEMUR_RIGHT, TS_COLON = 104, 88, 89, 57
