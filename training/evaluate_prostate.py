@@ -169,6 +169,24 @@ def draw_real_ct(ct: sitk.Image, prediction: sitk.Image, reference: sitk.Image, 
     plt.close(fig)
 
 
+def record_in_package(folder: Path, out: dict) -> None:
+    """Add the held-out summary to model.json (not hashed: only weights files are) and re-validate it."""
+    from segcore.packages import MANIFEST_NAME, ModelPackage
+
+    path = Path(folder) / MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    manifest["validation"]["held_out_phantoms"] = {
+        "seeds": out["seeds"], "cases": len(out["cases"]), "matrix": out["matrix"],
+        "metric_grid": "each case's own grid",
+        **{k: {"mean": round(v["mean"], 4), "sd": round(v["sd"], 4)} for k, v in out["summary"].items()
+           if k != "seconds"},
+    }
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.replace(path)
+    ModelPackage.load(folder)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.evaluate_prostate", description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="model package (default: the bundled default)")
@@ -179,6 +197,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=9000)
     p.add_argument("--cases", type=int, default=20)
     p.add_argument("--matrix", type=int, default=512)
+    p.add_argument("--record", action="store_true",
+                   help="also write the summary into the package's model.json (validation.held_out_phantoms)")
     p = sub.add_parser("real", help="location plausibility on a real CT with a TotalSegmentator v1 reference")
     p.add_argument("ct", type=Path)
     p.add_argument("reference", type=Path)
@@ -191,6 +211,8 @@ def main(argv=None) -> int:
             out = evaluate_phantoms(segmenter, args.seed, args.cases, args.matrix)
             for key, s in out["summary"].items():
                 print(f"{key:12s} {s['mean']:.3f} ± {s['sd']:.3f}  (min {s['min']:.3f}, max {s['max']:.3f})")
+            if args.record:
+                record_in_package(segmenter.package.path, out)
         else:
             ct = sitk.ReadImage(str(args.ct))
             reference = sitk.ReadImage(str(args.reference))
