@@ -105,3 +105,17 @@ def test_damaged_package_is_named(tmp_path, case):
     with pytest.raises(ChecksumError) as error:
         segment_prostate(case.ct, model=copy, device="cpu")
     assert DEFAULT_MODEL in str(error.value) and "stage2.safetensors" in str(error.value)
+
+
+def test_real_pelvic_ct_prostate_is_where_a_prostate_is(segmenter, pelvis_ct_path, pelvis_labels_path):
+    """Phantom training carried to a real patient: the prostate must land below the bladder, between the
+    femoral heads and in front of the rectum. This scan ends about 12 mm into the prostate, so only its
+    upper part is in view: the volume can only be a part of a gland's 10-100 cc."""
+    from training.evaluate_prostate import real_ct_plausibility
+
+    result = segmenter(pelvis_ct_path)
+    checks = real_ct_plausibility(result.labelmap, sitk.ReadImage(str(pelvis_labels_path)))
+    assert checks["found"] and result.confidence > 0.5
+    assert checks["inferior_to_bladder"] and checks["between_femoral_heads"] and checks["anterior_to_rectum"]
+    assert checks["overlap_with_bladder_cc"] < 0.2 * checks["volume_cc"]
+    assert 3.0 <= checks["volume_cc"] <= 100.0
