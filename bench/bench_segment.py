@@ -137,7 +137,7 @@ def main(argv=None) -> int:
             if out.returncode != 0:
                 print(f"nnU-Net stand-in skipped: {(out.stderr or out.stdout).strip().splitlines()[-1]}")
                 break
-            nn_runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            nn_runs.append(json.loads(out.stdout[out.stdout.index("{"):]))
         if nn_runs:
             nn_s = statistics.median(r["seconds"] for r in nn_runs)
             results["nnunet_standin"] = {**nn_runs[0], "median_s": nn_s,
