@@ -156,7 +156,7 @@ def test_cut_scans_end_inside_the_prostate():
     target = np.zeros(ct.shape, np.uint8)
     target[10:16, 8:12, 8:12] = 1
     spec = data.PatchSpec(size=8, slices=5, foreground_fraction=0.5, jitter=2, z_margin=100, cut_probability=1.0)
-    images, _, targets = data.sample_patches(ct, target, target, 200, spec, np.random.default_rng(0))
+    images, _, _ = data.sample_patches(ct, target, target, 200, spec, np.random.default_rng(0))
     lowest = images[:, :, 4, 4].min(axis=1) // 10
     assert lowest.min() >= 8                        # no patch sees below a cut (cuts lie in 8..13)
     assert (images[:, 0, 4, 4] == images[:, 1, 4, 4]).any()   # stacks at a cut repeat its slice

@@ -221,7 +221,7 @@ def localise(probabilities: np.ndarray, coarse: sitk.Image, settings: PipelineSe
     from scipy import ndimage
 
     mask = probabilities > settings.threshold
-    labelled, count = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    labelled, _ = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
     voxel_cc = float(np.prod(coarse.GetSpacing())) / 1000.0
     body = sitk.GetArrayViewFromImage(coarse) > -300
     spacing_x, origin_x = coarse.GetSpacing()[0], coarse.GetOrigin()[0]
@@ -232,7 +232,7 @@ def localise(probabilities: np.ndarray, coarse: sitk.Image, settings: PipelineSe
         largest_cc = max(largest_cc, volume)
         if volume < settings.min_coarse_cc:
             continue
-        k, _, i = np.nonzero(blob)
+        i = np.nonzero(blob)[2]
         blob_x = origin_x + spacing_x * (i.mean() + where[2].start)
         slab = body[where[0]]
         if slab.any():
@@ -371,7 +371,9 @@ class ProstateSegmenter:
             messages.append(f"the localiser's region is {extent:.0f} mm tall, far more than a prostate: "
                             "the result is unreliable.")
         if volume_cc > 0:
-            shift = np.linalg.norm(np.asarray(_centroid(labelmap, mask)) - np.asarray(where.center_lps))
+            from .metrics import centroids
+
+            shift = np.linalg.norm(np.asarray(centroids(labelmap)[PROSTATE.value]) - np.asarray(where.center_lps))
             details["stage_shift_mm"] = round(float(shift), 1)
             if shift > self.settings.max_shift_mm:
                 confidence *= 0.5
@@ -390,11 +392,6 @@ class ProstateSegmenter:
         timings["total"] = time.perf_counter() - started
         report(1.0, "done")
         return Result(labelmap, segments, float(confidence), self.package.name, messages, timings, details)
-
-
-def _centroid(image: sitk.Image, mask: np.ndarray) -> tuple[float, float, float]:
-    k, j, i = np.nonzero(mask)
-    return image.TransformContinuousIndexToPhysicalPoint([float(i.mean()), float(j.mean()), float(k.mean())])
 
 
 def read_input(image_or_path) -> sitk.Image:

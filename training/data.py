@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -119,8 +119,7 @@ def prepare_case(source: CaseSource, settings: PipelineSettings, margin_mm: floa
     stats = sitk.LabelShapeStatisticsImageFilter()
     stats.Execute(sitk.Cast(prostate, sitk.sitkUInt8))
     center = stats.GetCentroid(1)
-    wide = PipelineSettings(**{**settings.__dict__,
-                               "crop_mm": tuple(c + 2 * margin_mm for c in settings.crop_mm)})
+    wide = replace(settings, crop_mm=tuple(c + 2 * margin_mm for c in settings.crop_mm))
     reference = crop_reference(center, wide)
     fine = imageio.resample_like(ct, reference, "linear")
     fine_labels = imageio.resample_like(labels, reference, "label")

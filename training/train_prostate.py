@@ -215,7 +215,6 @@ def save_checkpoint(folder: Path, name: str, network, optimizer, state: dict) ->
 
 
 def load_checkpoint(folder: Path, name: str, network, optimizer) -> dict:
-    import torch
     from safetensors.torch import load_file
 
     tensors = load_file(str(folder / f"{name}.safetensors"))
@@ -227,7 +226,6 @@ def load_checkpoint(folder: Path, name: str, network, optimizer) -> dict:
                 _, index, field_name = key.split(".", 2)
                 optim_state["state"].setdefault(int(index), {})[field_name] = value
         optimizer.load_state_dict(optim_state)
-    del torch
     return json.loads((folder / f"{name}.json").read_text())
 
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .unet import conv_bn_relu, double_conv
+from .unet import conv_bn_relu, double_conv, encode_decode
 
 STRATEGIES = ("random", "hard", "contour")
 
@@ -66,16 +66,9 @@ class MetricUNet(nn.Module):
         return 2 ** (len(self.down) - 1)
 
     def forward(self, x: torch.Tensor, return_features: bool = False):
-        skips = []
-        for i, block in enumerate(self.down):
-            if i:
-                x = F.max_pool2d(x, 2)
-            x = block(x)
-            skips.append(x)
-        for upsample, block, skip in zip(self.upsample, self.up, reversed(skips[:-1])):
-            x = block(torch.cat([upsample(x), skip], dim=1))
-        logits = self.head(x)
-        return (logits, x) if return_features else logits
+        features = encode_decode(x, self.down, self.upsample, self.up)
+        logits = self.head(features)
+        return (logits, features) if return_features else logits
 
 
 def contour_map(target: torch.Tensor) -> torch.Tensor:

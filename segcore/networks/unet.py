@@ -23,6 +23,20 @@ def double_conv(in_channels: int, out_channels: int) -> nn.Sequential:
     return nn.Sequential(conv_bn_relu(in_channels, out_channels), conv_bn_relu(out_channels, out_channels))
 
 
+def encode_decode(x: torch.Tensor, down, upsample, up) -> torch.Tensor:
+    """The U-Net pass shared by every U-shaped network here: encoder blocks with 2x max-pooling between
+    them, then per level an up-sampling, a concatenation with the skip of that level and a block."""
+    skips = []
+    for i, block in enumerate(down):
+        if i:
+            x = nn.functional.max_pool2d(x, 2)
+        x = block(x)
+        skips.append(x)
+    for step, block, skip in zip(upsample, up, reversed(skips[:-1])):
+        x = block(torch.cat([step(x), skip], dim=1))
+    return x
+
+
 class UNet2p5D(nn.Module):
     """Encoder-decoder with skip connections; ``widths`` gives the channels per level.
 
@@ -55,12 +69,4 @@ class UNet2p5D(nn.Module):
         return 2 ** (len(self.down) - 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
-        for i, block in enumerate(self.down):
-            if i:
-                x = nn.functional.max_pool2d(x, 2)
-            x = block(x)
-            skips.append(x)
-        for upsample, block, skip in zip(self.upsample, self.up, reversed(skips[:-1])):
-            x = block(torch.cat([upsample(x), skip], dim=1))
-        return self.head(x)
+        return self.head(encode_decode(x, self.down, self.upsample, self.up))
