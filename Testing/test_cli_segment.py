@@ -105,7 +105,7 @@ def test_folder_inputs_and_dicom_series(package, inputs, tmp_path, small_phantom
     assert seg.GetSize() == small_phantom.ct.GetSize()
     assert np.allclose(seg.GetOrigin(), small_phantom.ct.GetOrigin(), atol=1e-3)
 
-    from segcore.cli import expand_inputs
+    from segcore.batch import expand_inputs
 
     assert [(p.name, problem) for p, problem in expand_inputs([inputs])] == [
         ("a_ct.nii.gz", None), ("a_labels.nii.gz", None), ("b_ct.nrrd", None)]

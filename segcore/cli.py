@@ -68,99 +68,31 @@ def _evaluate(args) -> int:
     return 0
 
 
-def expand_inputs(paths) -> list[tuple[Path, str | None]]:
-    """(input, problem) pairs: files as given; a folder holding DICOM files is one input, any other folder
-    gives the images and DICOM series folders in it. A missing path is kept with its problem, so that a
-    batch reports it and goes on."""
-    from segcore.image import is_dicom_file, is_volume_file
-
-    def holds_dicom(folder: Path) -> bool:
-        return any(is_dicom_file(p) for p in sorted(folder.iterdir())[:50] if p.is_file())
-
-    inputs = []
-    for path in map(Path, paths):
-        if not path.exists():
-            inputs.append((path, f"{path} does not exist"))
-        elif path.is_dir() and not holds_dicom(path):
-            found = [p for p in sorted(path.iterdir()) if (p.is_file() and is_volume_file(p))
-                     or (p.is_dir() and holds_dicom(p))]
-            if not found:
-                inputs.append((path, "the folder holds no DICOM series and no image files (.nii.gz, .nrrd, .mha...)"))
-            inputs += [(p, None) for p in found]
-        else:
-            inputs.append((path, None))
-    return inputs
-
-
-def output_stem(path: Path) -> str:
-    """``case_ct.nii.gz`` -> ``case_ct_seg``; a DICOM folder -> ``<folder>_seg``."""
-    name = path.resolve().name
-    for suffix in (".nii.gz", ".seg.nrrd", ".nii", ".nrrd", ".mha", ".mhd", ".dcm"):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return f"{name}_seg"
-
-
 def _segment(args) -> int:
-    import json
-
     from tqdm import tqdm
 
-    from segcore.export import atomic_output, export_labelmap
+    from segcore.batch import segment_files
     from segcore.prostate import PROSTATE, ProstateSegmenter
 
     formats = [f.strip().lower().lstrip(".") for f in args.formats.split(",") if f.strip()]
-    inputs = expand_inputs(args.inputs)
-    stems = [output_stem(p) for p, _ in inputs]
-    clashes = sorted({s for (_, problem), s in zip(inputs, stems) if not problem and stems.count(s) > 1})
-    if clashes:
-        raise SegcoreError(f"several inputs would write the same output names ({', '.join(clashes)}); "
-                           "segment them into different output folders.")
-    args.output.mkdir(parents=True, exist_ok=True)
     segmenter = ProstateSegmenter(args.model, args.device)
-    failures, quiet = [], args.quiet
-    with tqdm(total=100 * len(inputs), file=sys.stderr, disable=quiet, unit="%",
+    with tqdm(total=100, file=sys.stderr, disable=args.quiet, unit="%",
               bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}") as bar:
-        for n, ((path, problem), stem) in enumerate(zip(inputs, stems)):
-            def progress(fraction, message, n=n, name=path.name):
-                bar.set_description_str(f"[{n + 1}/{len(inputs)}] {name}: {message}")
-                bar.n = 100 * n + int(100 * fraction)
-                bar.refresh()
+        def progress(done, total, name, message):
+            bar.set_description_str(f"[{min(int(done) + 1, total)}/{total}] {name}: {message}")
+            bar.n = int(100 * done / max(total, 1))
+            bar.refresh()
 
-            try:
-                if problem:
-                    raise SegcoreError(problem)
-                report_path = args.output / f"{stem}.json"
-                if report_path.exists() and not args.overwrite:
-                    raise SegcoreError(f"{report_path} exists; use --overwrite to replace the outputs")
-                result = segmenter(path, progress)
-                written = export_labelmap(result.labelmap, [PROSTATE], args.output, stem, formats,
-                                          overwrite=args.overwrite)
-                with atomic_output(report_path, overwrite=args.overwrite) as tmp:
-                    tmp.write_text(json.dumps({"input": str(path), **result.to_json(),
-                                               "outputs": [p.name for p in written]}, indent=1))
-            except SegcoreError as error:
-                failures.append((path, str(error)))
-                bar.write(f"error: {path}: {error}", file=sys.stderr)
-                continue
-            except (OSError, RuntimeError, MemoryError, ValueError) as error:
-                # Disk full, out of memory, a library failing on odd data: this input fails, the batch goes on.
-                failures.append((path, f"could not be processed: {type(error).__name__}: {error}"))
-                bar.write(f"error: {path}: could not be processed: {error}", file=sys.stderr)
-                continue
-            finally:
-                bar.n = 100 * (n + 1)
-                bar.refresh()
-            summary = ", ".join(f"{s.name} {s.volume_cc:.1f} cc" for s in result.segments) or "nothing found"
-            line = f"{path}: {summary}; confidence {result.confidence:.2f} ({result.timings['total']:.1f} s)"
-            for message in result.messages:
-                line += f"\n  note: {message}"
-            bar.write(line, file=sys.stdout)
+        def show(item):
+            bar.write(item.summary(), file=sys.stdout if item.ok else sys.stderr)
+
+        items = segment_files(segmenter, [PROSTATE], args.inputs, args.output, formats,
+                              overwrite=args.overwrite, progress=progress, on_item=show)
+    failures = [item for item in items if not item.ok]
     if failures:
-        print(f"{len(failures)} of {len(inputs)} input(s) failed:", file=sys.stderr)
-        for path, error in failures:
-            print(f"  {path}: {error}", file=sys.stderr)
+        print(f"{len(failures)} of {len(items)} input(s) failed:", file=sys.stderr)
+        for item in failures:
+            print(f"  {item.input}: {item.error}", file=sys.stderr)
         return 1
     return 0
 

@@ -39,3 +39,7 @@ class ModelPackageError(SegcoreError):
 
 class ChecksumError(ModelPackageError):
     """A download or archive does not have the sha256 it was promised to have."""
+
+
+class Cancelled(Exception):
+    """The user stopped the work (e.g. Cancel in Slicer). Not a failure of the input: a batch stops."""

@@ -29,14 +29,13 @@ import SimpleITK as sitk
 from segcore import anatomy
 from segcore.anatomy import Structure
 from segcore.errors import (
-    GeometryError,
     InputNotFoundError,
     OutputExistsError,
     SegcoreError,
     UnreadableImageError,
     UnsupportedImageError,
 )
-from segcore.image import as_labelmap, ijk_to_lps_matrix, write_image
+from segcore.image import as_labelmap, ijk_to_lps_matrix, image_from_ijk_to_lps, write_image
 
 LABELMAP_FORMATS = ("seg.nrrd", "nii.gz", "nii", "nrrd")
 SURFACE_FORMATS = ("stl", "obj", "vtp", "ply")
@@ -86,18 +85,6 @@ def _exists_message(paths: Sequence[Path]) -> str:
 
 
 # ------------------------------------------------------------------------ geometry
-
-
-def _image_from_ijk_to_lps(voxels_ijk: np.ndarray, matrix: np.ndarray) -> sitk.Image:
-    image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(voxels_ijk, (2, 1, 0))))
-    columns = np.asarray(matrix, dtype=np.float64)[:3, :3]
-    spacing = np.linalg.norm(columns, axis=0)
-    if np.any(spacing <= 0):
-        raise GeometryError(f"voxel spacing must be positive, got {spacing.tolist()}")
-    image.SetSpacing(spacing.tolist())
-    image.SetDirection((columns / spacing).ravel().tolist())
-    image.SetOrigin(np.asarray(matrix, dtype=np.float64)[:3, 3].tolist())
-    return image
 
 
 def _checked_labelmap(labelmap: sitk.Image) -> sitk.Image:
@@ -281,7 +268,7 @@ def read_seg_nrrd(path) -> tuple[sitk.Image, list[Segment]]:
                 terminology=terminology_entry_to_string(terminology) if terminology else None,
             )
         )
-    return _image_from_ijk_to_lps(labels, segmentation["ijkToLPS"]), segments
+    return image_from_ijk_to_lps(np.transpose(labels, (2, 1, 0)), segmentation["ijkToLPS"], str(path)), segments
 
 
 # --------------------------------------------------------------------- entry point

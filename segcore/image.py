@@ -304,6 +304,28 @@ def same_grid(a: sitk.Image, b: sitk.Image, tolerance_mm: float | None = None) -
     return not grid_differences(a, b, tolerance_mm)
 
 
+def image_from_ijk_to_lps(voxels_kji: np.ndarray, matrix, where: str = "image") -> sitk.Image:
+    """An image of `voxels_kji` (numpy order k, j, i) on the grid of a 4x4 IJK -> LPS matrix.
+
+    The inverse of `ijk_to_lps_matrix`; refuses a sheared or degenerate matrix, which no
+    ITK image can represent.
+    """
+    matrix = np.asarray(matrix, dtype=np.float64)
+    columns = matrix[:3, :3]
+    spacing = np.linalg.norm(columns, axis=0)
+    if np.any(spacing <= 0):
+        raise GeometryError(f"{where}: voxel spacing must be positive, got {spacing.tolist()}")
+    direction = columns / spacing
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
+        raise GeometryError(f"{where}: the voxel axes are not perpendicular (a sheared grid); "
+                            "resample the image onto a regular grid first.")
+    image = sitk.GetImageFromArray(np.ascontiguousarray(voxels_kji))
+    image.SetSpacing(spacing.tolist())
+    image.SetDirection(direction.ravel().tolist())
+    image.SetOrigin(matrix[:3, 3].tolist())
+    return image
+
+
 def ijk_to_lps_matrix(image: sitk.Image) -> np.ndarray:
     """4x4 matrix taking voxel indices (i, j, k, 1) to LPS millimetres."""
     direction = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)

@@ -1,0 +1,288 @@
+"""The only bridge between segcore and Slicer's MRML: volume nodes in, segmentation nodes out.
+
+Geometry: a volume node's IJK -> RAS matrix (plus a linear parent transform, if
+any) becomes a SimpleITK image in LPS by negating the first two rows; the
+voxels are the node's own, in the same (k, j, i) numpy order, so flipped,
+permuted and oblique volumes convert exactly. Results go back onto the
+volume's own grid: the segmentation node references the volume's geometry and
+sits under the volume's transform, so it shows where the volume does.
+
+Only MRML and logic classes are used here (no ``slicer.app``, ``slicer.modules``
+or Qt), so this file runs in plain Python with the ``slicer-core`` wheel as well
+as inside Slicer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import slicer
+import vtk
+from vtk.util.numpy_support import vtk_to_numpy
+
+from segcore import anatomy
+from segcore.errors import GeometryError, SegcoreError, UnsupportedImageError
+from segcore.export import terminology_entry
+from segcore.image import grid_differences, image_from_ijk_to_lps
+from segcore.result import Result
+
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+# Closed-surface smoothing Slicer uses by default; 0 keeps the voxel staircase.
+DEFAULT_SMOOTHING = 0.5
+
+
+# ----------------------------------------------------------------------- volume -> image
+
+
+def _matrix(vtk_matrix: vtk.vtkMatrix4x4) -> np.ndarray:
+    return np.array([[vtk_matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def _node_label(node) -> str:
+    return f"{node.GetClassName().replace('vtkMRML', '').replace('Node', ' node')} {node.GetName()!r}"
+
+
+def ijk_to_world_ras(volume_node) -> np.ndarray:
+    """The 4x4 matrix from the node's voxel indices to world RAS, through any linear parent transform."""
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(ijk_to_ras)
+    matrix = _matrix(ijk_to_ras)
+    transform_node = volume_node.GetParentTransformNode()
+    if transform_node is not None:
+        if not transform_node.IsTransformToWorldLinear():
+            raise UnsupportedImageError(
+                f"{_node_label(volume_node)} is under the non-linear transform {transform_node.GetName()!r}. "
+                "Harden the transform (Data module: right-click the volume, 'Harden transform') or remove it, "
+                "then segment again.")
+        to_world = vtk.vtkMatrix4x4()
+        transform_node.GetMatrixTransformToWorld(to_world)
+        matrix = _matrix(to_world) @ matrix
+    return matrix
+
+
+def _check_volume_node(volume_node, allow_labelmap: bool = False) -> None:
+    if volume_node is None:
+        raise SegcoreError("no volume selected: choose the CT volume to segment.")
+    if not volume_node.IsA("vtkMRMLScalarVolumeNode"):
+        raise UnsupportedImageError(f"{_node_label(volume_node)} is not a scalar volume: choose a CT volume.")
+    if volume_node.IsA("vtkMRMLLabelMapVolumeNode") and not allow_labelmap:
+        raise UnsupportedImageError(
+            f"{_node_label(volume_node)} is a label map, not an image: choose the CT volume itself.")
+    if volume_node.IsA("vtkMRMLTensorVolumeNode"):  # vector/colour and tensor volumes derive from it
+        raise UnsupportedImageError(
+            f"{_node_label(volume_node)} is a vector or colour volume: a grey-value CT volume is needed.")
+    image_data = volume_node.GetImageData()
+    if image_data is None or image_data.GetPointData().GetScalars() is None:
+        raise UnsupportedImageError(f"{_node_label(volume_node)} holds no voxels: load the CT again.")
+    if image_data.GetNumberOfScalarComponents() != 1:
+        raise UnsupportedImageError(
+            f"{_node_label(volume_node)} has {image_data.GetNumberOfScalarComponents()} components per voxel: "
+            "a grey-value CT volume is needed.")
+    if 1 in image_data.GetDimensions():
+        raise UnsupportedImageError(
+            f"{_node_label(volume_node)} is a 2-D image (dimensions {image_data.GetDimensions()}): "
+            "load the whole CT series as one volume.")
+
+
+def _voxels_kji(volume_node) -> np.ndarray:
+    image_data = volume_node.GetImageData()
+    i, j, k = image_data.GetDimensions()
+    return vtk_to_numpy(image_data.GetPointData().GetScalars()).reshape(k, j, i)
+
+
+def volume_node_to_image(volume_node) -> sitk.Image:
+    """A copy of a scalar volume node as a SimpleITK image in LPS world space.
+
+    Any IJK -> RAS matrix converts exactly (flipped, permuted, oblique); a linear
+    parent transform is applied, a non-linear one is refused with what to do.
+    Label maps, vector volumes and single slices are refused as well.
+    """
+    _check_volume_node(volume_node)
+    image = image_from_ijk_to_lps(_voxels_kji(volume_node), RAS_TO_LPS @ ijk_to_world_ras(volume_node),
+                                  _node_label(volume_node))
+    image.SetMetaData("mrml_node_name", volume_node.GetName())
+    return image
+
+
+def _grid_of(volume_node) -> sitk.Image:
+    """An empty image with the volume node's grid (LPS world space), for geometry checks."""
+    size = volume_node.GetImageData().GetDimensions()
+    return image_from_ijk_to_lps(np.zeros(size[::-1], np.uint8), RAS_TO_LPS @ ijk_to_world_ras(volume_node),
+                                 _node_label(volume_node))
+
+
+# ----------------------------------------------------------------------- result -> node
+
+
+def _labelmap_node(scene, voxels_kji: np.ndarray, volume_node):
+    """A temporary label map node holding `voxels_kji` on the volume node's own (local) grid."""
+    from vtk.util.numpy_support import numpy_to_vtk
+
+    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", scene.GenerateUniqueName("prostateseg-tmp"))
+    node.SetHideFromEditors(True)
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(ijk_to_ras)
+    node.SetIJKToRASMatrix(ijk_to_ras)
+    image_data = vtk.vtkImageData()
+    image_data.SetDimensions(voxels_kji.shape[::-1])
+    flat = np.ascontiguousarray(voxels_kji, dtype=np.uint8).ravel()
+    image_data.GetPointData().SetScalars(numpy_to_vtk(flat, deep=True, array_type=vtk.VTK_UNSIGNED_CHAR))
+    node.SetAndObserveImageData(image_data)
+    return node
+
+
+def _remove_nodes(scene, *nodes) -> None:
+    for node in nodes:
+        if node is None or node.GetScene() is None:
+            continue
+        for index in range(node.GetNumberOfDisplayNodes() if node.IsA("vtkMRMLDisplayableNode") else 0):
+            display = node.GetNthDisplayNode(index)
+            if display is not None:
+                scene.RemoveNode(display)
+        if node.IsA("vtkMRMLStorableNode") and node.GetStorageNode() is not None:
+            scene.RemoveNode(node.GetStorageNode())
+        scene.RemoveNode(node)
+
+
+def _set_terminology(segment, structure: anatomy.Structure) -> None:
+    segment.SetName(structure.name)
+    segment.SetNameAutoGenerated(False)
+    segment.SetColor(*(c / 255.0 for c in structure.color))
+    segment.SetColorAutoGenerated(False)
+    segment.SetLabelValue(int(structure.value))
+    segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), terminology_entry(structure))
+
+
+def _place_in_hierarchy(scene, node, volume_node) -> None:
+    """Put `node` beside the volume in the subject hierarchy (under its study, when it has one)."""
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    if hierarchy is None:
+        return
+    volume_item = hierarchy.GetItemByDataNode(volume_node)
+    node_item = hierarchy.GetItemByDataNode(node)
+    if volume_item and node_item:
+        hierarchy.SetItemParent(node_item, hierarchy.GetItemParent(volume_item))
+
+
+def result_to_segmentation_node(result: Result, volume_node, segmentation_node=None, *,
+                                name: str | None = None, show_3d: bool = True,
+                                smoothing: float = DEFAULT_SMOOTHING):
+    """Show a pipeline result as segments of a vtkMRMLSegmentationNode.
+
+    Without `segmentation_node` a new node is made (named `name`, by default
+    "<volume> segmentation"), referencing the volume's geometry, under the same
+    transform and beside the volume in the subject hierarchy. Given a node, only
+    its segments with the result's names are replaced (keeping their place);
+    its other segments are left as they are. Each segment gets its name, colour,
+    label value and SNOMED CT terminology; with `show_3d` a closed surface
+    (smoothed by `smoothing`, 0-1) is made for the 3-D views.
+    """
+    _check_volume_node(volume_node)
+    scene = volume_node.GetScene()
+    differences = grid_differences(result.labelmap, _grid_of(volume_node), 1e-3)
+    if differences:
+        raise GeometryError(f"the result does not lie on the grid of {_node_label(volume_node)}: "
+                            + "; ".join(differences))
+    labels = sitk.GetArrayViewFromImage(result.labelmap)
+
+    created = segmentation_node is None
+    if created:
+        segmentation_node = scene.AddNewNodeByClass(
+            "vtkMRMLSegmentationNode", name or f"{volume_node.GetName()} segmentation")
+        segmentation_node.CreateDefaultDisplayNodes()
+        segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+        if volume_node.GetParentTransformNode() is not None:
+            segmentation_node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+    elif segmentation_node.GetScene() is not scene:
+        raise SegcoreError(f"{_node_label(segmentation_node)} is not in the volume's scene.")
+    segmentation = segmentation_node.GetSegmentation()
+
+    labelmap_node = None
+    try:
+        # Label k of the temporary map fills the k-th segment ID, so existing segments keep their IDs.
+        ids = vtk.vtkStringArray()
+        voxels = np.zeros(labels.shape, np.uint8)
+        for index, segment_result in enumerate(result.segments, start=1):
+            structure = segment_result.structure
+            segment_id = segmentation.GetSegmentIdBySegmentName(structure.name)
+            if not segment_id:
+                segment_id = segmentation.AddEmptySegment(structure.name, structure.name)
+            ids.InsertNextValue(segment_id)
+            voxels[labels == structure.value] = index
+        if ids.GetNumberOfValues():
+            labelmap_node = _labelmap_node(scene, voxels, volume_node)
+            if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
+                    labelmap_node, segmentation_node, ids):
+                raise SegcoreError(f"Slicer could not import the result into {_node_label(segmentation_node)}.")
+        for index, segment_result in enumerate(result.segments):
+            _set_terminology(segmentation.GetSegment(ids.GetValue(index)), segment_result.structure)
+    except Exception:
+        if created:
+            _remove_nodes(scene, segmentation_node)
+        raise
+    finally:
+        _remove_nodes(scene, labelmap_node)
+
+    if created:
+        _place_in_hierarchy(scene, segmentation_node, volume_node)
+    if show_3d and result.segments:
+        segmentation.SetConversionParameter("Smoothing factor", f"{float(smoothing):g}")
+        segmentation_node.CreateClosedSurfaceRepresentation()
+    return segmentation_node
+
+
+# ------------------------------------------------------------------ segments -> label map
+
+
+def segment_label_value(segment, position: int) -> int:
+    """The label a segment stands for: the catalogue's value for a known name, else its own label value."""
+    known = anatomy.BY_NAME.get(segment.GetName())
+    if known is not None:
+        return known.value
+    return int(segment.GetLabelValue()) or position
+
+
+def segmentation_node_to_labelmap(segmentation_node, volume_node, names: Sequence[str] | None = None) -> sitk.Image:
+    """The named segments as one label map on the volume's grid (LPS world space, like `volume_node_to_image`).
+
+    Each segment gets its structure's label value (prostate 1, bladder 2, ...);
+    segments of other names keep their own label value. `names=None` takes every
+    segment. Where segments overlap, the later one in `names` wins.
+    """
+    if segmentation_node is None or not segmentation_node.IsA("vtkMRMLSegmentationNode"):
+        raise SegcoreError("no segmentation selected: choose the segmentation to read.")
+    _check_volume_node(volume_node)
+    scene = segmentation_node.GetScene()
+    segmentation = segmentation_node.GetSegmentation()
+    if names is None:
+        names = [segmentation.GetNthSegment(n).GetName() for n in range(segmentation.GetNumberOfSegments())]
+    ids = []
+    for segment_name in names:
+        segment_id = segmentation.GetSegmentIdBySegmentName(segment_name)
+        if not segment_id:
+            present = [segmentation.GetNthSegment(n).GetName() for n in range(segmentation.GetNumberOfSegments())]
+            raise SegcoreError(f"{_node_label(segmentation_node)} has no segment named {segment_name!r}; "
+                               f"it has: {', '.join(present) or 'no segments'}.")
+        ids.append(segment_id)
+
+    values = [segment_label_value(segmentation.GetSegment(i), n) for n, i in enumerate(ids, start=1)]
+    if len(set(values)) != len(values):
+        raise SegcoreError(f"segments {list(names)} map to repeated label values {values}: rename them.")
+    labels = np.zeros(volume_node.GetImageData().GetDimensions()[::-1], np.uint16)
+    labelmap_node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", scene.GenerateUniqueName("prostateseg-tmp"))
+    try:
+        for segment_id, value in zip(ids, values):
+            single = vtk.vtkStringArray()
+            single.InsertNextValue(segment_id)
+            if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+                    segmentation_node, single, labelmap_node, volume_node):
+                raise SegcoreError(f"Slicer could not export segment {segmentation.GetSegment(segment_id).GetName()!r}.")
+            labels[_voxels_kji(labelmap_node) != 0] = value
+    finally:
+        _remove_nodes(scene, labelmap_node)
+    if labels.max(initial=0) <= np.iinfo(np.uint8).max:
+        labels = labels.astype(np.uint8)
+    return image_from_ijk_to_lps(labels, RAS_TO_LPS @ ijk_to_world_ras(volume_node), _node_label(volume_node))
