@@ -39,3 +39,31 @@ def small_phantom():
     from segcore.phantom import make_phantom
 
     return make_phantom(11, matrix=96, orientation="LPS")
+
+
+@pytest.fixture
+def mrml_scene():
+    """A fresh MRML scene with the module logics Slicer sets up at start-up (slicer-core, no Qt):
+    colours, subject hierarchy, volumes (file loading) and segmentations (converters)."""
+    slicer = pytest.importorskip("slicer")
+    scene = slicer.vtkMRMLScene()
+    slicer.mrmlScene = scene  # what slicer.util and the console API expect
+    app_logic = slicer.vtkSlicerApplicationLogic()
+    app_logic.SetMRMLScene(scene)
+    logics = {"Colors": slicer.vtkSlicerColorLogic(), "SubjectHierarchy": slicer.vtkSlicerSubjectHierarchyModuleLogic(),
+              "Volumes": slicer.vtkSlicerVolumesLogic(), "Segmentations": slicer.vtkSlicerSegmentationsModuleLogic()}
+    for name, logic in logics.items():
+        logic.SetMRMLApplicationLogic(app_logic)
+        logic.SetMRMLScene(scene)
+        app_logic.SetModuleLogic(name, logic)
+    scene.volumes_logic = logics["Volumes"]
+    yield scene
+    scene.Clear(1)
+    slicer.mrmlScene = None
+
+
+def load_volume(scene, path, name="ct"):
+    """Load an image file the way Slicer's Add Data does (Volumes logic, ITK reader)."""
+    node = scene.volumes_logic.AddArchetypeVolume(str(path), name)
+    assert node is not None, f"Slicer could not load {path}"
+    return node

@@ -150,7 +150,7 @@ def test_terminology_entry_parses_in_slicer():
     logic = slicer.vtkSlicerTerminologiesModuleLogic
     assert logic.DeserializeTerminologyEntry(export.terminology_entry(FEMUR_HEAD_LEFT), entry)
     assert entry.GetCategoryObject().GetCodeValue() == "123037004"
-    assert entry.GetTypeObject().GetCodeValue() == "68367000"
+    assert entry.GetTypeObject().GetCodeValue() == "2812003"
     assert entry.GetTypeModifierObject().GetCodeValue() == "7771000"
     assert logic.SerializeTerminologyEntry(entry) == export.terminology_entry(FEMUR_HEAD_LEFT)
 

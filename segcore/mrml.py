@@ -162,9 +162,12 @@ def _place_in_hierarchy(scene, node, volume_node) -> None:
     if hierarchy is None:
         return
     volume_item = hierarchy.GetItemByDataNode(volume_node)
+    parent = hierarchy.GetItemParent(volume_item) if volume_item else hierarchy.GetSceneItemID()
     node_item = hierarchy.GetItemByDataNode(node)
-    if volume_item and node_item:
-        hierarchy.SetItemParent(node_item, hierarchy.GetItemParent(volume_item))
+    if node_item:
+        hierarchy.SetItemParent(node_item, parent)
+    else:  # the Slicer application adds an item for each new node; plain MRML does not
+        hierarchy.CreateItem(parent, node)
 
 
 def result_to_segmentation_node(result: Result, volume_node, segmentation_node=None, *,
@@ -237,20 +240,28 @@ def result_to_segmentation_node(result: Result, volume_node, segmentation_node=N
 # ------------------------------------------------------------------ segments -> label map
 
 
-def segment_label_value(segment, position: int) -> int:
-    """The label a segment stands for: the catalogue's value for a known name, else its own label value."""
-    known = anatomy.BY_NAME.get(segment.GetName())
-    if known is not None:
-        return known.value
-    return int(segment.GetLabelValue()) or position
+def label_values(names: Sequence[str]) -> list[int]:
+    """Label values for segments by name: the catalogue's value for a known structure (prostate 1,
+    bladder 2, ...), and values after the catalogue's (18, 19, ...) for other names, in order, so that a
+    user's own segment never takes the value of a structure the models know."""
+    next_free = max(anatomy.BY_VALUE) + 1
+    values = []
+    for name in names:
+        known = anatomy.BY_NAME.get(name)
+        if known is not None:
+            values.append(known.value)
+        else:
+            values.append(next_free)
+            next_free += 1
+    return values
 
 
 def segmentation_node_to_labelmap(segmentation_node, volume_node, names: Sequence[str] | None = None) -> sitk.Image:
     """The named segments as one label map on the volume's grid (LPS world space, like `volume_node_to_image`).
 
-    Each segment gets its structure's label value (prostate 1, bladder 2, ...);
-    segments of other names keep their own label value. `names=None` takes every
-    segment. Where segments overlap, the later one in `names` wins.
+    Values follow `label_values` (prostate 1, bladder 2, ...; other names 18, 19, ...).
+    `names=None` takes every segment. Where segments overlap, the later one in
+    `names` wins.
     """
     if segmentation_node is None or not segmentation_node.IsA("vtkMRMLSegmentationNode"):
         raise SegcoreError("no segmentation selected: choose the segmentation to read.")
@@ -268,9 +279,9 @@ def segmentation_node_to_labelmap(segmentation_node, volume_node, names: Sequenc
                                f"it has: {', '.join(present) or 'no segments'}.")
         ids.append(segment_id)
 
-    values = [segment_label_value(segmentation.GetSegment(i), n) for n, i in enumerate(ids, start=1)]
-    if len(set(values)) != len(values):
-        raise SegcoreError(f"segments {list(names)} map to repeated label values {values}: rename them.")
+    if len(set(names)) != len(names):
+        raise SegcoreError(f"segment names repeat in {list(names)}: give each segment once.")
+    values = label_values(names)
     labels = np.zeros(volume_node.GetImageData().GetDimensions()[::-1], np.uint16)
     labelmap_node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", scene.GenerateUniqueName("prostateseg-tmp"))
     try:
