@@ -72,7 +72,7 @@ def _segment(args) -> int:
     from tqdm import tqdm
 
     from segcore.batch import segment_files
-    from segcore.prostate import PROSTATE, ProstateSegmenter
+    from segcore.prostate import ProstateSegmenter
 
     formats = [f.strip().lower().lstrip(".") for f in args.formats.split(",") if f.strip()]
     segmenter = ProstateSegmenter(args.model, args.device)
@@ -86,7 +86,7 @@ def _segment(args) -> int:
         def show(item):
             bar.write(item.summary(), file=sys.stdout if item.ok else sys.stderr)
 
-        items = segment_files(segmenter, [PROSTATE], args.inputs, args.output, formats,
+        items = segment_files(segmenter, segmenter.structures, args.inputs, args.output, formats,
                               overwrite=args.overwrite, progress=progress, on_item=show)
     failures = [item for item in items if not item.ok]
     if failures:

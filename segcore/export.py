@@ -29,6 +29,7 @@ import SimpleITK as sitk
 from segcore import anatomy
 from segcore.anatomy import Structure
 from segcore.errors import (
+    GeometryError,
     InputNotFoundError,
     OutputExistsError,
     SegcoreError,
@@ -141,6 +142,38 @@ def write_labelmap(image: sitk.Image, path, overwrite: bool = False) -> Path:
             "(or write_seg_nrrd for .seg.nrrd)"
         )
     return write_image(_checked_labelmap(image), path, overwrite=overwrite)
+
+
+# The training-case layout that `training/` reads and that `prostateseg phantom` and
+# Slicer's "Save as training case" write: <name>_ct.<ext> with <name>_labels.<ext> beside it.
+CASE_CT_SUFFIX = "_ct"
+CASE_LABELS_SUFFIX = "_labels"
+
+
+def training_case_paths(folder, name: str, ext: str = ".nii.gz") -> tuple[Path, Path]:
+    """Where a training case called `name` goes in `folder`: (CT path, label map path)."""
+    if not name or name.startswith(".") or any(c in name for c in '/\\:*?"<>|'):
+        raise SegcoreError(f"invalid case name {name!r}: use letters, digits, '-' and '_' (e.g. patient012)")
+    folder = Path(folder)
+    return folder / f"{name}{CASE_CT_SUFFIX}{ext}", folder / f"{name}{CASE_LABELS_SUFFIX}{ext}"
+
+
+def write_training_case(ct: sitk.Image, labels: sitk.Image, folder, name: str,
+                        overwrite: bool = False) -> tuple[Path, Path]:
+    """Write a CT and its label map (same grid) as one training case; neither file is written if either exists."""
+    from segcore.image import grid_differences
+
+    differences = grid_differences(ct, labels, 1e-3)
+    if differences:
+        raise GeometryError("the label map is not on the CT's grid: " + "; ".join(differences))
+    ct_path, labels_path = training_case_paths(folder, name)
+    existing = [p for p in (ct_path, labels_path) if p.exists()]
+    if existing and not overwrite:
+        raise OutputExistsError(f"training case {name!r} already exists in {folder} ({', '.join(p.name for p in existing)}): "
+                                "choose another case name or allow overwriting")
+    write_image(ct, ct_path, overwrite=overwrite)
+    write_labelmap(labels, labels_path, overwrite=overwrite)
+    return ct_path, labels_path
 
 
 def _check_structures(structures: Sequence[Structure]) -> list[Structure]:

@@ -648,7 +648,7 @@ def write_phantoms(outdir: str | Path, count: int, seed: int = 0, matrix: int = 
     """Write `count` cases as caseNNN_ct.nii.gz / caseNNN_labels.nii.gz plus
     labels.json (and caseNNN_info.json with the drawn parameters). Case i uses
     seed + i, so any case can be remade alone."""
-    from segcore.export import atomic_output
+    from segcore.export import atomic_output, training_case_paths
     from segcore.image import write_image
 
     outdir = Path(outdir)
@@ -661,10 +661,10 @@ def write_phantoms(outdir: str | Path, count: int, seed: int = 0, matrix: int = 
     written = []
     for i in range(count):
         case = make_phantom(seed + i, matrix=matrix, **options)
-        stem = outdir / f"case{i:03d}"
-        written.append(write_image(case.ct, f"{stem}_ct.nii.gz", overwrite=overwrite))
-        written.append(write_image(case.labels, f"{stem}_labels.nii.gz", overwrite=overwrite))
-        with atomic_output(Path(f"{stem}_info.json"), overwrite=overwrite) as tmp:
+        ct_path, labels_path = training_case_paths(outdir, f"case{i:03d}")
+        written.append(write_image(case.ct, ct_path, overwrite=overwrite))
+        written.append(write_image(case.labels, labels_path, overwrite=overwrite))
+        with atomic_output(outdir / f"case{i:03d}_info.json", overwrite=overwrite) as tmp:
             tmp.write_text(json.dumps(case.info, indent=1))
         if progress is not None:
             progress(i + 1, count)

@@ -299,6 +299,11 @@ class ProstateSegmenter:
                 f"{self.stage2.in_channels} slices, but its pipeline settings say {self.settings.coarse_slices} "
                 f"and {self.settings.fine_slices}.")
 
+    @property
+    def structures(self) -> list[anatomy.Structure]:
+        """What this pipeline's label maps can hold (written to every output, found or not)."""
+        return [PROSTATE]
+
     def __call__(self, image_or_path, progress: Progress | None = None) -> Result:
         report = progress or (lambda fraction, message: None)
         timings: dict[str, float] = {}

@@ -26,6 +26,7 @@ import SimpleITK as sitk
 
 from segcore import image as imageio
 from segcore.errors import SegcoreError
+from segcore.export import CASE_CT_SUFFIX, CASE_LABELS_SUFFIX
 from segcore.prostate import PipelineSettings, coarse_image, crop_reference
 
 CACHE_VERSION = 1
@@ -93,13 +94,14 @@ def folder_sources(folder, prostate_label: int = 1) -> list[CaseSource]:
         raise SegcoreError(f"training data folder {folder} does not exist")
     sources = []
     for ct_path in sorted(folder.iterdir()):
-        ext = next((e for e in EXTENSIONS if ct_path.name.endswith("_ct" + e)), None)
+        ext = next((e for e in EXTENSIONS if ct_path.name.endswith(CASE_CT_SUFFIX + e)), None)
         if ext is None:
             continue
-        stem = ct_path.name[: -len("_ct" + ext)]
-        labels = [folder / f"{stem}_labels{e}" for e in EXTENSIONS if (folder / f"{stem}_labels{e}").is_file()]
+        stem = ct_path.name[: -len(CASE_CT_SUFFIX + ext)]
+        labels = [folder / f"{stem}{CASE_LABELS_SUFFIX}{e}" for e in EXTENSIONS
+                  if (folder / f"{stem}{CASE_LABELS_SUFFIX}{e}").is_file()]
         if not labels:
-            raise SegcoreError(f"{ct_path} has no label map beside it (expected {stem}_labels{ext})")
+            raise SegcoreError(f"{ct_path} has no label map beside it (expected {stem}{CASE_LABELS_SUFFIX}{ext})")
         sources.append(CaseSource(stem, ct_path=str(ct_path), labels_path=str(labels[0]),
                                   prostate_label=prostate_label))
     if not sources:

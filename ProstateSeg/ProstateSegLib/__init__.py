@@ -1,0 +1,6 @@
+"""Slicer-side code shared by the ProstateSeg extension's modules.
+
+`logic` needs only MRML and segcore (usable from the Python console and testable
+with slicer-core); `dependencies` installs what segcore needs on first use;
+`widgets` holds the Qt panel behaviour the modules share.
+"""

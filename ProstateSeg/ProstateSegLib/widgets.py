@@ -1,0 +1,314 @@
+"""The module panel behaviour the ProstateSeg extension's modules share (Qt; runs inside Slicer only).
+
+A module's widget subclasses `SegmentationWidgetBase`, names its .ui file and
+logic, and gets: model choice with install/remove, device choice (GPU only when
+torch sees one), Segment/Cancel with a progress bar and status text, the
+result's volume and confidence, Edit (Segment Editor) and Save as training case.
+The .ui must hold the widgets named in `REQUIRED_WIDGETS`.
+"""
+
+import logging
+import traceback
+
+import qt
+import slicer
+import vtk
+from slicer.ScriptedLoadableModule import ScriptedLoadableModuleWidget
+from slicer.util import VTKObservationMixin
+
+from ProstateSegLib import dependencies
+from segcore.errors import Cancelled, OutputExistsError, SegcoreError
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_WIDGETS = (
+    "inputVolumeSelector", "modelComboBox", "installModelButton", "removeModelButton", "deviceComboBox",
+    "outputSegmentationSelector", "show3DCheckBox", "smoothingSliderWidget", "applyButton", "progressBar",
+    "statusLabel", "resultLabel", "editButton", "datasetFolderPathLineEdit", "caseNameLineEdit",
+    "saveCaseButton",
+)
+
+DEVICES = (("Automatic (GPU if available)", "auto"), ("CPU", "cpu"), ("GPU (CUDA)", "cuda"))
+
+
+class SegmentationWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Panel of a segmentation module; subclasses set `uiFile`, `applyText` and `createLogic`."""
+
+    uiFile = ""
+    applyText = "Segment"
+
+    def createLogic(self):
+        raise NotImplementedError
+
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._running = False
+        self._lastSegmentation = None
+
+    # ------------------------------------------------------------ set-up
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath(self.uiFile))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = self.createLogic()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChosen)
+        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChosen)
+        self.ui.installModelButton.connect("clicked(bool)", self.onInstallModel)
+        self.ui.removeModelButton.connect("clicked(bool)", self.onRemoveModel)
+        self.ui.editButton.connect("clicked(bool)", self.onEditButton)
+        self.ui.saveCaseButton.connect("clicked(bool)", self.onSaveCase)
+        self.ui.progressBar.hide()
+        self.ui.editButton.enabled = False
+        self.ui.saveCaseButton.enabled = False
+
+        self.refreshModels()
+        self.refreshDevices()
+        self.initializeParameterNode()
+
+    def cleanup(self):
+        self.removeObservers()
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+
+    def onSceneStartClose(self, caller, event):
+        self.setParameterNode(None)
+        self._lastSegmentation = None
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self):
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            firstVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolume and not firstVolume.IsA("vtkMRMLLabelMapVolumeNode"):
+                self._parameterNode.inputVolume = firstVolume
+
+    def setParameterNode(self, inputParameterNode):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self._selectComboData(self.ui.modelComboBox, self._parameterNode.model)
+            self._selectComboData(self.ui.deviceComboBox, self._parameterNode.device)
+            self._checkCanApply()
+
+    def _checkCanApply(self, caller=None, event=None):
+        if self._running:
+            return
+        ready = bool(self._parameterNode and self._parameterNode.inputVolume and self.ui.modelComboBox.count)
+        self.ui.applyButton.text = self.applyText
+        self.ui.applyButton.enabled = ready
+        self.ui.applyButton.toolTip = ("Segment the selected CT" if ready
+                                       else "Select a CT volume (and install a model if none is listed)")
+
+    # ------------------------------------------------------- models, device
+
+    @staticmethod
+    def _selectComboData(comboBox, value):
+        index = comboBox.findData(value) if value else -1
+        if index >= 0:
+            comboBox.currentIndex = index
+
+    def refreshModels(self, select=None):
+        comboBox = self.ui.modelComboBox
+        wasBlocked = comboBox.blockSignals(True)
+        comboBox.clear()
+        try:
+            entries = self.logic.modelEntries()
+        except SegcoreError as error:
+            entries = []
+            self.ui.statusLabel.text = str(error)
+        for entry in entries:
+            comboBox.addItem(f"{entry.name} ({entry.version}, {entry.where})", entry.name)
+        comboBox.blockSignals(wasBlocked)
+        wanted = select or (self._parameterNode.model if self._parameterNode else "") or self.logic.defaultModel()
+        self._selectComboData(comboBox, wanted)
+        self.onModelChosen()
+
+    def refreshDevices(self):
+        comboBox = self.ui.deviceComboBox
+        wasBlocked = comboBox.blockSignals(True)
+        comboBox.clear()
+        gpu = dependencies.cudaAvailable()
+        for text, value in DEVICES:
+            if value != "cuda" or gpu:
+                comboBox.addItem(text, value)
+        comboBox.blockSignals(wasBlocked)
+        self._selectComboData(comboBox, self._parameterNode.device if self._parameterNode else "auto")
+
+    def onModelChosen(self, index=None):
+        name = self.ui.modelComboBox.currentData
+        entry = next((e for e in self.logic.modelEntries() if e.name == name), None)
+        self.ui.removeModelButton.enabled = bool(entry and entry.where == "user")
+        self.ui.modelComboBox.toolTip = str(entry.path) if entry else "No model installed"
+        if self._parameterNode and name:
+            self._parameterNode.model = name
+        if self._parameterNode:
+            self._checkCanApply()
+
+    def onDeviceChosen(self, index=None):
+        if self._parameterNode:
+            self._parameterNode.device = self.ui.deviceComboBox.currentData or "auto"
+
+    def onInstallModel(self):
+        fromFile = slicer.util.confirmYesNoDisplay(
+            "Install a model package from a .zip file on this computer?\n\n"
+            "Yes: choose a file.  No: give an https URL.", windowTitle="Install model")
+        if fromFile:
+            source = qt.QFileDialog.getOpenFileName(self.parent, "Model package", "", "Model packages (*.zip)")
+        else:
+            source = qt.QInputDialog.getText(self.parent, "Install model", "https URL of the model package (.zip):")
+        if not source:
+            return
+        sha256 = qt.QInputDialog.getText(
+            self.parent, "Install model", "sha256 of the archive, as published with the model:")
+        if not sha256:
+            return
+        with slicer.util.tryWithErrorDisplay("Installing the model failed.", waitCursor=True):
+            try:
+                name = self.logic.installModel(source, sha256)
+            except SegcoreError as error:
+                slicer.util.errorDisplay(str(error), windowTitle="Install model")
+                return
+            self.refreshModels(select=name)
+            self.ui.statusLabel.text = f"Installed model {name} in {self.logic.modelsFolder()}."
+
+    def onRemoveModel(self):
+        name = self.ui.modelComboBox.currentData
+        if not name or not slicer.util.confirmOkCancelDisplay(
+                f"Delete the installed model {name!r} from {self.logic.modelsFolder()}?",
+                windowTitle="Remove model"):
+            return
+        try:
+            self.logic.removeModel(name)
+        except SegcoreError as error:
+            slicer.util.errorDisplay(str(error), windowTitle="Remove model")
+            return
+        self.refreshModels()
+        self.ui.statusLabel.text = f"Removed model {name}."
+
+    # -------------------------------------------------------------- running
+
+    def _setRunning(self, running):
+        self._running = running
+        self.ui.applyButton.text = "Cancel" if running else self.applyText
+        self.ui.applyButton.toolTip = "Stop the segmentation; nothing is added to the scene" if running else ""
+        for name in ("inputVolumeSelector", "modelComboBox", "deviceComboBox", "outputSegmentationSelector",
+                     "installModelButton", "removeModelButton", "editButton", "saveCaseButton"):
+            getattr(self.ui, name).enabled = not running
+        self.ui.progressBar.value = 0
+        self.ui.progressBar.setVisible(running)
+        if not running:
+            self.onModelChosen()
+            self.ui.editButton.enabled = self.ui.saveCaseButton.enabled = self._currentSegmentation() is not None
+
+    def onProgress(self, fraction, message):
+        self.ui.progressBar.value = round(100 * fraction)
+        self.ui.statusLabel.text = message[:1].upper() + message[1:]
+        slicer.app.processEvents()  # keeps the panel alive and lets Cancel be clicked
+
+    def onApplyButton(self):
+        if self._running:
+            self.logic.cancel()
+            self.ui.statusLabel.text = "Cancelling..."
+            return
+        parameters = self._parameterNode
+        self.ui.resultLabel.text = ""
+        try:
+            dependencies.ensureDependencies(askConfirmation=not slicer.app.testingEnabled())
+        except SegcoreError as error:
+            slicer.util.errorDisplay(str(error), windowTitle="ProstateSeg")
+            return
+        self._setRunning(True)
+        segmentation = None
+        try:
+            segmentation = self.logic.segmentVolume(
+                parameters.inputVolume, model=parameters.model or None, device=parameters.device or "auto",
+                segmentationNode=parameters.outputSegmentation, show3D=parameters.show3D,
+                smoothing=parameters.smoothing, progress=self.onProgress)
+        except Cancelled:
+            self.ui.statusLabel.text = "Cancelled: nothing was added to the scene."
+        except SegcoreError as error:
+            self.ui.statusLabel.text = "Not segmented."
+            slicer.util.errorDisplay(str(error), windowTitle="ProstateSeg")
+        except Exception as error:  # noqa: BLE001  a bug or a library failure: say so, details for the report
+            logger.error(traceback.format_exc())
+            self.ui.statusLabel.text = "Failed."
+            slicer.util.errorDisplay(f"Segmentation failed: {error}", windowTitle="ProstateSeg",
+                                     detailedText=traceback.format_exc())
+        else:
+            self.showResult(segmentation)
+        finally:
+            self._setRunning(False)
+
+    def showResult(self, segmentation):
+        result = self.logic.lastResult
+        if segmentation is not None:
+            self._lastSegmentation = segmentation
+            segmentation.GetDisplayNode().SetVisibility3D(bool(self._parameterNode.show3D))
+        lines = [f"{s.name.replace('_', ' ')}: {s.volume_cc:.1f} cc" for s in result.segments]
+        lines.append(f"confidence {result.confidence:.2f} ({result.timings.get('total', 0):.1f} s, model {result.model})")
+        lines += result.messages
+        self.ui.resultLabel.text = "\n".join(lines)
+        self.ui.statusLabel.text = "Done." if result.found else "Nothing found."
+
+    def _currentSegmentation(self):
+        chosen = self._parameterNode.outputSegmentation if self._parameterNode else None
+        node = chosen or self._lastSegmentation
+        return node if node is not None and node.GetScene() is slicer.mrmlScene else None
+
+    # ------------------------------------------------------ edit and save
+
+    def onEditButton(self):
+        segmentation = self._currentSegmentation()
+        if segmentation is None:
+            return
+        slicer.util.selectModule("SegmentEditor")
+        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        editor.setSegmentationNode(segmentation)
+        editor.setSourceVolumeNode(self._parameterNode.inputVolume)
+
+    def onSaveCase(self):
+        segmentation = self._currentSegmentation()
+        folder = self.ui.datasetFolderPathLineEdit.currentPath
+        name = self.ui.caseNameLineEdit.text.strip()
+        if segmentation is None or not folder or not name:
+            slicer.util.errorDisplay("Choose a dataset folder and a case name, and segment (or select) a "
+                                     "segmentation first.", windowTitle="Save as training case")
+            return
+        volume = self._parameterNode.inputVolume
+        try:
+            try:
+                paths = self.logic.saveTrainingCase(volume, segmentation, folder, name)
+            except OutputExistsError as error:
+                if not slicer.util.confirmOkCancelDisplay(f"{error}\n\nReplace it?", windowTitle="Save as training case"):
+                    return
+                paths = self.logic.saveTrainingCase(volume, segmentation, folder, name, overwrite=True)
+        except SegcoreError as error:
+            slicer.util.errorDisplay(str(error), windowTitle="Save as training case")
+            return
+        self.ui.statusLabel.text = "Saved " + " and ".join(p.name for p in paths) + f" in {folder}."
