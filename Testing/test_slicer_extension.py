@@ -1,0 +1,139 @@
+"""Static checks of the Slicer extension tree (the Slicer application cannot run here).
+
+- every widget name the module code uses exists in its .ui, and every bound
+  parameter name is a field of the module's parameter node;
+- CMake lists every shipped file, and every listed file exists;
+- module files import nothing non-standard at module scope, and importing the
+  console logic loads neither torch nor numpy (nothing runs at import time);
+- the Slicer-side requirements agree with pyproject.toml.
+"""
+
+import ast
+import re
+import subprocess
+import sys
+from xml.etree import ElementTree
+
+import pytest
+import tomllib
+from conftest import ROOT
+
+MODULES = ["ProstateSeg"]
+# What a module file may import at module scope: the standard library, what Slicer
+# provides, the extension's own shared library and segcore's error classes.
+ALLOWED_ROOTS = set(sys.stdlib_module_names) | {"vtk", "qt", "ctk", "slicer", "ProstateSegLib"}
+ALLOWED_SEGCORE = {"segcore.errors"}
+
+
+def cmake_list(text: str, variable: str) -> list[str]:
+    match = re.search(rf"set\({variable}\s+(.*?)\)", text, re.DOTALL)
+    assert match, f"{variable} not set"
+    return match.group(1).split()
+
+
+def module_python_files(module: str) -> list[str]:
+    folder = ROOT / module
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*.py")
+                  if "Testing" not in p.relative_to(folder).parts and "__pycache__" not in p.parts)
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_widget_names_used_in_code_exist_in_the_ui(module):
+    ui = ElementTree.parse(ROOT / module / "Resources" / "UI" / f"{module}.ui")
+    names = {w.get("name") for w in ui.iter("widget")}
+    used = set()
+    for path in [ROOT / module / f"{module}.py", *(ROOT / module / f"{module}Lib").glob("*.py")]:
+        used |= set(re.findall(r"self\.ui\.(\w+)", path.read_text()))
+    from_lists = set(re.findall(r'"(\w+)"', (ROOT / module / f"{module}Lib" / "widgets.py").read_text()
+                                .split("REQUIRED_WIDGETS = (")[1].split(")")[0]))
+    assert used, "no widget use found: the check is broken"
+    assert not (used | from_lists) - names, f"used in code but missing from {module}.ui"
+
+    fields = set()
+    tree = ast.parse((ROOT / module / f"{module}.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == f"{module}ParameterNode":
+            fields = {item.target.id for item in node.body if isinstance(item, ast.AnnAssign)}
+    bound = {p.find("string").text for p in ui.iter("property") if p.get("name") == "SlicerParameterName"}
+    assert bound and not bound - fields, f"{module}.ui binds parameters the parameter node lacks"
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_cmake_lists_every_shipped_file(module):
+    text = (ROOT / module / "CMakeLists.txt").read_text().replace("${MODULE_NAME}", module)
+    scripts = cmake_list(text, "MODULE_PYTHON_SCRIPTS")
+    resources = cmake_list(text, "MODULE_PYTHON_RESOURCES")
+    assert sorted(scripts) == module_python_files(module)
+    shipped = sorted(str(p.relative_to(ROOT / module)) for p in (ROOT / module / "Resources").rglob("*") if p.is_file())
+    assert sorted(resources) == shipped
+    assert f"slicer_add_python_unittest(SCRIPT {module}.py)" in text
+    for tests_cmake in (ROOT / module / "Testing").rglob("CMakeLists.txt"):
+        for script in re.findall(r"SCRIPT (\S+)\)", tests_cmake.read_text()):
+            assert (tests_cmake.parent / script).is_file(), script
+
+
+def test_top_level_cmake_is_an_extension_shipping_segcore_and_models():
+    text = (ROOT / "CMakeLists.txt").read_text()
+    assert "project(ProstateSeg)" in text and 'set(EXTENSION_DEPENDS "PyTorch")' in text
+    for key in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS"):
+        assert f"set(EXTENSION_{key} " in text
+    assert re.findall(r"add_subdirectory\((\w+)\)", text) == MODULES
+    segcore = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "segcore").rglob("*.py") if "__pycache__" not in p.parts)
+    assert sorted(cmake_list(text, "SEGCORE_PYTHON_SCRIPTS")) == segcore
+    models = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "Resources" / "Models").rglob("*") if p.is_file())
+    assert sorted(cmake_list(text, "BUNDLED_MODEL_FILES")) == models
+    assert (ROOT / "Resources" / "Icons" / "ProstateSegExtension.png").is_file()
+    assert (ROOT / "LICENSE").is_file()
+
+
+def module_scope_imports(path):
+    """(module name, line) of every import executed when the file is imported."""
+    found = []
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            found += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            found.append(("." * node.level + (node.module or ""), node.lineno))
+    return found
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_module_files_import_nothing_heavy_at_module_scope(module):
+    files = [ROOT / module / f"{module}.py", *sorted((ROOT / module / f"{module}Lib").glob("*.py")),
+             *sorted((ROOT / module / "Testing" / "Python").glob("*.py"))]
+    for path in files:
+        for name, line in module_scope_imports(path):
+            if name.startswith("segcore"):
+                assert name in ALLOWED_SEGCORE, f"{path.name}:{line} imports {name} at module scope"
+            else:
+                assert name.split(".")[0] in ALLOWED_ROOTS, f"{path.name}:{line} imports {name} at module scope"
+
+
+def test_importing_the_console_logic_loads_nothing_heavy():
+    code = ("import sys; sys.path.insert(0, 'ProstateSeg'); import ProstateSegLib.logic, ProstateSegLib.dependencies; "
+            "print(sorted({'torch', 'numpy', 'SimpleITK', 'vtk', 'slicer'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_slicer_requirements_match_pyproject():
+    sys.path.insert(0, str(ROOT / "ProstateSeg"))
+    from ProstateSegLib import dependencies
+
+    declared = {re.split(r"[<>=!~ ]", r, maxsplit=1)[0]: r for r in
+                tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    for requirement in dependencies.requirements():
+        name = re.split(r"[<>=!~ ]", requirement, maxsplit=1)[0]
+        assert declared.get(name, "").replace(" ", "") == requirement, requirement
+    # every other run-time dependency is shipped by Slicer or comes through the PyTorch extension
+    provided = {"torch", "numpy", "SimpleITK", "vtk", "scipy"}
+    assert set(declared) - provided == {re.split(r"[<>=]", r)[0] for r in dependencies.requirements()}
+
+
+def test_missing_requirements_are_found(tmp_path):
+    sys.path.insert(0, str(ROOT / "ProstateSeg"))
+    from ProstateSegLib import dependencies
+
+    listed = tmp_path / "requirements.txt"
+    listed.write_text("# comment\nsafetensors>=0.1\nno-such-package-xyz>=1\nslicerio>=999\n")
+    assert dependencies.missingRequirements(listed) == ["no-such-package-xyz>=1", "slicerio>=999"]
