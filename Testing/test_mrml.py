@@ -266,3 +266,23 @@ def test_mr_volume_is_refused_by_the_pipeline(mrml_scene, segmenter, tmp_path, s
     node = load_volume(mrml_scene, tmp_path / "mr.nrrd", "MR")
     with pytest.raises(NotCTError):
         segmenter(mrml.volume_node_to_image(node))
+
+
+def test_volume_under_a_linear_transform_gets_its_segmentation_there(mrml_scene, segmenter, pelvis_ct_path):
+    node = load_volume(mrml_scene, pelvis_ct_path)
+    transform = mrml_scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "table shift")
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(1, 3, -40.0)
+    matrix.SetElement(2, 3, 15.0)
+    transform.SetMatrixTransformToParent(matrix)
+    node.SetAndObserveTransformNodeID(transform.GetID())
+
+    result = segmenter(mrml.volume_node_to_image(node))
+    segmentation_node = mrml.result_to_segmentation_node(result, node, show_3d=False)
+    assert segmentation_node.GetTransformNodeID() == transform.GetID()
+    exported = mrml.segmentation_node_to_labelmap(segmentation_node, node, ["prostate"])
+    assert_same_image(exported, sitk.Cast(result.labelmap, exported.GetPixelID()))
+    # a pure translation moves the anatomy, not the voxels: the same label map as without the transform
+    node.SetAndObserveTransformNodeID(None)
+    plain = segmenter(mrml.volume_node_to_image(node))
+    assert np.array_equal(sitk.GetArrayViewFromImage(plain.labelmap), sitk.GetArrayViewFromImage(result.labelmap))

@@ -120,3 +120,15 @@ def test_install_and_remove_models(monkeypatch, tmp_path):
     assert name not in logic.modelNames()
     with pytest.raises(SegcoreError, match="bundled"):
         logic.removeModel(logic.defaultModel())
+
+
+def test_a_model_that_fails_to_load_is_named_and_adds_nothing(mrml_scene, pelvis_ct_path, tmp_path):
+    from segcore.errors import ModelPackageError
+
+    package = random_package(tmp_path / "prostate-broken")
+    (package.path / "stage2.safetensors").write_bytes(b"not weights")
+    volume = load_volume(mrml_scene, pelvis_ct_path)
+    before = mrml_scene.GetNumberOfNodes()
+    with pytest.raises(ModelPackageError, match="prostate-broken"):
+        ProstateSegmentationLogic().segmentVolume(volume, model=str(package.path), device="cpu")
+    assert mrml_scene.GetNumberOfNodes() == before

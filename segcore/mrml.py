@@ -126,6 +126,9 @@ def _labelmap_node(scene, voxels_kji: np.ndarray, volume_node):
     ijk_to_ras = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(ijk_to_ras)
     node.SetIJKToRASMatrix(ijk_to_ras)
+    # Under the volume's transform, so that importing it into a segmentation under that same
+    # transform moves no voxel.
+    node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
     image_data = vtk.vtkImageData()
     image_data.SetDimensions(voxels_kji.shape[::-1])
     flat = np.ascontiguousarray(voxels_kji, dtype=np.uint8).ravel()

@@ -239,10 +239,13 @@ class SegmentationWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
         parameters = self._parameterNode
         self.ui.resultLabel.text = ""
         try:
+            torchWasThere = dependencies.torchInstalled()
             dependencies.ensureDependencies(askConfirmation=not slicer.app.testingEnabled())
         except SegcoreError as error:
             slicer.util.errorDisplay(str(error), windowTitle="ProstateSeg")
             return
+        if not torchWasThere:
+            self.refreshDevices()  # a GPU can be offered now that torch is there
         self._setRunning(True)
         segmentation = None
         try:
