@@ -43,19 +43,11 @@ def small_phantom():
 
 @pytest.fixture
 def mrml_scene():
-    """A fresh MRML scene with the module logics Slicer sets up at start-up (slicer-core, no Qt):
-    colours, subject hierarchy, volumes (file loading) and segmentations (converters)."""
+    """A fresh MRML scene with the module logics Slicer sets up at start-up (slicer-core, no Qt)."""
     slicer = pytest.importorskip("slicer")
-    scene = slicer.vtkMRMLScene()
-    slicer.mrmlScene = scene  # what slicer.util and the console API expect
-    app_logic = slicer.vtkSlicerApplicationLogic()
-    app_logic.SetMRMLScene(scene)
-    logics = {"Colors": slicer.vtkSlicerColorLogic(), "SubjectHierarchy": slicer.vtkSlicerSubjectHierarchyModuleLogic(),
-              "Volumes": slicer.vtkSlicerVolumesLogic(), "Segmentations": slicer.vtkSlicerSegmentationsModuleLogic()}
-    for name, logic in logics.items():
-        logic.SetMRMLApplicationLogic(app_logic)
-        logic.SetMRMLScene(scene)
-        app_logic.SetModuleLogic(name, logic)
+    from segcore.mrml import standalone_scene
+
+    scene, logics = standalone_scene()
     scene.volumes_logic = logics["Volumes"]
     yield scene
     scene.Clear(1)

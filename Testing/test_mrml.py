@@ -243,7 +243,9 @@ def test_existing_segmentation_keeps_its_other_segments(mrml_scene, segmented):
     assert np.array_equal(segment_array("my bladder"), mine > 0)
     assert np.array_equal(segment_array("prostate"), sitk.GetArrayViewFromImage(result.labelmap) == 1)
 
+    count = mrml_scene.GetNumberOfNodes()
     both = mrml.segmentation_node_to_labelmap(existing, node, ["my bladder", "prostate"])
+    assert mrml_scene.GetNumberOfNodes() == count  # exporting leaves nothing behind in the scene
     values = sitk.GetArrayViewFromImage(both)
     assert np.array_equal(values == 18, mine > 0)  # a user's own segment gets a value after the catalogue's
     assert np.array_equal(values == 1, sitk.GetArrayViewFromImage(result.labelmap) == 1)

@@ -34,6 +34,27 @@ RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 DEFAULT_SMOOTHING = 0.5
 
 
+def standalone_scene():
+    """A scene with the module logics the Slicer application sets up at start-up (colours,
+    subject hierarchy, volumes, segmentations), for using MRML without the application:
+    tests, benchmarks and scripts with the ``slicer-core`` wheel. Returns (scene, logics by
+    module name); ``slicer.mrmlScene`` is set to the scene."""
+    scene = slicer.vtkMRMLScene()
+    slicer.mrmlScene = scene
+    application = slicer.vtkSlicerApplicationLogic()
+    application.SetMRMLScene(scene)
+    logics = {"Colors": slicer.vtkSlicerColorLogic(),
+              "SubjectHierarchy": slicer.vtkSlicerSubjectHierarchyModuleLogic(),
+              "Volumes": slicer.vtkSlicerVolumesLogic(),
+              "Segmentations": slicer.vtkSlicerSegmentationsModuleLogic()}
+    for name, logic in logics.items():
+        logic.SetMRMLApplicationLogic(application)
+        logic.SetMRMLScene(scene)
+        application.SetModuleLogic(name, logic)
+    logics["Application"] = application
+    return scene, logics
+
+
 # ----------------------------------------------------------------------- volume -> image
 
 
@@ -148,6 +169,11 @@ def _remove_nodes(scene, *nodes) -> None:
         if node.IsA("vtkMRMLStorableNode") and node.GetStorageNode() is not None:
             scene.RemoveNode(node.GetStorageNode())
         scene.RemoveNode(node)
+
+
+def _colour_table_ids(scene) -> set[str]:
+    return {scene.GetNthNodeByClass(n, "vtkMRMLColorTableNode").GetID()
+            for n in range(scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode"))}
 
 
 def _set_terminology(segment, structure: anatomy.Structure) -> None:
@@ -286,6 +312,7 @@ def segmentation_node_to_labelmap(segmentation_node, volume_node, names: Sequenc
         raise SegcoreError(f"segment names repeat in {list(names)}: give each segment once.")
     values = label_values(names)
     labels = np.zeros(volume_node.GetImageData().GetDimensions()[::-1], np.uint16)
+    colour_tables_before = _colour_table_ids(scene)
     labelmap_node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", scene.GenerateUniqueName("prostateseg-tmp"))
     try:
         for segment_id, value in zip(ids, values):
@@ -297,6 +324,8 @@ def segmentation_node_to_labelmap(segmentation_node, volume_node, names: Sequenc
             labels[_voxels_kji(labelmap_node) != 0] = value
     finally:
         _remove_nodes(scene, labelmap_node)
+        for node_id in _colour_table_ids(scene) - colour_tables_before:  # made by the export for its label map
+            scene.RemoveNode(scene.GetNodeByID(node_id))
     if labels.max(initial=0) <= np.iinfo(np.uint8).max:
         labels = labels.astype(np.uint8)
     return image_from_ijk_to_lps(labels, RAS_TO_LPS @ ijk_to_world_ras(volume_node), _node_label(volume_node))

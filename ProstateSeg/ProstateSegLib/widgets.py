@@ -114,6 +114,9 @@ class SegmentationWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
             self._selectComboData(self.ui.modelComboBox, self._parameterNode.model)
             self._selectComboData(self.ui.deviceComboBox, self._parameterNode.device)
+            # what the combo boxes show is what runs, also when a saved choice is not offered here
+            self.onModelChosen()
+            self.onDeviceChosen()
             self._checkCanApply()
 
     def _checkCanApply(self, caller=None, event=None):
@@ -153,7 +156,11 @@ class SegmentationWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
         comboBox = self.ui.deviceComboBox
         wasBlocked = comboBox.blockSignals(True)
         comboBox.clear()
-        gpu = dependencies.cudaAvailable()
+        try:
+            gpu = dependencies.cudaAvailable()
+        except Exception:  # a damaged torch must not break the panel; Segment reports it
+            logger.exception("ProstateSeg: could not check for a CUDA GPU")
+            gpu = False
         for text, value in DEVICES:
             if value != "cuda" or gpu:
                 comboBox.addItem(text, value)
@@ -231,6 +238,12 @@ class SegmentationWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = message[:1].upper() + message[1:]
         slicer.app.processEvents()  # keeps the panel alive and lets Cancel be clicked
 
+    def _showError(self, text, **kwargs):
+        if slicer.app.testingEnabled():  # a modal box would block a self-test; its assertions report it
+            logger.error(text)
+            return
+        slicer.util.errorDisplay(text, windowTitle="ProstateSeg", **kwargs)
+
     def onApplyButton(self):
         if self._running:
             self.logic.cancel()
@@ -242,37 +255,42 @@ class SegmentationWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
             torchWasThere = dependencies.torchInstalled()
             dependencies.ensureDependencies(askConfirmation=not slicer.app.testingEnabled())
         except SegcoreError as error:
-            slicer.util.errorDisplay(str(error), windowTitle="ProstateSeg")
+            self._showError(str(error))
+            return
+        except Exception as error:  # noqa: BLE001  pip or the PyTorch installer failed (offline, ...)
+            logger.error(traceback.format_exc())
+            self._showError(f"Installing the Python packages ProstateSeg needs failed: {error}",
+                            detailedText=traceback.format_exc())
             return
         if not torchWasThere:
             self.refreshDevices()  # a GPU can be offered now that torch is there
+        show3D = bool(parameters.show3D)
         self._setRunning(True)
-        segmentation = None
         try:
             segmentation = self.logic.segmentVolume(
                 parameters.inputVolume, model=parameters.model or None, device=parameters.device or "auto",
-                segmentationNode=parameters.outputSegmentation, show3D=parameters.show3D,
+                segmentationNode=parameters.outputSegmentation, show3D=show3D,
                 smoothing=parameters.smoothing, progress=self.onProgress)
+            self.showResult(segmentation, show3D)
         except Cancelled:
             self.ui.statusLabel.text = "Cancelled: nothing was added to the scene."
         except SegcoreError as error:
             self.ui.statusLabel.text = "Not segmented."
-            slicer.util.errorDisplay(str(error), windowTitle="ProstateSeg")
+            self._showError(str(error))
         except Exception as error:  # noqa: BLE001  a bug or a library failure: say so, details for the report
             logger.error(traceback.format_exc())
             self.ui.statusLabel.text = "Failed."
-            slicer.util.errorDisplay(f"Segmentation failed: {error}", windowTitle="ProstateSeg",
-                                     detailedText=traceback.format_exc())
-        else:
-            self.showResult(segmentation)
+            self._showError(f"Segmentation failed: {error}", detailedText=traceback.format_exc())
         finally:
             self._setRunning(False)
 
-    def showResult(self, segmentation):
+    def showResult(self, segmentation, show3D=True):
         result = self.logic.lastResult
         if segmentation is not None:
             self._lastSegmentation = segmentation
-            segmentation.GetDisplayNode().SetVisibility3D(bool(self._parameterNode.show3D))
+            if segmentation.GetDisplayNode() is None:
+                segmentation.CreateDefaultDisplayNodes()
+            segmentation.GetDisplayNode().SetVisibility3D(show3D)
         lines = [f"{s.name.replace('_', ' ')}: {s.volume_cc:.1f} cc" for s in result.segments]
         lines.append(f"confidence {result.confidence:.2f} ({result.timings.get('total', 0):.1f} s, model {result.model})")
         lines += result.messages
