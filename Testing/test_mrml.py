@@ -109,10 +109,7 @@ def test_unsuitable_nodes_are_refused_clearly(mrml_scene, pelvis_labels_path, sm
         mrml.volume_node_to_image(vector)
 
     flat = mrml_scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "one slice")
-    data = vtk.vtkImageData()
-    data.SetDimensions(64, 64, 1)
-    data.AllocateScalars(vtk.VTK_SHORT, 1)
-    flat.SetAndObserveImageData(data)
+    flat.SetAndObserveImageData(vtk_image(np.zeros((1, 64, 64), np.int16)))
     with pytest.raises(UnsupportedImageError, match="2-D image"):
         mrml.volume_node_to_image(flat)
 

@@ -36,7 +36,7 @@ from segcore.errors import (
     UnreadableImageError,
     UnsupportedImageError,
 )
-from segcore.image import as_labelmap, ijk_to_lps_matrix, image_from_ijk_to_lps, write_image
+from segcore.image import as_labelmap, grid_differences, ijk_to_lps_matrix, image_from_ijk_to_lps, write_image
 
 LABELMAP_FORMATS = ("seg.nrrd", "nii.gz", "nii", "nrrd")
 SURFACE_FORMATS = ("stl", "obj", "vtp", "ply")
@@ -161,8 +161,6 @@ def training_case_paths(folder, name: str, ext: str = ".nii.gz") -> tuple[Path, 
 def write_training_case(ct: sitk.Image, labels: sitk.Image, folder, name: str,
                         overwrite: bool = False) -> tuple[Path, Path]:
     """Write a CT and its label map (same grid) as one training case; neither file is written if either exists."""
-    from segcore.image import grid_differences
-
     differences = grid_differences(ct, labels, 1e-3)
     if differences:
         raise GeometryError("the label map is not on the CT's grid: " + "; ".join(differences))

@@ -25,7 +25,7 @@ from vtk.util.numpy_support import vtk_to_numpy
 from segcore import anatomy
 from segcore.errors import GeometryError, SegcoreError, UnsupportedImageError
 from segcore.export import terminology_entry
-from segcore.image import grid_differences, image_from_ijk_to_lps
+from segcore.image import ijk_to_lps_matrix, image_from_ijk_to_lps
 from segcore.result import Result
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -128,11 +128,14 @@ def volume_node_to_image(volume_node) -> sitk.Image:
     return image
 
 
-def _grid_of(volume_node) -> sitk.Image:
-    """An empty image with the volume node's grid (LPS world space), for geometry checks."""
-    size = volume_node.GetImageData().GetDimensions()
-    return image_from_ijk_to_lps(np.zeros(size[::-1], np.uint8), RAS_TO_LPS @ ijk_to_world_ras(volume_node),
-                                 _node_label(volume_node))
+def _check_on_grid(labelmap: sitk.Image, volume_node) -> None:
+    """Raise unless `labelmap` lies on the volume node's grid (LPS world space, like `volume_node_to_image`)."""
+    size = tuple(volume_node.GetImageData().GetDimensions())
+    expected = RAS_TO_LPS @ ijk_to_world_ras(volume_node)
+    if tuple(labelmap.GetSize()) != size or not np.allclose(ijk_to_lps_matrix(labelmap), expected, atol=1e-3):
+        raise GeometryError(f"the result does not lie on the grid of {_node_label(volume_node)}: size "
+                            f"{labelmap.GetSize()} vs {size}, IJK->LPS\n{ijk_to_lps_matrix(labelmap).round(3)}\nvs\n"
+                            f"{expected.round(3)}")
 
 
 # ----------------------------------------------------------------------- result -> node
@@ -214,10 +217,7 @@ def result_to_segmentation_node(result: Result, volume_node, segmentation_node=N
     """
     _check_volume_node(volume_node)
     scene = volume_node.GetScene()
-    differences = grid_differences(result.labelmap, _grid_of(volume_node), 1e-3)
-    if differences:
-        raise GeometryError(f"the result does not lie on the grid of {_node_label(volume_node)}: "
-                            + "; ".join(differences))
+    _check_on_grid(result.labelmap, volume_node)
     labels = sitk.GetArrayViewFromImage(result.labelmap)
 
     created = segmentation_node is None
