@@ -493,6 +493,30 @@ def resample_like(image: sitk.Image, reference: sitk.Image, interpolator: str = 
     )
 
 
+def resample_onto_part(image: sitk.Image, target: sitk.Image) -> tuple[tuple[slice, ...] | None, np.ndarray]:
+    """Linearly resample a small image onto only the part of a large target grid it reaches.
+
+    Returns the (z, y, x) slices of the target's array that the image's physical
+    box covers and the float32 values there (0 outside the image), or (None,
+    empty) when they do not meet. This keeps pasting a crop back onto a full CT
+    cheap whatever the CT's size or orientation."""
+    low, high = physical_bounds(image)
+    corners = [target.TransformPhysicalPointToContinuousIndex([float(c) for c in corner])
+               for corner in itertools.product(*zip(low, high))]
+    corners = np.asarray(corners)
+    size = np.asarray(target.GetSize())
+    first = np.clip(np.floor(corners.min(axis=0)).astype(int), 0, size)
+    last = np.clip(np.ceil(corners.max(axis=0)).astype(int) + 1, 0, size)
+    if np.any(last <= first):
+        return None, np.zeros((0, 0, 0), np.float32)
+    region = sitk.Image([int(v) for v in last - first], sitk.sitkUInt8)
+    region.SetSpacing(target.GetSpacing())
+    region.SetDirection(target.GetDirection())
+    region.SetOrigin(target.TransformIndexToPhysicalPoint([int(v) for v in first]))
+    values = sitk.GetArrayFromImage(resample_like(image, region, "linear", default_value=0.0))
+    return tuple(slice(a, b) for a, b in zip(first[::-1], last[::-1])), values
+
+
 def resample_to_spacing(image: sitk.Image, spacing_mm, interpolator: str = "linear",
                         default_value: float | None = None) -> sitk.Image:
     """Resample onto an axis-aligned (identity direction) grid of the given

@@ -256,22 +256,10 @@ def localise(probabilities: np.ndarray, coarse: sitk.Image, settings: PipelineSe
 
 def paste_back(probabilities: sitk.Image, target: sitk.Image, threshold: float) -> np.ndarray:
     """Resample crop probabilities onto the target grid (only where the crop reaches) and threshold."""
-    low, high = imageio.physical_bounds(probabilities)
-    corners = [target.TransformPhysicalPointToContinuousIndex([float(c) for c in corner])
-               for corner in np.array(np.meshgrid(*zip(low, high), indexing="ij")).reshape(3, -1).T]
-    corners = np.asarray(corners)
-    size = np.asarray(target.GetSize())
-    first = np.clip(np.floor(corners.min(axis=0)).astype(int), 0, size)
-    last = np.clip(np.ceil(corners.max(axis=0)).astype(int) + 1, 0, size)
-    mask = np.zeros(size[::-1], bool)
-    if np.any(last <= first):
-        return mask
-    region = sitk.Image([int(v) for v in last - first], sitk.sitkUInt8)
-    region.SetSpacing(target.GetSpacing())
-    region.SetDirection(target.GetDirection())
-    region.SetOrigin(target.TransformIndexToPhysicalPoint([int(v) for v in first]))
-    resampled = imageio.resample_like(probabilities, region, "linear", default_value=0.0)
-    mask[first[2]:last[2], first[1]:last[1], first[0]:last[0]] = sitk.GetArrayViewFromImage(resampled) > threshold
+    mask = np.zeros(target.GetSize()[::-1], bool)
+    where, values = imageio.resample_onto_part(probabilities, target)
+    if where is not None:
+        mask[where] = values > threshold
     return mask
 
 

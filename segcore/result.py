@@ -43,7 +43,9 @@ class Result:
     ``segments`` lists the structures found (empty when nothing was found);
     ``confidence`` (0-1) is the pipeline's overall certainty; ``messages`` say
     in words what a user should know (e.g. "no prostate found"); ``timings``
-    gives seconds per stage.
+    gives seconds per stage. ``contours`` holds, for pipelines that predict
+    contours natively (HMR-Net), each structure's closed planar contours as
+    (n, 3) arrays of LPS points in mm: what an RT Structure Set stores.
     """
 
     labelmap: sitk.Image
@@ -53,6 +55,7 @@ class Result:
     messages: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     details: dict = field(default_factory=dict)
+    contours: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
     @property
     def found(self) -> bool:

@@ -88,7 +88,7 @@ def merge(base: dict, update: dict) -> dict:
     return out
 
 
-FREE_FORM = ("arguments", "metric", "pipeline", "augment")  # checked by the constructors they feed
+FREE_FORM = ("arguments", "metric", "pipeline", "augment", "loss")  # checked by the constructors they feed
 
 
 def unknown_keys(config: dict, defaults: dict, where: str = "") -> list[str]:
@@ -101,10 +101,12 @@ def unknown_keys(config: dict, defaults: dict, where: str = "") -> list[str]:
     return problems
 
 
-def load_config(path: str | None, overrides: list[str]) -> dict:
+def load_config(path: str | None, overrides: list[str], defaults: dict | None = None,
+                script: str = "training/train_prostate.py") -> dict:
     import yaml
 
-    config = copy.deepcopy(DEFAULTS)
+    defaults = DEFAULTS if defaults is None else defaults
+    config = copy.deepcopy(defaults)
     if path:
         text = Path(path).read_text()
         config = merge(config, yaml.safe_load(text) or {})
@@ -117,10 +119,10 @@ def load_config(path: str | None, overrides: list[str]) -> dict:
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = yaml.safe_load(value)
-    unknown = unknown_keys(config, DEFAULTS)
+    unknown = unknown_keys(config, defaults)
     if unknown:
-        raise SegcoreError(f"unknown configuration keys: {', '.join(unknown)} (see DEFAULTS in "
-                           "training/train_prostate.py for the names)")
+        raise SegcoreError(f"unknown configuration keys: {', '.join(unknown)} (see DEFAULTS in {script} "
+                           "for the names)")
     return config
 
 

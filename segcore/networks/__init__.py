@@ -12,10 +12,11 @@ from ..errors import ModelPackageError
 
 
 def _registry() -> dict:
+    from .hmrnet import HMRNet
     from .metricunet import MetricUNet
     from .unet import UNet2p5D
 
-    return {"unet2p5d": UNet2p5D, "metricunet": MetricUNet}
+    return {"unet2p5d": UNet2p5D, "metricunet": MetricUNet, "hmrnet": HMRNet}
 
 
 def architectures() -> list[str]:
