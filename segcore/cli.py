@@ -18,6 +18,8 @@ EPILOG = """\
 examples:
   prostateseg segment ct.nii.gz -o results/         segment the prostate (bundled demo model)
   prostateseg segment scans/*.nii.gz dicom_dir/ -o results/ --formats seg.nrrd,stl
+  prostateseg organs ct.nii.gz -o results/          bladder, rectum, femoral heads, prostate, vesicles
+  prostateseg organs ct.nii.gz -o results/ --organs bladder,rectum
   prostateseg phantom cases/ -n 3 --seed 1          three synthetic pelvic CTs with labels
   prostateseg evaluate pred.nii.gz ref.nii.gz       DSC, ASD, HD, HD95, SEN, PPV, volumes
   prostateseg models list                           installed model packages
@@ -69,13 +71,24 @@ def _evaluate(args) -> int:
 
 
 def _segment(args) -> int:
+    from segcore.prostate import ProstateSegmenter
+
+    return _run_batch(ProstateSegmenter(args.model, args.device), args)
+
+
+def _organs(args) -> int:
+    from segcore.organs import OrganSegmenter
+
+    return _run_batch(OrganSegmenter(args.model, args.device, args.organs), args)
+
+
+def _run_batch(segmenter, args) -> int:
+    """Segment every input with one loaded model, a progress bar on stderr and a line per input."""
     from tqdm import tqdm
 
     from segcore.batch import segment_files
-    from segcore.prostate import ProstateSegmenter
 
     formats = [f.strip().lower().lstrip(".") for f in args.formats.split(",") if f.strip()]
-    segmenter = ProstateSegmenter(args.model, args.device)
     with tqdm(total=100, file=sys.stderr, disable=args.quiet, unit="%",
               bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}") as bar:
         def progress(done, total, name, message):
@@ -130,6 +143,18 @@ def _models(args) -> int:
     raise AssertionError(args.action)
 
 
+def _batch_arguments(p: argparse.ArgumentParser, default_model: str) -> None:
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="CT image file (NIfTI, NRRD, MHA, a DICOM file), DICOM series folder, or a folder of images")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output folder (created if missing)")
+    p.add_argument("--model", help=f"model package name or folder (default: {default_model})")
+    p.add_argument("--device", default="auto", help="auto (GPU when available), cpu or cuda (default auto)")
+    p.add_argument("--formats", default="seg.nrrd,nii.gz",
+                   help="comma-separated outputs: seg.nrrd, nii.gz, nii, nrrd (label maps), stl, obj, vtp, ply "
+                   "(surfaces); default seg.nrrd,nii.gz")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (never done otherwise)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prostateseg",
@@ -153,16 +178,24 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Model packages: `prostateseg models list`. The bundled default is demo weights trained on "
         "synthetic phantoms, not validated on patient data.",
     )
-    p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="CT image file (NIfTI, NRRD, MHA, a DICOM file), DICOM series folder, or a folder of images")
-    p.add_argument("-o", "--output", type=Path, required=True, help="output folder (created if missing)")
-    p.add_argument("--model", help="model package name or folder (default: the bundled prostate demo model)")
-    p.add_argument("--device", default="auto", help="auto (GPU when available), cpu or cuda (default auto)")
-    p.add_argument("--formats", default="seg.nrrd,nii.gz",
-                   help="comma-separated outputs: seg.nrrd, nii.gz, nii, nrrd (label maps), stl, obj, vtp, ply "
-                   "(surfaces); default seg.nrrd,nii.gz")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (never done otherwise)")
+    _batch_arguments(p, "the bundled prostate demo model")
     p.set_defaults(run=_segment)
+
+    p = commands.add_parser(
+        "organs", help="segment the pelvic organs (bladder, rectum, femoral heads, prostate, seminal vesicles)",
+        description="HMR-Net multi-organ segmentation: on every axial slice the network detects each organ and "
+        "regresses its contour; the contours are made consistent from slice to slice, filled, and placed on "
+        "each input's own voxel grid. Outputs are named as for `prostateseg segment`: INPUT_seg.<format> "
+        "(one label per organ), INPUT_seg_<organ>.<format> for surfaces, INPUT_seg.json. "
+        "A batch goes on past a bad input; the exit code is 1 if any input failed.",
+        epilog="The bundled default is demo weights trained on synthetic phantoms, not validated on patient "
+        "data. Organ names: prostate, bladder, rectum, femoral_head_left, femoral_head_right, "
+        "seminal_vesicles (what a model offers: `prostateseg models info NAME`).",
+    )
+    _batch_arguments(p, "the bundled multi-organ demo model")
+    p.add_argument("--organs", help="comma-separated organs to segment, e.g. bladder,rectum (default: all the "
+                   "model offers)")
+    p.set_defaults(run=_organs)
 
     p = commands.add_parser(
         "phantom", help="write synthetic labelled pelvic CTs (the digital phantom)",
