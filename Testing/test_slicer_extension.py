@@ -18,7 +18,8 @@ import pytest
 import tomllib
 from conftest import ROOT
 
-MODULES = ["ProstateSeg"]
+MODULES = ["ProstateSeg", "HMRNetOrgans"]
+SHARED_LIB = ROOT / "ProstateSeg" / "ProstateSegLib"   # the panel and logic every module uses
 # What a module file may import at module scope: the standard library, what Slicer
 # provides, the extension's own shared library and segcore's error classes.
 ALLOWED_ROOTS = set(sys.stdlib_module_names) | {"vtk", "qt", "ctk", "slicer", "ProstateSegLib"}
@@ -42,9 +43,9 @@ def test_widget_names_used_in_code_exist_in_the_ui(module):
     ui = ElementTree.parse(ROOT / module / "Resources" / "UI" / f"{module}.ui")
     names = {w.get("name") for w in ui.iter("widget")}
     used = set()
-    for path in [ROOT / module / f"{module}.py", *(ROOT / module / f"{module}Lib").glob("*.py")]:
+    for path in [ROOT / module / f"{module}.py", *SHARED_LIB.glob("*.py")]:
         used |= set(re.findall(r"self\.ui\.(\w+)", path.read_text()))
-    from_lists = set(re.findall(r'"(\w+)"', (ROOT / module / f"{module}Lib" / "widgets.py").read_text()
+    from_lists = set(re.findall(r'"(\w+)"', (SHARED_LIB / "widgets.py").read_text()
                                 .split("REQUIRED_WIDGETS = (")[1].split(")")[0]))
     assert used, "no widget use found: the check is broken"
     assert not (used | from_lists) - names, f"used in code but missing from {module}.ui"
@@ -99,7 +100,7 @@ def module_scope_imports(path):
 
 @pytest.mark.parametrize("module", MODULES)
 def test_module_files_import_nothing_heavy_at_module_scope(module):
-    files = [ROOT / module / f"{module}.py", *sorted((ROOT / module / f"{module}Lib").glob("*.py")),
+    files = [ROOT / module / f"{module}.py", *sorted(SHARED_LIB.glob("*.py")),
              *sorted((ROOT / module / "Testing" / "Python").glob("*.py"))]
     for path in files:
         for name, line in module_scope_imports(path):

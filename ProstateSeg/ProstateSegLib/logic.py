@@ -171,3 +171,46 @@ class ProstateSegmentationLogic(SegmentationLogicBase):
         from segcore.prostate import ProstateSegmenter
 
         return ProstateSegmenter(model, device)
+
+
+class OrganSegmentationLogic(SegmentationLogicBase):
+    """The HMR-Net multi-organ pipeline (HMRNetOrgans module). `organs` (names, None for all the model
+    offers) chooses what segmentVolume and segmentFiles deliver."""
+
+    task = "organs"
+
+    def defaultModel(self):
+        from segcore.organs import DEFAULT_MODEL
+
+        return DEFAULT_MODEL
+
+    def makeSegmenter(self, model, device):
+        from segcore.organs import OrganSegmenter
+
+        return OrganSegmenter(model, device)
+
+    def organNames(self, model=None):
+        """The organs a model offers, in its order, read from its package (the network is not loaded)."""
+        from segcore.organs import OrganSettings, open_model
+
+        package = open_model(model or self.defaultModel())
+        return list(OrganSettings.from_package(package).organ_classes)
+
+    def _chosen(self, model, device, organs):
+        from segcore.organs import choose_organs
+
+        segmenter = self.segmenter(model, device)
+        segmenter.organs = choose_organs(segmenter.offered, organs)
+        return segmenter
+
+    def segmentVolume(self, volumeNode, model=None, device="auto", segmentationNode=None, show3D=True,
+                      smoothing=0.5, progress=None, organs=None):
+        """As for the prostate (see SegmentationLogicBase.segmentVolume), for the chosen `organs`."""
+        self._chosen(model, device, organs)
+        return super().segmentVolume(volumeNode, model, device, segmentationNode, show3D, smoothing, progress)
+
+    def segmentFiles(self, paths, outputDir, model=None, device="auto", formats=("seg.nrrd",), overwrite=False,
+                     progress=None, organs=None):
+        """As `prostateseg organs` does, for the chosen `organs`."""
+        self._chosen(model, device, organs)
+        return super().segmentFiles(paths, outputDir, model, device, formats, overwrite, progress)

@@ -40,6 +40,10 @@ class SegmentationWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def createLogic(self):
         raise NotImplementedError
 
+    def segmentOptions(self):
+        """Extra keyword arguments for the logic's segmentVolume (a module with more choices adds them)."""
+        return {}
+
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
@@ -270,7 +274,7 @@ class SegmentationWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
             segmentation = self.logic.segmentVolume(
                 parameters.inputVolume, model=parameters.model or None, device=parameters.device or "auto",
                 segmentationNode=parameters.outputSegmentation, show3D=show3D,
-                smoothing=parameters.smoothing, progress=self.onProgress)
+                smoothing=parameters.smoothing, progress=self.onProgress, **self.segmentOptions())
             self.showResult(segmentation, show3D)
         except Cancelled:
             self.ui.statusLabel.text = "Cancelled: nothing was added to the scene."
