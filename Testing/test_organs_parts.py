@@ -8,6 +8,8 @@ import pytest
 import SimpleITK as sitk
 
 from segcore import image as imageio
+from segcore.anatomy import structure
+from segcore.errors import SegcoreError
 from segcore.organs import (
     OrganSettings,
     OrganTrack,
@@ -19,8 +21,6 @@ from segcore.organs import (
     slice_grid,
 )
 from segcore.postprocess import polygon_mask
-from segcore.anatomy import structure
-from segcore.errors import SegcoreError
 
 
 def test_polygon_mask_by_hand():

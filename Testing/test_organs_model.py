@@ -1,0 +1,146 @@
+"""The bundled HMR-Net demo model through `segcore.segment_organs` and `prostateseg organs`: accuracy on a
+held-out phantom, the same organs for any storage order, chosen organs only, contours in LPS, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from segcore import anatomy, metrics, packages
+from segcore.cli import main as cli
+from segcore.errors import ModelPackageError, NotCTError, SegcoreError
+from segcore.organs import DEFAULT_MODEL, OrganSegmenter, segment_organs
+
+
+@pytest.fixture(scope="module")
+def segmenter():
+    return OrganSegmenter(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def held_out():
+    from segcore.phantom import make_phantom
+
+    return make_phantom(9210, matrix=512)   # not among the training (2000-2039) or validation (6000-6002) seeds
+
+
+@pytest.fixture(scope="module")
+def held_out_result(segmenter, held_out):
+    return segmenter(held_out.ct)
+
+
+def dice(result, case, name):
+    value = anatomy.structure(name).value
+    pred = sitk.GetArrayViewFromImage(result.labelmap) == value
+    ref = sitk.GetArrayViewFromImage(case.labels) == value
+    return metrics.mask_metrics(pred, ref, case.ct.GetSpacing()[::-1]).dsc
+
+
+def test_bundled_model_offers_the_pelvic_organs(segmenter):
+    assert segmenter.package.name == DEFAULT_MODEL and segmenter.package.task == "organs"
+    assert [s.name for s in segmenter.structures] == list(anatomy.TARGET_NAMES)
+    assert "not validated on patient data" in segmenter.package.description
+
+
+@pytest.mark.parametrize("name, floor", [("bladder", 0.8), ("femoral_head_left", 0.8), ("femoral_head_right", 0.8),
+                                         ("prostate", 0.7), ("rectum", 0.65)])
+def test_held_out_phantom_organs(held_out_result, held_out, name, floor):
+    assert held_out_result.labelmap.GetSize() == held_out.ct.GetSize()
+    assert dice(held_out_result, held_out, name) > floor
+
+
+def test_contours_are_planar_lps_polygons_on_the_organ(held_out_result, held_out):
+    contours = held_out_result.contours["bladder"]
+    assert contours and all(c.shape[1] == 3 for c in contours)
+    z = [float(np.ptp(c[:, 2])) for c in contours]
+    assert max(z) == 0.0                                     # each contour lies on one axial plane
+    points = np.concatenate(contours)
+    labels = held_out.labels
+    inside = 0
+    for point in points[:: max(1, len(points) // 200)]:
+        index = labels.TransformPhysicalPointToIndex([float(v) for v in point])
+        near = sitk.GetArrayViewFromImage(labels)[
+            max(0, index[2] - 1):index[2] + 2, max(0, index[1] - 3):index[1] + 4, max(0, index[0] - 3):index[0] + 4]
+        inside += bool((near == anatomy.structure("bladder").value).any())
+    assert inside / len(points[:: max(1, len(points) // 200)]) > 0.9    # on the bladder's boundary
+
+
+def test_any_storage_order_gives_the_same_organs(segmenter, held_out, held_out_result):
+    flipped = sitk.Flip(sitk.PermuteAxes(held_out.ct, [1, 0, 2]), [True, False, True])
+    result = segmenter(flipped)
+    back = sitk.Resample(result.labelmap, held_out.ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    for name in ("bladder", "femoral_head_left", "prostate"):
+        value = anatomy.structure(name).value
+        a = sitk.GetArrayViewFromImage(back) == value
+        b = sitk.GetArrayViewFromImage(held_out_result.labelmap) == value
+        assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.95, name
+
+
+def test_chosen_organs_only(held_out):
+    result = segment_organs(held_out.ct, organs="bladder,femoral_head_left", device="cpu")
+    values = set(np.unique(sitk.GetArrayViewFromImage(result.labelmap))) - {0}
+    assert values == {anatomy.structure("bladder").value, anatomy.structure("femoral_head_left").value}
+    assert [s.name for s in result.segments] == ["bladder", "femoral_head_left"]
+    with pytest.raises(SegcoreError, match="offers no 'liver'"):
+        segment_organs(held_out.ct, organs=["liver"], device="cpu")
+
+
+def test_mr_like_input_is_refused(held_out):
+    mr = sitk.Cast(sitk.RescaleIntensity(held_out.ct, 0, 800), sitk.sitkInt16)
+    with pytest.raises(NotCTError):
+        segment_organs(mr, device="cpu")
+
+
+def test_no_pelvis_in_view_finds_nothing_or_says_so(segmenter):
+    """A body of fat and muscle with no organs (like an upper-thigh or neck slab)."""
+    size = (256, 256, 40)
+    yy, xx = np.mgrid[:256, :256]
+    body = ((yy - 128) / 90.0) ** 2 + ((xx - 128) / 110.0) ** 2 < 1
+    muscle = ((yy - 128) / 60.0) ** 2 + ((xx - 128) / 80.0) ** 2 < 1
+    slab = np.where(muscle, 45, np.where(body, -100, -1000)).astype(np.int16)
+    rng = np.random.default_rng(0)
+    volume = np.repeat(slab[None], size[2], axis=0) + rng.normal(0, 10, (size[2], 256, 256)).astype(np.int16)
+    ct = sitk.GetImageFromArray(volume)
+    ct.SetSpacing((1.5, 1.5, 3.0))
+    result = segmenter(ct)
+    assert result.confidence < 0.5 or not result.found
+    assert any("found" in m for m in result.messages)
+
+
+def test_damaged_package_is_named(tmp_path, held_out):
+    copy = tmp_path / "organs-damaged"
+    shutil.copytree(packages.open_package(DEFAULT_MODEL).path, copy)
+    weights = copy / "hmrnet.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100:] = b"\0" * 100
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelPackageError, match="organs-hmrnet-demo"):
+        OrganSegmenter(copy, device="cpu")
+
+
+def test_prostate_models_are_refused_for_organs():
+    with pytest.raises(ModelPackageError, match="not 'organs'"):
+        OrganSegmenter("prostate-metricunet-demo", device="cpu")
+
+
+def test_cli_organs_writes_chosen_organs(tmp_path, held_out, capsys):
+    path = tmp_path / "case_ct.nii.gz"
+    sitk.WriteImage(held_out.ct, str(path))
+    out = tmp_path / "out"
+    assert cli(["-q", "organs", str(path), "-o", str(out), "--organs", "bladder,rectum",
+                "--formats", "seg.nrrd,nii.gz,stl", "--device", "cpu"]) == 0
+    labelmap = sitk.ReadImage(str(out / "case_ct_seg.nii.gz"))
+    assert labelmap.GetSize() == held_out.ct.GetSize()
+    assert set(np.unique(sitk.GetArrayViewFromImage(labelmap))) <= {0, 2, 3}
+    assert (out / "case_ct_seg_bladder.stl").is_file()
+    report = json.loads((out / "case_ct_seg.json").read_text())
+    assert {s["name"] for s in report["segments"]} <= {"bladder", "rectum"}
+    assert "bladder" in capsys.readouterr().out
+    # Nothing is overwritten without --overwrite; unknown organs get a clear error.
+    assert cli(["-q", "organs", str(path), "-o", str(out), "--device", "cpu"]) == 1
+    assert cli(["-q", "organs", str(path), "-o", str(tmp_path / "o2"), "--organs", "liver"]) == 1
+    assert "offers no 'liver'" in capsys.readouterr().err

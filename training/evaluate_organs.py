@@ -1,0 +1,245 @@
+"""Evaluate a multi-organ model: held-out phantoms (accuracy per organ) and the real pelvic CT.
+
+    python -m training.evaluate_organs phantoms --seed 9200 --cases 20 --record
+    python -m training.evaluate_organs real ../shared/data/real/pelvis_ct/example_ct.nii.gz \\
+        ../shared/data/real/pelvis_ct/example_seg_v1.nii.gz --picture docs/real_ct_organs.png
+
+Phantoms: the full pipeline on each case's own grid, DSC, HD and HD95 per organ
+against the phantom's labels; mAP50-95 of the slice detections on the canonical
+slice grid (the boxes the network is trained to find).
+
+Real CT (TotalSegmentator v1 reference): the bladder against label 104. The
+reference has whole femurs (88 left, 89 right) but no femoral heads, so each
+femoral head is compared with the part of its femur that lies inside a sphere:
+centre and radius from a sphere fitted (least squares) to the femur's surface
+voxels in its top 30 mm, which is the head's dome; the sphere is grown by 2 mm
+to hold the whole head. DSC and HD95 of our femoral head against that part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from segcore import anatomy, metrics
+from segcore.errors import SegcoreError
+from segcore.organs import OrganSegmenter
+
+from .evaluate_prostate import TS_BLADDER, TS_FEMUR_LEFT, TS_FEMUR_RIGHT
+
+ORGAN_METRICS = ("dsc", "hd", "hd95")
+
+
+def evaluate_phantoms(segmenter: OrganSegmenter, seed: int, cases: int, matrix: int = 512, log=print) -> dict:
+    import torch
+
+    from segcore.phantom import make_phantom
+    from training.data import phantom_sources
+    from training.train_hmrnet import DEFAULTS, cached_case, detection_map, make_batch
+
+    rows = []
+    found_all, truth_all = [], []
+    config = {**DEFAULTS, "arguments": {"points": segmenter.network.points}}
+    for n, source in enumerate(phantom_sources(seed, cases, matrix)):
+        case = make_phantom(source.phantom_seed, matrix=matrix)
+        tick = time.perf_counter()
+        result = segmenter(case.ct)
+        seconds = time.perf_counter() - tick
+        pred = sitk.GetArrayViewFromImage(result.labelmap)
+        ref = sitk.GetArrayViewFromImage(case.labels)
+        row = {"seed": source.phantom_seed, "seconds": seconds, "confidence": result.confidence}
+        for structure in segmenter.organs:
+            if not (ref == structure.value).any():
+                continue
+            score = metrics.mask_metrics(pred == structure.value, ref == structure.value, case.ct.GetSpacing()[::-1])
+            row[structure.name] = {k: getattr(score, k) for k in ORGAN_METRICS}
+        rows.append(row)
+        log(f"seed {source.phantom_seed}: " + ", ".join(
+            f"{s.name} {row[s.name]['dsc']:.3f}" for s in segmenter.organs if s.name in row) + f" ({seconds:.1f} s)")
+        # Slice detections on the canonical grid, for mAP.
+        prepared = cached_case(source, segmenter.settings, DEFAULTS["canvas_margin"], DEFAULTS["cache"])
+        rng = np.random.default_rng(0)
+        for start in range(0, prepared["ct"].shape[0], 8):
+            picks = [(0, k) for k in range(start, min(prepared["ct"].shape[0], start + 8))]
+            x, targets = make_batch([prepared], picks, config, segmenter.settings, rng, None, train=False)
+            with torch.inference_mode():
+                found_all += segmenter.network(x.to(segmenter.device))
+            truth_all += targets
+    summary = {}
+    for structure in segmenter.organs:
+        for key in ORGAN_METRICS:
+            values = [r[structure.name][key] for r in rows if structure.name in r]
+            values = [v if v is not None else float("nan") for v in values]
+            if values:
+                summary.setdefault(structure.name, {})[key] = {
+                    "mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
+    per_class = {}
+    for index, name in enumerate(segmenter.settings.organ_classes, start=1):
+        only = [type(d)(d.boxes[d.labels == index], d.labels[d.labels == index], d.scores[d.labels == index],
+                        d.points[d.labels == index]) for d in found_all]
+        truth = [{k: v[t["labels"] == index] for k, v in t.items()} for t in truth_all]
+        per_class[name] = detection_map(only, truth, len(segmenter.settings.organ_classes))
+    for name, value in per_class.items():
+        summary.setdefault(name, {})["map50_95"] = value
+    seconds = [r["seconds"] for r in rows]
+    return {"model": segmenter.package.name, "seeds": [seed, seed + cases - 1], "matrix": matrix,
+            "summary": summary, "seconds": {"mean": float(np.mean(seconds)), "max": float(np.max(seconds))},
+            "cases": rows}
+
+
+def femoral_head_reference(femur: np.ndarray, spacing_zyx, top_mm: float = 30.0, grow_mm: float = 2.0) -> np.ndarray:
+    """The femoral-head part of a femur mask (z, y, x; z runs inferior -> superior): femur voxels inside the
+    sphere fitted to the surface of its top ``top_mm``, grown by ``grow_mm``."""
+    from scipy import ndimage
+
+    if not femur.any():
+        return femur
+    sz, sy, sx = spacing_zyx
+    k = np.flatnonzero(femur.any(axis=(1, 2)))
+    top = k.max()
+    dome = femur.copy()
+    dome[: max(0, top - int(round(top_mm / sz)) + 1)] = False
+    surface = dome & ~ndimage.binary_erosion(dome)
+    points = np.argwhere(surface) * [sz, sy, sx]
+    # Least-squares sphere: |p|^2 = 2 c.p + (r^2 - |c|^2), linear in c and the constant.
+    a = np.hstack([2 * points, np.ones((len(points), 1))])
+    b = (points ** 2).sum(axis=1)
+    solution, *_ = np.linalg.lstsq(a, b, rcond=None)
+    centre = solution[:3]
+    radius = float(np.sqrt(solution[3] + centre @ centre)) + grow_mm
+    zz, yy, xx = np.indices(femur.shape, sparse=True)
+    inside = ((zz * sz - centre[0]) ** 2 + (yy * sy - centre[1]) ** 2 + (xx * sx - centre[2]) ** 2) <= radius ** 2
+    return femur & inside
+
+
+def evaluate_real(segmenter: OrganSegmenter, ct: sitk.Image, reference: sitk.Image) -> tuple[dict, sitk.Image]:
+    from segcore.image import canonicalize
+
+    result = segmenter(ct)
+    pred_c, _ = canonicalize(result.labelmap)
+    ref_c, _ = canonicalize(sitk.Cast(reference, sitk.sitkUInt8))
+    pred, ref = sitk.GetArrayFromImage(pred_c), sitk.GetArrayFromImage(ref_c)
+    spacing = pred_c.GetSpacing()[::-1]
+    out = {"model": segmenter.package.name, "confidence": result.confidence, "messages": result.messages,
+           "seconds": result.timings.get("total"), "organs": {}}
+    pairs = [("bladder", ref == TS_BLADDER, "TotalSegmentator label 104 (urinary bladder)")]
+    for name, value in (("femoral_head_left", TS_FEMUR_LEFT), ("femoral_head_right", TS_FEMUR_RIGHT)):
+        # canonicalize gives LPS with z from inferior to superior, as femoral_head_reference expects
+        pairs.append((name, femoral_head_reference(ref == value, spacing),
+                      f"femoral-head part (fitted sphere + 2 mm) of TotalSegmentator label {value}"))
+    for name, reference_mask, how in pairs:
+        value = anatomy.structure(name).value
+        score = metrics.mask_metrics(pred == value, reference_mask, spacing)
+        out["organs"][name] = {"dsc": score.dsc, "hd95": score.hd95, "reference": how,
+                               "predicted_cc": float((pred == value).sum() * np.prod(spacing) / 1000),
+                               "reference_cc": float(reference_mask.sum() * np.prod(spacing) / 1000)}
+    return out, result.labelmap
+
+
+def draw_real_ct(ct: sitk.Image, prediction: sitk.Image, reference: sitk.Image, path: Path) -> None:
+    """A coronal slice through the femoral heads and an axial slice through the bladder: predicted organs
+    filled, the reference bladder and femurs outlined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from segcore.image import canonicalize
+
+    a = sitk.GetArrayFromImage(canonicalize(ct)[0])
+    p = sitk.GetArrayFromImage(canonicalize(prediction)[0])
+    r = sitk.GetArrayFromImage(canonicalize(sitk.Cast(reference, sitk.sitkUInt8))[0])
+    spacing = canonicalize(ct)[0].GetSpacing()
+    heads = np.isin(p, [4, 5])
+    j = int(np.nonzero(heads)[1].mean()) if heads.any() else a.shape[1] // 2
+    bladder = p == 2
+    k = int(np.nonzero(bladder)[0].mean()) if bladder.any() else a.shape[0] // 2
+    views = [("coronal", a[:, j][::-1], p[:, j][::-1], r[:, j][::-1], spacing[2] / spacing[0]),
+             ("axial", a[k], p[k], r[k], spacing[1] / spacing[0])]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 6))
+    for ax, (title, img, pm, rm, aspect) in zip(axes, views):
+        ax.imshow(np.clip(img, -160, 240), cmap="gray", aspect=aspect)
+        overlay = np.zeros(pm.shape + (4,))
+        for structure in anatomy.STRUCTURES[:6]:
+            overlay[pm == structure.value] = [*(c / 255 for c in structure.color), 0.45]
+        ax.imshow(overlay, aspect=aspect)
+        for value, colour in ((TS_BLADDER, "yellow"), (TS_FEMUR_LEFT, "cyan"), (TS_FEMUR_RIGHT, "cyan")):
+            if (rm == value).any():
+                ax.contour(rm == value, levels=[0.5], colors=colour, linewidths=0.8)
+        ax.set_title(f"{title}: predicted organs filled; reference bladder (yellow) and femurs (cyan)", fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def record_organs_in_package(folder: Path, out: dict) -> None:
+    """Add the held-out summary to model.json (not hashed: only weights files are) and re-validate it."""
+    from segcore.packages import MANIFEST_NAME, ModelPackage
+
+    path = Path(folder) / MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    manifest["validation"]["held_out_phantoms"] = {
+        "seeds": out["seeds"], "cases": len(out["cases"]), "matrix": out["matrix"],
+        "metric_grid": "each case's own grid (mAP: slice detections on the canonical slice grid)",
+        "organs": {name: {k: ({"mean": round(v["mean"], 4), "sd": round(v["sd"], 4)} if isinstance(v, dict)
+                              else round(v, 4)) for k, v in values.items()}
+                   for name, values in out["summary"].items()},
+    }
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.replace(path)
+    ModelPackage.load(folder)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.evaluate_organs", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", help="model package (default: the bundled default)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("phantoms", help="DSC, HD, HD95 and mAP50-95 per organ on held-out phantoms")
+    p.add_argument("--seed", type=int, default=9200)
+    p.add_argument("--cases", type=int, default=20)
+    p.add_argument("--matrix", type=int, default=512)
+    p.add_argument("--record", action="store_true",
+                   help="also write the summary into the package's model.json (validation.held_out_phantoms)")
+    p = sub.add_parser("real", help="bladder and femoral heads on a real CT with a TotalSegmentator v1 reference")
+    p.add_argument("ct", type=Path)
+    p.add_argument("reference", type=Path)
+    p.add_argument("--picture", type=Path, help="also draw the result here (PNG)")
+    args = parser.parse_args(argv)
+    try:
+        segmenter = OrganSegmenter(args.model, args.device)
+        if args.what == "phantoms":
+            out = evaluate_phantoms(segmenter, args.seed, args.cases, args.matrix)
+            for name, values in out["summary"].items():
+                print(f"{name:20s} " + "  ".join(
+                    f"{k} {v['mean']:.3f} ± {v['sd']:.3f}" if isinstance(v, dict) else f"{k} {v:.3f}"
+                    for k, v in values.items()))
+            print(f"seconds per case: mean {out['seconds']['mean']:.1f}, max {out['seconds']['max']:.1f}")
+            if args.record:
+                record_organs_in_package(segmenter.package.path, out)
+        else:
+            ct = sitk.ReadImage(str(args.ct))
+            reference = sitk.ReadImage(str(args.reference))
+            out, labelmap = evaluate_real(segmenter, ct, reference)
+            print(json.dumps(out, indent=1))
+            if args.picture:
+                draw_real_ct(ct, labelmap, reference, args.picture)
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=1, default=float))
+    except SegcoreError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
