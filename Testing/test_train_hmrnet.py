@@ -15,9 +15,9 @@ from training import train_hmrnet as th
 TINY = [
     "data.cases=2", "data.validation_cases=1", "data.matrix=96", "iterations=3", "validate_every=3",
     "batch_size=2", "name=organs-tiny",
-    'arguments={num_classes: 6, in_channels: 1, depth: 18, widths: [8, 8, 16, 16], channels: 16, points: 16, '
-    'anchor_sizes: [16, 32, 64, 128], box_fc: 32, shape_roi: 6, shape_convs: [8, 8], shape_fc: 32, '
-    'shape_fc_layers: 2, rpn_pre_nms: 200, rpn_post_nms: 20, max_detections: 8, canonical_roi: 56}',
+    ("arguments={num_classes: 6, in_channels: 1, depth: 18, widths: [8, 8, 16, 16], channels: 16, points: 16, "
+     "anchor_sizes: [16, 32, 64, 128], box_fc: 32, shape_roi: 6, shape_convs: [8, 8], shape_fc: 32, "
+     "shape_fc_layers: 2, rpn_pre_nms: 200, rpn_post_nms: 20, max_detections: 8, canonical_roi: 56}"),
     "pipeline.size=128",
 ]
 

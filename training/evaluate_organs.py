@@ -104,7 +104,7 @@ def femoral_head_reference(femur: np.ndarray, spacing_zyx, top_mm: float = 30.0,
     k = np.flatnonzero(femur.any(axis=(1, 2)))
     top = k.max()
     dome = femur.copy()
-    dome[: max(0, top - int(round(top_mm / sz)) + 1)] = False
+    dome[: max(0, top - round(top_mm / sz) + 1)] = False
     surface = dome & ~ndimage.binary_erosion(dome)
     points = np.argwhere(surface) * [sz, sy, sx]
     # Least-squares sphere: |p|^2 = 2 c.p + (r^2 - |c|^2), linear in c and the constant.
