@@ -285,3 +285,38 @@ def test_volume_under_a_linear_transform_gets_its_segmentation_there(mrml_scene,
     node.SetAndObserveTransformNodeID(None)
     plain = segmenter(mrml.volume_node_to_image(node))
     assert np.array_equal(sitk.GetArrayViewFromImage(plain.labelmap), sitk.GetArrayViewFromImage(result.labelmap))
+
+
+def test_several_segments_keep_their_own_voxels_and_label_values(mrml_scene, small_phantom, tmp_path):
+    """Organs with non-consecutive catalogue values (bladder 2, femoral head 4): each segment holds exactly
+    its organ's voxels, carries its catalogue label value, and so does the .seg.nrrd its storage node writes.
+    (Setting a label value in a shared labelmap used to hand the segment another organ's voxels.)"""
+    slicerio = pytest.importorskip("slicerio")
+    from segcore.result import Result, SegmentResult
+
+    path = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(small_phantom.ct, str(path))
+    volume = load_volume(mrml_scene, path)
+    labels = sitk.GetArrayFromImage(small_phantom.labels)
+    wanted = np.where(np.isin(labels, [2, 4]), labels, 0).astype(np.uint8)
+    labelmap = sitk.GetImageFromArray(wanted)
+    labelmap.CopyInformation(small_phantom.ct)
+    for order in ([2, 4], [4, 2]):
+        result = Result(labelmap, [SegmentResult(anatomy.structure(v), 1.0, 1.0) for v in order], 1.0, "test")
+        node = mrml.result_to_segmentation_node(result, volume, show_3d=False)
+        back = sitk.GetArrayFromImage(mrml.segmentation_node_to_labelmap(node, volume))
+        assert np.array_equal(back, wanted), order
+        segmentation = node.GetSegmentation()
+        for value in order:
+            name = anatomy.structure(value).name
+            assert segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName(name)).GetLabelValue() == value
+    storage = node.CreateDefaultStorageNode()
+    storage.SetFileName(str(tmp_path / "organs.seg.nrrd"))
+    assert storage.WriteData(node)
+    written = slicerio.read_segmentation(str(tmp_path / "organs.seg.nrrd"))
+    assert {s["name"]: s["labelValue"] for s in written["segments"]} == {"femoral_head_left": 4, "bladder": 2}
+    from segcore.export import read_seg_nrrd
+
+    read_back, _ = read_seg_nrrd(tmp_path / "organs.seg.nrrd")
+    on_grid = sitk.Resample(read_back, labelmap, sitk.Transform(), sitk.sitkNearestNeighbor)
+    assert np.array_equal(sitk.GetArrayViewFromImage(on_grid), wanted)

@@ -132,3 +132,30 @@ def test_a_model_that_fails_to_load_is_named_and_adds_nothing(mrml_scene, pelvis
     with pytest.raises(ModelPackageError, match="prostate-broken"):
         ProstateSegmentationLogic().segmentVolume(volume, model=str(package.path), device="cpu")
     assert mrml_scene.GetNumberOfNodes() == before
+
+
+# --------------------------------------------------------------------------- HMRNetOrgans' logic
+
+
+def test_organ_logic_segments_the_chosen_organs_on_the_real_ct(mrml_scene, pelvis_ct_path, tmp_path):
+    from ProstateSegLib.logic import OrganSegmentationLogic
+
+    organs = OrganSegmentationLogic()
+    assert organs.defaultModel() in organs.modelNames()
+    assert organs.organNames()[:3] == ["prostate", "bladder", "rectum"]
+    volume = load_volume(mrml_scene, pelvis_ct_path)
+    node = organs.segmentVolume(volume, device="cpu", organs=["bladder", "femoral_head_left"])
+    segmentation = node.GetSegmentation()
+    names = sorted(segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments()))
+    assert names == ["bladder", "femoral_head_left"]
+    exported = mrml.segmentation_node_to_labelmap(node, volume)
+    a, b = sitk.GetArrayViewFromImage(exported), sitk.GetArrayViewFromImage(organs.lastResult.labelmap)
+    assert np.array_equal(a, b)
+    assert organs.lastResult.segment("bladder").volume_cc > 100   # the real bladder holds ~480 cc
+    # The same logic object then delivers every organ again when none are named.
+    organs.segmentVolume(volume, device="cpu")
+    assert {s.name for s in organs.lastResult.segments} >= {"bladder", "rectum", "prostate"}
+    with pytest.raises(SegcoreError, match="offers no 'liver'"):
+        organs.segmentVolume(volume, device="cpu", organs=["liver"])
+    items = organs.segmentFiles([pelvis_ct_path], tmp_path / "out", device="cpu", organs=["rectum"])
+    assert items[0].ok and {s.name for s in items[0].result.segments} == {"rectum"}
