@@ -294,8 +294,9 @@ class OrganSegmenter:
         best = np.zeros(ct.GetSize()[::-1], np.uint8)
         labels = np.zeros(ct.GetSize()[::-1], np.uint8)
         segments, messages, contours, details = [], [], {}, {}
+        kept = {}
         for structure in self.organs:
-            track = make_consistent(tracks[structure.name], self.settings.min_slices)
+            track = kept[structure.name] = make_consistent(tracks[structure.name], self.settings.min_slices)
             details[structure.name] = {"slices": len(track.slices), "raw_slices": len(tracks[structure.name].slices)}
             fraction = rasterise(track, reference, self.settings.raster_factor)
             if fraction is None:
@@ -316,9 +317,8 @@ class OrganSegmenter:
         counts = np.bincount(labels.ravel(), minlength=256)
         for structure in self.organs:
             volume_cc = float(counts[structure.value]) * voxel_cc
-            scores = make_consistent(tracks[structure.name], self.settings.min_slices).scores
             if volume_cc > 0:
-                segments.append(SegmentResult(structure, volume_cc, float(np.mean(scores))))
+                segments.append(SegmentResult(structure, volume_cc, float(np.mean(kept[structure.name].scores))))
             elif structure.name in contours:
                 messages.append(f"no {structure.name.replace('_', ' ')} found: its contours cover no input voxel.")
                 contours.pop(structure.name)

@@ -31,7 +31,7 @@ from segcore import anatomy, metrics
 from segcore.errors import SegcoreError
 from segcore.organs import OrganSegmenter
 
-from .evaluate_prostate import TS_BLADDER, TS_FEMUR_LEFT, TS_FEMUR_RIGHT
+from .evaluate_prostate import TS_BLADDER, TS_FEMUR_LEFT, TS_FEMUR_RIGHT, record_held_out
 
 ORGAN_METRICS = ("dsc", "hd", "hd95")
 
@@ -41,7 +41,7 @@ def evaluate_phantoms(segmenter: OrganSegmenter, seed: int, cases: int, matrix: 
 
     from segcore.phantom import make_phantom
     from training.data import phantom_sources
-    from training.train_hmrnet import DEFAULTS, cached_case, detection_map, make_batch
+    from training.train_hmrnet import DEFAULTS, canonical_arrays, detection_map, make_batch
 
     rows = []
     found_all, truth_all = [], []
@@ -63,7 +63,7 @@ def evaluate_phantoms(segmenter: OrganSegmenter, seed: int, cases: int, matrix: 
         log(f"seed {source.phantom_seed}: " + ", ".join(
             f"{s.name} {row[s.name]['dsc']:.3f}" for s in segmenter.organs if s.name in row) + f" ({seconds:.1f} s)")
         # Slice detections on the canonical grid, for mAP.
-        prepared = cached_case(source, segmenter.settings, DEFAULTS["canvas_margin"], DEFAULTS["cache"])
+        prepared = canonical_arrays(case.ct, case.labels, segmenter.settings, DEFAULTS["canvas_margin"])
         rng = np.random.default_rng(0)
         for start in range(0, prepared["ct"].shape[0], 8):
             picks = [(0, k) for k in range(start, min(prepared["ct"].shape[0], start + 8))]
@@ -180,22 +180,14 @@ def draw_real_ct(ct: sitk.Image, prediction: sitk.Image, reference: sitk.Image, 
 
 
 def record_organs_in_package(folder: Path, out: dict) -> None:
-    """Add the held-out summary to model.json (not hashed: only weights files are) and re-validate it."""
-    from segcore.packages import MANIFEST_NAME, ModelPackage
-
-    path = Path(folder) / MANIFEST_NAME
-    manifest = json.loads(path.read_text())
-    manifest["validation"]["held_out_phantoms"] = {
+    """Add the held-out summary to model.json."""
+    record_held_out(folder, {
         "seeds": out["seeds"], "cases": len(out["cases"]), "matrix": out["matrix"],
         "metric_grid": "each case's own grid (mAP: slice detections on the canonical slice grid)",
         "organs": {name: {k: ({"mean": round(v["mean"], 4), "sd": round(v["sd"], 4)} if isinstance(v, dict)
                               else round(v, 4)) for k, v in values.items()}
                    for name, values in out["summary"].items()},
-    }
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    tmp.replace(path)
-    ModelPackage.load(folder)
+    })
 
 
 def main(argv=None) -> int:

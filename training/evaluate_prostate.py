@@ -170,17 +170,23 @@ def draw_real_ct(ct: sitk.Image, prediction: sitk.Image, reference: sitk.Image, 
 
 
 def record_in_package(folder: Path, out: dict) -> None:
-    """Add the held-out summary to model.json (not hashed: only weights files are) and re-validate it."""
-    from segcore.packages import MANIFEST_NAME, ModelPackage
-
-    path = Path(folder) / MANIFEST_NAME
-    manifest = json.loads(path.read_text())
-    manifest["validation"]["held_out_phantoms"] = {
+    """Add the held-out summary to model.json."""
+    record_held_out(folder, {
         "seeds": out["seeds"], "cases": len(out["cases"]), "matrix": out["matrix"],
         "metric_grid": "each case's own grid",
         **{k: {"mean": round(v["mean"], 4), "sd": round(v["sd"], 4)} for k, v in out["summary"].items()
            if k != "seconds"},
-    }
+    })
+
+
+def record_held_out(folder: Path, held_out: dict) -> None:
+    """Write ``validation.held_out_phantoms`` into model.json (not hashed: only weights files are) and
+    re-validate the package."""
+    from segcore.packages import MANIFEST_NAME, ModelPackage
+
+    path = Path(folder) / MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    manifest["validation"]["held_out_phantoms"] = held_out
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     tmp.replace(path)

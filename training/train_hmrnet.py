@@ -41,6 +41,7 @@ from . import data
 from .train_prostate import (
     EpochRecord,
     _tensorboard,
+    case_sources,
     git_commit,
     load_checkpoint,
     load_config,
@@ -90,46 +91,27 @@ DEFAULTS = {
 # --------------------------------------------------------------------------- data
 
 
-def case_sources(config: dict):
-    spec = config["data"]
-    if spec["source"] == "phantom":
-        train = data.phantom_sources(spec["seed"], spec["cases"], spec["matrix"])
-        val = data.phantom_sources(spec["validation_seed"], spec["validation_cases"], spec["matrix"])
-        text = (f"digital pelvis phantoms (segcore.phantom), training seeds {spec['seed']}-"
-                f"{spec['seed'] + spec['cases'] - 1}, validation seeds {spec['validation_seed']}-"
-                f"{spec['validation_seed'] + spec['validation_cases'] - 1}, matrix {spec['matrix']}")
-        return train, val, text
-    if spec["source"] == "folder":
-        train = data.folder_sources(spec["folder"])
-        if spec.get("validation_folder"):
-            val = data.folder_sources(spec["validation_folder"])
-        else:
-            count = max(1, spec["validation_cases"])
-            if len(train) <= count:
-                raise SegcoreError(f"{len(train)} cases are too few to keep {count} for validation")
-            train, val = train[:-count], train[-count:]
-        return train, val, f"{len(train)} training / {len(val)} validation cases from {spec['folder']}"
-    raise SegcoreError(f"data.source must be 'phantom' or 'folder', not {spec['source']!r}")
-
-
 def settings_of(config: dict) -> OrganSettings:
     spec = {k: tuple(v) if isinstance(v, list) else v for k, v in config["pipeline"].items()}
     return OrganSettings(**spec)
 
 
 def prepare_case(source: data.CaseSource, settings: OrganSettings, margin: int) -> dict:
-    """A case on the canonical slice grid grown by ``margin`` pixels: HU (int16) and labels (uint8, all
-    of the phantom's tissues kept for intensity randomisation), (z, y, x)."""
+    return {"case_id": source.case_id, **canonical_arrays(*source.load(), settings, margin)}
+
+
+def canonical_arrays(ct, labels, settings: OrganSettings, margin: int) -> dict:
+    """A CT and its labels on the canonical slice grid grown by ``margin`` pixels: HU (int16) and labels
+    (uint8, all of the phantom's tissues kept for intensity randomisation), (z, y, x)."""
     import SimpleITK as sitk
 
     from segcore import image as imageio
 
-    ct, labels = source.load()
     grown = OrganSettings(**{**asdict(settings), "size": settings.size + 2 * margin})
     reference = slice_grid(ct, grown)
     hu = sitk.GetArrayFromImage(imageio.resample_like(ct, reference, "linear"))
     lab = sitk.GetArrayFromImage(imageio.resample_like(labels, reference, "nearest"))  # fast; 2 mm is coarse anyway
-    return {"case_id": source.case_id, "ct": np.clip(np.round(hu), -1024, 3071).astype(np.int16),
+    return {"ct": np.clip(np.round(hu), -1024, 3071).astype(np.int16),
             "labels": lab.astype(np.uint8), "spacing": np.asarray(reference.GetSpacing()[::-1])}
 
 
@@ -304,8 +286,6 @@ def average_precision(scores, matched, total: int) -> float:
 def detection_map(found: list, truth: list, classes: int) -> float:
     """COCO-style mAP50-95 of slice detections: per class and IoU threshold 0.50:0.05:0.95, each true box
     matched at most once, best score first; averaged over the classes present."""
-    import torch
-
     from segcore.networks.hmrnet import box_iou
 
     values = []
@@ -331,7 +311,6 @@ def detection_map(found: list, truth: list, classes: int) -> float:
                     matched.append(hit)
             per_threshold.append(average_precision(scores, matched, total))
         values.append(float(np.mean(per_threshold)))
-    del torch
     return float(np.mean(values)) if values else float("nan")
 
 
@@ -557,8 +536,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    import torch
-
     from segcore.prostate import resolve_device
 
     args = build_parser().parse_args(argv)
@@ -598,7 +575,6 @@ def main(argv=None) -> int:
     except TypeError as error:  # a wrong key in a free-form section (network arguments, loss, augment)
         print(f"error: bad configuration: {error}", file=sys.stderr)
         return 1
-    del torch
     return 0
 
 

@@ -150,9 +150,9 @@ def case_sources(config: dict) -> tuple[list[data.CaseSource], list[data.CaseSou
                 f"{spec['validation_seed'] + spec['validation_cases'] - 1}, matrix {spec['matrix']}")
         return train, val, text
     if spec["source"] == "folder":
-        train = data.folder_sources(spec["folder"], spec["prostate_label"])
+        train = data.folder_sources(spec["folder"], spec.get("prostate_label", 1))
         if spec.get("validation_folder"):
-            val = data.folder_sources(spec["validation_folder"], spec["prostate_label"])
+            val = data.folder_sources(spec["validation_folder"], spec.get("prostate_label", 1))
         else:
             count = max(1, spec["validation_cases"])
             if len(train) <= count:

@@ -361,9 +361,6 @@ class HMRNet(nn.Module):
             h_a.append(ha), h_b.append(hb)
         return pa, h_a, torch.cat(h_b, dim=1)
 
-    def strides(self, image_hw) -> list[int]:
-        return [2 ** level for level in LEVELS]
-
     # ------------------------------------------------------------------ region proposals
 
     def rpn(self, pyramid: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
