@@ -48,6 +48,9 @@ class PipelineSettings:
     fine_spacing_mm: tuple[float, float, float] = (1.0, 1.0, 1.0)
     fine_slices: int = 3
     crop_mm: tuple[float, float, float] = (128.0, 128.0, 128.0)
+    # Where the crop's centre lies relative to the located prostate (LPS mm): a multi-organ stage 2
+    # looks further up, where the bladder is.
+    crop_offset_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
     threshold: float = 0.5
     slice_margin_mm: float = 12.0      # stage 2 runs this far beyond the coarse mask's top and bottom
     min_coarse_cc: float = 3.0         # a smaller coarse blob is noise, not a prostate
@@ -117,20 +120,22 @@ def pad_to_multiple(batch: np.ndarray, divisor: int) -> tuple[np.ndarray, tuple[
 
 
 def predict_slices(network, volume: np.ndarray, indices, count: int, device, batch_size: int = 16,
-                   progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-    """Foreground probability for the given axial slices of a normalised volume: (len(indices), y, x)."""
+                   progress: Callable[[int, int], None] | None = None, classes: bool = False) -> np.ndarray:
+    """Foreground probability for the given axial slices of a normalised volume: (len(indices), y, x);
+    with ``classes`` every class's probability: (len(indices), num_classes, y, x)."""
     import torch
 
     indices = np.asarray(list(indices), dtype=int)
-    out = np.zeros((len(indices),) + volume.shape[1:], np.float32)
+    shape = (len(indices), network.num_classes) if classes else (len(indices),)
+    out = np.zeros(shape + volume.shape[1:], np.float32)
     network.eval()
     with torch.inference_mode():
         for start in range(0, len(indices), batch_size):
             chunk = indices[start:start + batch_size]
             batch, (y, x) = pad_to_multiple(slice_stacks(volume, chunk, count), network.divisor)
             logits = network(torch.from_numpy(np.ascontiguousarray(batch)).to(device))
-            probabilities = torch.softmax(logits.float(), dim=1)[:, 1, :y, :x]
-            out[start:start + len(chunk)] = probabilities.cpu().numpy()
+            probabilities = torch.softmax(logits.float(), dim=1)[:, :, :y, :x]
+            out[start:start + len(chunk)] = (probabilities if classes else probabilities[:, 1]).cpu().numpy()
             if progress is not None:
                 progress(min(start + batch_size, len(indices)), len(indices))
     return out
@@ -263,6 +268,22 @@ def paste_back(probabilities: sitk.Image, target: sitk.Image, threshold: float) 
     return mask
 
 
+def paste_back_classes(probabilities: np.ndarray, reference: sitk.Image, target: sitk.Image) -> np.ndarray:
+    """Class indices on the target grid from per-class crop probabilities (num_classes, z, y, x) on the
+    ``reference`` grid: each class resampled linearly, then the most probable one (0 beyond the crop)."""
+    labels = np.zeros(target.GetSize()[::-1], np.uint8)
+    where, values = None, []
+    for plane in probabilities:
+        image = sitk.GetImageFromArray(plane)
+        image.CopyInformation(reference)
+        where, part = imageio.resample_onto_part(image, target)
+        if where is None:
+            return labels
+        values.append(part)
+    labels[where] = np.argmax(np.stack(values), axis=0)
+    return labels
+
+
 def soft_agreement(probabilities: np.ndarray, threshold: float) -> float:
     """How decided the network is: soft Dice between the probabilities and their own thresholded mask."""
     mask = probabilities > threshold
@@ -286,11 +307,21 @@ class ProstateSegmenter:
                 f"model package {self.package.name!r}: the networks take {self.stage1.in_channels} and "
                 f"{self.stage2.in_channels} slices, but its pipeline settings say {self.settings.coarse_slices} "
                 f"and {self.settings.fine_slices}.")
+        # Stage 2's class k is the package's k-th label; a multi-organ stage 2 (HMEDN) also gives
+        # bladder and rectum around the prostate.
+        self.organs = list(self.package.labels)
+        names = [s.name for s in self.organs]
+        if PROSTATE.name not in names or self.stage2.num_classes != len(self.organs) + 1:
+            raise ModelPackageError(
+                f"model package {self.package.name!r}: stage 2 predicts {self.stage2.num_classes} classes "
+                f"(background and {self.stage2.num_classes - 1} structures), but the package lists "
+                f"{len(self.organs)} labels ({', '.join(names)}); a prostate model must list the prostate.")
+        self.prostate_class = names.index(PROSTATE.name) + 1
 
     @property
     def structures(self) -> list[anatomy.Structure]:
         """What this pipeline's label maps can hold (written to every output, found or not)."""
-        return [PROSTATE]
+        return list(self.organs)
 
     def __call__(self, image_or_path, progress: Progress | None = None) -> Result:
         report = progress or (lambda fraction, message: None)
@@ -321,43 +352,56 @@ class ProstateSegmenter:
 
         tick = time.perf_counter()
         report(0.15, "stage 2: segmenting the prostate")
-        reference = crop_reference(where.center_lps, self.settings)
+        center = np.asarray(where.center_lps) + np.asarray(self.settings.crop_offset_mm)
+        reference = crop_reference(center, self.settings)
         crop = imageio.resample_like(ct, reference, "linear")
         fine = normalise(sitk.GetArrayViewFromImage(crop), self.settings.window)
         z0 = reference.GetOrigin()[2]
         dz = reference.GetSpacing()[2]
-        low = int(np.floor((where.z_range_lps[0] - self.settings.slice_margin_mm - z0) / dz))
-        high = int(np.ceil((where.z_range_lps[1] + self.settings.slice_margin_mm - z0) / dz))
         # Only crop slices inside the scan are segmented, and their neighbour stacks repeat the scan's
         # last slice rather than the air the crop is padded with, as stage 1 and training do.
         scan_low, scan_high = imageio.physical_bounds(ct)
         inside = range(max(0, int(np.ceil((scan_low[2] - z0) / dz))),
                        min(fine.shape[0], int(np.floor((scan_high[2] - z0) / dz)) + 1))
-        slices = range(max(inside.start, low), min(inside.stop, high + 1))
-        fine_p = np.zeros(fine.shape, np.float32)
+        if len(self.organs) > 1:
+            slices = inside  # bladder and rectum reach far beyond the prostate's slices
+        else:
+            low = int(np.floor((where.z_range_lps[0] - self.settings.slice_margin_mm - z0) / dz))
+            high = int(np.ceil((where.z_range_lps[1] + self.settings.slice_margin_mm - z0) / dz))
+            slices = range(max(inside.start, low), min(inside.stop, high + 1))
+        fine_p = np.zeros((len(self.organs) + 1,) + fine.shape, np.float32)
+        fine_p[0] = 1.0  # background where stage 2 does not run
         if len(slices):
-            fine_p[slices.start:slices.stop] = predict_slices(
+            fine_p[:, slices.start:slices.stop] = predict_slices(
                 self.stage2, fine[inside.start:inside.stop], np.arange(slices.start, slices.stop) - inside.start,
-                self.settings.fine_slices, self.device, batch_size=8,
-                progress=lambda done, total: report(0.15 + 0.7 * done / total, "stage 2: segmenting the prostate"))
+                self.settings.fine_slices, self.device, batch_size=8, classes=True,
+                progress=lambda done, total: report(0.15 + 0.7 * done / total, "stage 2: segmenting the prostate"),
+            ).transpose(1, 0, 2, 3)
         timings["stage2"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
         report(0.9, "placing the result on the input grid")
-        probabilities = sitk.GetImageFromArray(fine_p)
-        probabilities.CopyInformation(reference)
-        mask = paste_back(probabilities, ct, self.settings.threshold)
-        box = bounding_box(mask, margin=1)
-        if box is not None:  # clean only where the crop landed: the rest of a large CT is empty anyway
-            mask[box] = clean_mask(mask[box])
-        labelmap = sitk.GetImageFromArray(mask.astype(np.uint8) * np.uint8(PROSTATE.value))
+        if len(self.organs) == 1:
+            probabilities = sitk.GetImageFromArray(fine_p[1])
+            probabilities.CopyInformation(reference)
+            classes = paste_back(probabilities, ct, self.settings.threshold).astype(np.uint8)
+        else:
+            classes = paste_back_classes(fine_p, reference, ct)
+        labels = np.zeros(classes.shape, np.uint8)
+        for k, organ in enumerate(self.organs, start=1):
+            mask = classes == k
+            box = bounding_box(mask, margin=1)
+            if box is not None:  # clean only where the crop landed: the rest of a large CT is empty anyway
+                mask[box] = clean_mask(mask[box])
+            labels[mask & (labels == 0)] = organ.value
+        labelmap = sitk.GetImageFromArray(labels)
         labelmap.CopyInformation(ct)
         timings["paste_back"] = time.perf_counter() - tick
 
         messages = []
         segments = []
         volume_cc = label_volume_cc(labelmap, PROSTATE.value)
-        confidence = where.mean_probability * soft_agreement(fine_p, self.settings.threshold)
+        confidence = where.mean_probability * soft_agreement(fine_p[self.prostate_class], self.settings.threshold)
         extent = where.z_range_lps[1] - where.z_range_lps[0]
         if extent > self.settings.max_coarse_extent_mm:
             confidence *= 0.25
@@ -382,9 +426,30 @@ class ProstateSegmenter:
                 messages.append(f"unusual prostate volume {volume_cc:.1f} cc (expected {low_cc:g}-{high_cc:g} cc): "
                                 "check the result.")
             segments.append(SegmentResult(PROSTATE, volume_cc, confidence))
+        for k, organ in enumerate(self.organs, start=1):
+            organ_cc = label_volume_cc(labelmap, organ.value)
+            if organ == PROSTATE or organ_cc == 0:
+                continue
+            segments.append(SegmentResult(organ, organ_cc, where.mean_probability
+                                          * soft_agreement(fine_p[k], self.settings.threshold)))
+            if _touches_crop_side(fine_p.argmax(axis=0) == k, inside):
+                messages.append(f"the {organ.name.replace('_', ' ')} reaches the edge of the "
+                                f"{' x '.join(f'{v:g}' for v in self.settings.crop_mm)} mm region stage 2 "
+                                "segments: any part beyond it is missing.")
         timings["total"] = time.perf_counter() - started
         report(1.0, "done")
         return Result(labelmap, segments, float(confidence), self.package.name, messages, timings, details)
+
+
+def _touches_crop_side(mask: np.ndarray, inside: range) -> bool:
+    """Whether a (z, y, x) crop mask reaches a side of the crop (the top and bottom only where the crop
+    ends inside the scan, not where the scan itself ends)."""
+    sides = [mask[:, 0], mask[:, -1], mask[:, :, 0], mask[:, :, -1]]
+    if inside.start == 0:
+        sides.append(mask[0])
+    if inside.stop == mask.shape[0]:
+        sides.append(mask[-1])
+    return any(side.any() for side in sides)
 
 
 def read_input(image_or_path) -> sitk.Image:

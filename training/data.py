@@ -120,7 +120,7 @@ def prepare_case(source: CaseSource, settings: PipelineSettings, margin_mm: floa
     # The fine cube is centred on the prostate's centroid (what a perfect stage 1 would find).
     stats = sitk.LabelShapeStatisticsImageFilter()
     stats.Execute(sitk.Cast(prostate, sitk.sitkUInt8))
-    center = stats.GetCentroid(1)
+    center = np.asarray(stats.GetCentroid(1)) + np.asarray(settings.crop_offset_mm)  # as inference places it
     wide = replace(settings, crop_mm=tuple(c + 2 * margin_mm for c in settings.crop_mm))
     reference = crop_reference(center, wide)
     fine = imageio.resample_like(ct, reference, "linear")
@@ -145,6 +145,8 @@ def prepare_case(source: CaseSource, settings: PipelineSettings, margin_mm: floa
 def cache_key(source: CaseSource, settings: PipelineSettings, margin_mm: float) -> str:
     """A hash of what shapes a prepared case: its source and the grids (not thresholds or windows)."""
     grids = {k: list(getattr(settings, k)) for k in ("coarse_spacing_mm", "fine_spacing_mm", "crop_mm")}
+    if any(settings.crop_offset_mm):  # (absent from older keys, which stay valid)
+        grids["crop_offset_mm"] = list(settings.crop_offset_mm)
     key_data = {"v": CACHE_VERSION, "source": source.describe(), "grids": grids, "margin": margin_mm}
     return hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -164,6 +166,14 @@ def cached_case(source: CaseSource, settings: PipelineSettings, margin_mm: float
     np.savez(tmp, **{k: v for k, v in case.__dict__.items() if k != "case_id"})
     tmp.replace(path)
     return case
+
+
+def class_targets(tissue: np.ndarray, values) -> np.ndarray:
+    """Class indices for a multi-organ network: class k where the label map holds ``values[k - 1]``."""
+    lookup = np.zeros(256, np.uint8)
+    for k, value in enumerate(values, start=1):
+        lookup[value] = k
+    return lookup[tissue]
 
 
 # --------------------------------------------------------------------------- patches

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from segcore import metrics
+from segcore import anatomy, metrics
 from segcore.errors import SegcoreError
 from segcore.prostate import PROSTATE, ProstateSegmenter
 
@@ -39,18 +39,24 @@ def evaluate_phantoms(segmenter: ProstateSegmenter, seed: int, cases: int, matri
         tick = time.perf_counter()
         result = segmenter(case.ct)
         seconds = time.perf_counter() - tick
-        pred = sitk.GetArrayViewFromImage(result.labelmap) == PROSTATE.value
         ref = sitk.GetArrayViewFromImage(case.labels) == PROSTATE.value
-        score = metrics.mask_metrics(pred, ref, case.ct.GetSpacing()[::-1])
         row = {"seed": seed + n, "size": list(case.ct.GetSize()), "spacing_mm": list(case.ct.GetSpacing()),
                "orientation": case.info["orientation"], "confidence": result.confidence, "seconds": seconds,
-               "volume_cc": float(ref.sum() * np.prod(case.ct.GetSpacing()) / 1000),
-               **{k: getattr(score, k) for k in METRICS}}
+               "volume_cc": float(ref.sum() * np.prod(case.ct.GetSpacing()) / 1000)}
+        # The prostate's metrics under their plain names, any other organ's prefixed with its name.
+        for organ in segmenter.structures:
+            score = metrics.mask_metrics(sitk.GetArrayViewFromImage(result.labelmap) == organ.value,
+                                         sitk.GetArrayViewFromImage(case.labels) == organ.value,
+                                         case.ct.GetSpacing()[::-1])
+            prefix = "" if organ == PROSTATE else f"{organ.name}_"
+            row.update({prefix + k: getattr(score, k) for k in METRICS})
         rows.append(row)
+        others = "".join(f", {o.name} DSC {row[o.name + '_dsc']:.3f}" for o in segmenter.structures if o != PROSTATE)
         log(f"seed {seed + n}: DSC {row['dsc']:.3f} ASD {_fmt(row['asd'])} HD95 {_fmt(row['hd95'])} "
-            f"confidence {row['confidence']:.2f} ({seconds:.1f} s)")
+            f"confidence {row['confidence']:.2f}{others} ({seconds:.1f} s)")
     summary = {}
-    for key in (*METRICS, "confidence", "seconds"):
+    keys = [k for k in rows[0] if k not in ("seed", "size", "spacing_mm", "orientation", "volume_cc")]
+    for key in keys:
         values = [r[key] if r[key] is not None else float("nan") for r in rows]
         summary[key] = {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
                         "min": float(np.min(values)), "max": float(np.max(values))}
@@ -225,6 +231,10 @@ def main(argv=None) -> int:
             result = segmenter(ct)
             out = {"model": segmenter.package.name, "confidence": result.confidence, "messages": result.messages,
                    **real_ct_plausibility(result.labelmap, reference)}
+            if any(s.name == "bladder" for s in segmenter.structures):
+                out["bladder_dsc"] = metrics.mask_metrics(
+                    sitk.GetArrayViewFromImage(result.labelmap) == anatomy.structure("bladder").value,
+                    np.rint(sitk.GetArrayViewFromImage(reference)) == TS_BLADDER, ct.GetSpacing()[::-1]).dsc
             print(json.dumps(out, indent=1))
             if args.picture:
                 draw_real_ct(ct, result.labelmap, reference, args.picture)

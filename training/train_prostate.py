@@ -48,6 +48,8 @@ DEFAULTS = {
     "data": {"source": "phantom", "seed": 1000, "cases": 40, "validation_seed": 5000, "validation_cases": 4,
              "matrix": 512, "folder": None, "validation_folder": None, "prostate_label": 1},
     "pipeline": {},
+    # What stage 2 segments, by catalogue name: class k is organs[k - 1] (HMEDN: prostate, bladder, rectum).
+    "organs": ["prostate"],
     "margin_mm": 32.0,
     "workers": 1,
     "augment": {},
@@ -58,7 +60,10 @@ DEFAULTS = {
         "patch": {"size": 64, "slices": 5, "foreground_fraction": 0.5, "jitter": 24, "z_margin": 10000,
                   "cut_probability": 0.25},
         "epochs": 10, "patches_per_case": 500, "batch_size": 32, "loss": "ce+dice",
+        "objective": {},
         "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "poly_power": 0.9,
+        # A package folder or name whose trained stage is taken as it is instead of training one.
+        "from_package": None,
     },
     "stage2": {
         "architecture": "metricunet",
@@ -69,7 +74,11 @@ DEFAULTS = {
         "patch": {"size": 64, "slices": 3, "foreground_fraction": 0.7, "jitter": 24, "z_margin": 20,
                   "cut_probability": 0.0},
         "epochs": 10, "patches_per_case": 500, "batch_size": 16, "loss": "ce",
+        # The network's own loss settings (hfunet: lambdas, sigma, cold_start; hmedn: mu0, mu, delta,
+        # delta2, alpha, hr_weight); see the loss functions beside each network.
+        "objective": {},
         "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "poly_power": 0.9,
+        "from_package": None,
     },
     "export": {"fp16": True},
 }
@@ -88,7 +97,7 @@ def merge(base: dict, update: dict) -> dict:
     return out
 
 
-FREE_FORM = ("arguments", "metric", "pipeline", "augment", "loss")  # checked by the constructors they feed
+FREE_FORM = ("arguments", "metric", "pipeline", "augment", "loss", "objective")  # checked by the constructors they feed
 
 
 def unknown_keys(config: dict, defaults: dict, where: str = "") -> list[str]:
@@ -182,9 +191,13 @@ def prepare(sources, settings, config, log) -> list[data.PreparedCase]:
     return cases
 
 
-def stage_arrays(case: data.PreparedCase, stage: str):
+def stage_arrays(case: data.PreparedCase, stage: str, config: dict):
+    """(CT, tissue labels, target, spacing) of one stage; a multi-organ stage 2's target holds classes."""
     if stage == "stage1":
         return case.coarse_ct, case.coarse_tissue, case.coarse_target, case.coarse_spacing
+    if len(config["organs"]) > 1:
+        values = [anatomy.structure(name).value for name in config["organs"]]
+        return case.fine_ct, case.fine_tissue, data.class_targets(case.fine_tissue, values), case.fine_spacing
     return case.fine_ct, case.fine_tissue, case.fine_target, case.fine_spacing
 
 
@@ -262,39 +275,80 @@ def soft_dice_loss(logits, target):
     return 1 - (2 * (p * y).sum() + 1) / (p.sum() + y.sum() + 1)
 
 
+def stage_loss(network, spec: dict, x, y, metric, generator, cold: bool = False) -> dict:
+    """The training loss terms of one batch (with "total"), as the stage's network defines them."""
+    from torch.nn import functional as F
+
+    from segcore.networks.hfunet import hfunet_loss
+    from segcore.networks.hmedn import hmedn_loss
+    from segcore.networks.metricunet import metricunet_loss
+
+    objective = {k: v for k, v in spec["objective"].items() if k != "cold_start"}
+    if spec["architecture"] == "hfunet":
+        output = network(x, return_all=True)
+        logits, terms = output.logits, hfunet_loss(output, y, cold=cold, **objective)
+    elif spec["architecture"] == "hmedn":
+        output = network(x, return_all=True)
+        logits, terms = output.logits, hmedn_loss(output, y, **objective)
+    elif metric is not None:
+        logits, features = network(x, return_features=True)
+        terms = metricunet_loss(logits, features, y, metric, generator)
+    else:
+        logits = network(x)
+        terms = {"ce": F.cross_entropy(logits.float(), y)}
+        terms["total"] = terms["ce"]
+    if spec.get("loss", "ce") == "ce+dice":
+        terms["dice"] = soft_dice_loss(logits, y)
+        terms["total"] = terms["total"] + terms["dice"]
+    return terms
+
+
 def validate(network, cases, stage: str, settings: PipelineSettings, config: dict, device) -> dict:
     """Mean DSC / ASD / HD95 over validation cases: the whole coarse volume (stage 1) or the slices of
-    the inference crop that hold prostate, plus a margin (stage 2, crop centred on the true centroid)."""
+    the inference crop that hold prostate, plus a margin (stage 2, crop centred on the true centroid);
+    a multi-organ stage 2 runs on the whole crop, as inference does, and adds each organ's DSC ("dsc" is
+    then their mean)."""
     slices_in = config[stage]["arguments"]["in_channels"]
-    scores = []
+    organs = config["organs"] if stage == "stage2" else ["prostate"]
+    scores = {name: [] for name in organs}
     for case in cases:
-        ct, _, target, spacing = stage_arrays(case, stage)
+        ct, _, target, spacing = stage_arrays(case, stage, config)
         region = inference_region(case, stage, config)
         if region is not None:
             ct, target = ct[region], target[region]
         volume = normalise(ct, settings.window)
-        zs = np.flatnonzero(target.any(axis=(1, 2)))
-        if stage == "stage1":
+        zs = np.flatnonzero((target == 1).any(axis=(1, 2)))
+        if stage == "stage1" or len(organs) > 1:
             indices = np.arange(volume.shape[0])
         else:
             margin = round(settings.slice_margin_mm / spacing[2])
             indices = np.arange(max(0, zs.min() - margin), min(volume.shape[0], zs.max() + margin + 1))
-        probabilities = np.zeros(volume.shape, np.float32)
-        probabilities[indices] = predict_slices(network, volume, indices, slices_in, device, batch_size=16)
-        pred = probabilities > settings.threshold
-        scores.append(metrics.mask_metrics(pred, target > 0, spacing[::-1]))
-    def mean(key):
-        values = [getattr(s, key) for s in scores if getattr(s, key) is not None]
+        probabilities = np.zeros((len(organs) + 1,) + volume.shape, np.float32)
+        probabilities[0] = 1.0
+        probabilities[:, indices] = predict_slices(network, volume, indices, slices_in, device, batch_size=16,
+                                                   classes=True).transpose(1, 0, 2, 3)
+        if len(organs) == 1:
+            predicted = (probabilities[1] > settings.threshold).astype(np.uint8)
+        else:
+            predicted = probabilities.argmax(axis=0)
+        for k, name in enumerate(organs, start=1):
+            scores[name].append(metrics.mask_metrics(predicted == k, target == k, spacing[::-1]))
+
+    def mean(values):
+        values = [v for v in values if v is not None]
         return float(np.mean(values)) if values else float("nan")
-    return {"dsc": mean("dsc"), "asd_mm": mean("asd"), "hd95_mm": mean("hd95")}
+    out = {key: mean([getattr(s, attr) for name in organs for s in scores[name]])
+           for key, attr in (("dsc", "dsc"), ("asd_mm", "asd"), ("hd95_mm", "hd95"))}
+    if len(organs) > 1:
+        out.update({f"dsc_{name}": mean([s.dsc for s in scores[name]]) for name in organs})
+    return out
 
 
 def train_stage(stage: str, config: dict, train_cases, val_cases, settings, device, outdir: Path,
                 resume: bool, log, max_epochs: int | None = None, restart: bool = False) -> list[EpochRecord]:
     import torch
-    from torch.nn import functional as F
 
-    from segcore.networks.metricunet import MetricLossConfig, VoxelMetricLoss, metricunet_loss
+    from segcore.networks.metricunet import MetricLossConfig, VoxelMetricLoss
 
     spec = config[stage]
     folder = outdir / stage
@@ -312,6 +366,9 @@ def train_stage(stage: str, config: dict, train_cases, val_cases, settings, devi
                                        for k, v in config["augment"].items()})
     per_epoch = math.ceil(len(train_cases) * spec["patches_per_case"] / spec["batch_size"])
     total = per_epoch * spec["epochs"]
+    # HF-UNet's cold start: the first share of the iterations trains the segmentation branch alone.
+    cold_iterations = round(total * float(spec["objective"].get("cold_start", 0.1))) \
+        if spec["architecture"] == "hfunet" else 0
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
 
@@ -335,7 +392,7 @@ def train_stage(stage: str, config: dict, train_cases, val_cases, settings, devi
         # Sample the epoch's patches case by case, then shuffle them across cases.
         images, tissues, targets = [], [], []
         for case in train_cases:
-            ct, tissue, target, _ = stage_arrays(case, stage)
+            ct, tissue, target, _ = stage_arrays(case, stage, config)
             i, t, y = data.sample_patches(ct, tissue, target, spec["patches_per_case"], patch, rng,
                                           inference_region(case, stage, config))
             images.append(i), tissues.append(t), targets.append(y)
@@ -352,17 +409,11 @@ def train_stage(stage: str, config: dict, train_cases, val_cases, settings, devi
             hu, y = data.augment(images[pick], tissues[pick], targets[pick], augment_spec, rng)
             x = torch.from_numpy(normalise(hu.numpy(), settings.window)).to(device)
             y = y.to(device)
+            cold = iteration < cold_iterations
+            if cold_iterations:
+                network.cold_start(cold)
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                if metric is not None:
-                    logits, features = network(x, return_features=True)
-                    terms = metricunet_loss(logits, features, y, metric, generator)
-                else:
-                    logits = network(x)
-                    terms = {"ce": F.cross_entropy(logits.float(), y)}
-                    terms["total"] = terms["ce"]
-                if spec.get("loss", "ce") == "ce+dice":
-                    terms["dice"] = soft_dice_loss(logits, y)
-                    terms["total"] = terms["total"] + terms["dice"]
+                terms = stage_loss(network, spec, x, y, metric, generator, cold)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(terms["total"]).backward()
@@ -463,6 +514,14 @@ def export_package(config: dict, outdir: Path, target: Path, data_text: str, ove
     weights, stages, validation, epochs = {}, {}, {}, 0
     for stage in STAGES:
         spec = config[stage]
+        if spec["from_package"]:
+            package = open_packaged_stage(spec["from_package"], stage)
+            weights[f"{stage}.safetensors"] = package.load_weights(stage)
+            stages[stage] = {"architecture": spec["architecture"], "arguments": spec["arguments"],
+                             "weights": f"{stage}.safetensors"}
+            validation[stage] = {**package.manifest.get("validation", {}).get(stage, {}),
+                                 "from_package": f"{package.name} {package.version}"}
+            continue
         network = networks.build(spec["architecture"], spec["arguments"])
         state = load_checkpoint(outdir / stage, "best", network, None)
         dtype = torch.float16 if config["export"].get("fp16") else torch.float32
@@ -481,13 +540,36 @@ def export_package(config: dict, outdir: Path, target: Path, data_text: str, ove
         "input": {"spacing_mm": list(settings.fine_spacing_mm), "intensity_window": list(settings.window),
                   "normalisation": "clip to intensity_window, scale to [0, 1]"},
         "pipeline": {k: v for k, v in settings.to_json().items() if k not in ("window", "fine_spacing_mm")},
-        "labels": [anatomy.structure("prostate")],
+        "labels": [anatomy.structure(name) for name in config["organs"]],
         "training": {"data": data_text, "seed": int(config["seed"]), "commit": git_commit(), "epochs": epochs,
-                     "epochs_per_stage": {s: config[s]["epochs"] for s in STAGES},
+                     "epochs_per_stage": {s: config[s]["epochs"] for s in STAGES if not config[s]["from_package"]},
                      "config": {k: v for k, v in config.items() if k not in ("output", "cache")}},
         "validation": validation,
     }
     return create_package(target, manifest, weights, overwrite=overwrite)
+
+
+def open_packaged_stage(name_or_path: str, stage: str):
+    """The prostate package a stage is taken from (``<stage>.from_package``), checked."""
+    from segcore.packages import open_package
+
+    package = open_package(name_or_path)
+    if package.task != "prostate":
+        raise SegcoreError(f"{stage}.from_package: {package.name!r} is a {package.task!r} package, not a "
+                           "prostate one")
+    package.stage(stage)
+    return package
+
+
+def adopt_packaged_stages(config: dict) -> list[str]:
+    """Take the architecture and arguments of every stage that comes from a package; those stages."""
+    adopted = []
+    for stage in STAGES:
+        if config[stage]["from_package"]:
+            spec = open_packaged_stage(config[stage]["from_package"], stage).stage(stage)
+            config[stage]["architecture"], config[stage]["arguments"] = spec.architecture, dict(spec.arguments)
+            adopted.append(stage)
+    return adopted
 
 
 def pipeline_settings(config: dict) -> PipelineSettings:
@@ -542,6 +624,7 @@ def main(argv=None) -> int:
         outdir = Path(config["output"])
         outdir.mkdir(parents=True, exist_ok=True)
         device = resolve_device(args.device or config["device"])
+        packaged = adopt_packaged_stages(config)
         torch.use_deterministic_algorithms(device.type == "cpu", warn_only=True)
 
         def log(message):
@@ -560,9 +643,12 @@ def main(argv=None) -> int:
         for stage in [s.strip() for s in args.stages.split(",") if s.strip()]:
             if stage not in STAGES:
                 raise SegcoreError(f"unknown stage {stage!r}: choose from {', '.join(STAGES)}")
+            if stage in packaged:
+                log(f"{stage}: taken from model package {config[stage]['from_package']}, not trained")
+                continue
             train_stage(stage, config, train_cases, val_cases, settings, device, outdir, args.resume, log,
                         args.max_epochs, args.restart)
-        untrained = [s for s in STAGES if not _finished(outdir / s, config[s]["epochs"])]
+        untrained = [s for s in STAGES if s not in packaged and not _finished(outdir / s, config[s]["epochs"])]
         if untrained:
             log(f"not exporting a package yet: {', '.join(untrained)} not trained in {outdir}")
             return 0

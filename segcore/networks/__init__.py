@@ -12,11 +12,13 @@ from ..errors import ModelPackageError
 
 
 def _registry() -> dict:
+    from .hfunet import HFUNet
+    from .hmedn import HMEDN
     from .hmrnet import HMRNet
     from .metricunet import MetricUNet
     from .unet import UNet2p5D
 
-    return {"unet2p5d": UNet2p5D, "metricunet": MetricUNet, "hmrnet": HMRNet}
+    return {"unet2p5d": UNet2p5D, "metricunet": MetricUNet, "hfunet": HFUNet, "hmedn": HMEDN, "hmrnet": HMRNet}
 
 
 def architectures() -> list[str]:
