@@ -104,6 +104,8 @@ class ProstateSegTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_SegmentPhantom()
         self.setUp()
+        self.test_EveryStage2Network()
+        self.setUp()
         self.test_CancelLeavesSceneClean()
         self.setUp()
         self.test_BadInputIsRefused()
@@ -140,6 +142,28 @@ class ProstateSegTest(ScriptedLoadableModuleTest):
         dice = metrics.mask_metrics(sitk.GetArrayFromImage(labels) == 1, reference, labels.GetSpacing()[::-1]).dsc
         self.assertGreater(dice, 0.85)
         self.delayDisplay(f"Dice {dice:.3f}")
+
+    def test_EveryStage2Network(self):
+        import SimpleITK as sitk
+
+        from segcore import anatomy, metrics, mrml
+
+        volume, case = self.loadPhantom()
+        logic = ProstateSegLogic()
+        for model in ("prostate-metricunet-demo", "prostate-hfunet-demo", "prostate-hmedn-demo"):
+            self.delayDisplay(f"Segmenting a phantom with {model}")
+            segmentation = logic.segmentVolume(volume, model=model, device="cpu")
+            names = [s.name for s in logic.lastResult.segments]
+            # HMEDN segments bladder and rectum with the prostate; every segment is in the node.
+            expected = ["prostate", "bladder", "rectum"] if "hmedn" in model else ["prostate"]
+            self.assertEqual(names, expected)
+            self.assertEqual(segmentation.GetSegmentation().GetNumberOfSegments(), len(expected))
+            labels = sitk.GetArrayFromImage(mrml.segmentation_node_to_labelmap(segmentation, volume, expected))
+            reference = sitk.GetArrayFromImage(case.labels)
+            for name in expected:
+                value = anatomy.structure(name).value
+                dice = metrics.mask_metrics(labels == value, reference == value, volume.GetSpacing()[::-1]).dsc
+                self.assertGreater(dice, 0.7, f"{model} {name}")
 
     def test_CancelLeavesSceneClean(self):
         from segcore.errors import Cancelled

@@ -159,3 +159,18 @@ def test_organ_logic_segments_the_chosen_organs_on_the_real_ct(mrml_scene, pelvi
         organs.segmentVolume(volume, device="cpu", organs=["liver"])
     items = organs.segmentFiles([pelvis_ct_path], tmp_path / "out", device="cpu", organs=["rectum"])
     assert items[0].ok and {s.name for s in items[0].result.segments} == {"rectum"}
+
+
+def test_prostate_logic_with_hmedn_adds_its_three_organs(mrml_scene, logic, tmp_path):
+    """Choosing the HMEDN package by name in the ProstateSeg logic gives prostate, bladder and rectum."""
+    from segcore.phantom import make_phantom
+
+    case = make_phantom(9100, matrix=256, orientation="RAS")
+    sitk.WriteImage(case.ct, str(tmp_path / "phantom_ct.nrrd"))
+    volume = load_volume(mrml_scene, tmp_path / "phantom_ct.nrrd")
+    node = logic.segmentVolume(volume, model="prostate-hmedn-demo", device="cpu")
+    names = ["prostate", "bladder", "rectum"]
+    assert [s.name for s in logic.lastResult.segments] == names
+    assert node.GetSegmentation().GetNumberOfSegments() == 3
+    exported = mrml.segmentation_node_to_labelmap(node, volume, names)
+    assert np.array_equal(sitk.GetArrayViewFromImage(exported), sitk.GetArrayViewFromImage(logic.lastResult.labelmap))

@@ -18,6 +18,7 @@ EPILOG = """\
 examples:
   prostateseg segment ct.nii.gz -o results/         segment the prostate (bundled demo model)
   prostateseg segment scans/*.nii.gz dicom_dir/ -o results/ --formats seg.nrrd,stl
+  prostateseg segment ct.nii.gz -o results/ --model prostate-hmedn-demo   HMEDN: + bladder, rectum
   prostateseg organs ct.nii.gz -o results/          bladder, rectum, femoral heads, prostate, vesicles
   prostateseg organs ct.nii.gz -o results/ --organs bladder,rectum
   prostateseg phantom cases/ -n 3 --seed 1          three synthetic pelvic CTs with labels
@@ -175,8 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
         "output folder gets INPUT_seg.<format> for each label-map format, INPUT_seg_prostate.<format> for "
         "each surface format (stl, obj, vtp, ply) and INPUT_seg.json (volume, confidence, notes, timings). "
         "A batch goes on past a bad input; the exit code is 1 if any input failed.",
-        epilog="Model packages: `prostateseg models list`. The bundled default is demo weights trained on "
-        "synthetic phantoms, not validated on patient data.",
+        epilog="Stage-2 networks, chosen with --model: prostate-metricunet-demo (MetricUNet, the default), "
+        "prostate-hfunet-demo (HF-UNet) and prostate-hmedn-demo (HMEDN, which also segments the bladder "
+        "and rectum around the prostate). Model packages: `prostateseg models list`. The bundled models are "
+        "demo weights trained on synthetic phantoms, not validated on patient data.",
     )
     _batch_arguments(p, "the bundled prostate demo model")
     p.set_defaults(run=_segment)
