@@ -29,10 +29,12 @@ class SegmentationLogicBase:
     # ------------------------------------------------------------------ models
 
     def modelEntries(self):
-        """Usable packages for this task on the search path (bundled first), as segcore PackageEntry."""
+        """Usable packages for this task as segcore PackageEntry: the default model first, then the
+        search path's order (bundled before installed)."""
         from segcore import packages
 
-        return [e for e in packages.list_packages() if e.task == self.task and e.ok and not e.shadowed]
+        usable = [e for e in packages.list_packages() if e.task == self.task and e.ok and not e.shadowed]
+        return sorted(usable, key=lambda entry: entry.name != self.defaultModel())  # stable: keeps the rest
 
     def modelNames(self):
         return [entry.name for entry in self.modelEntries()]
