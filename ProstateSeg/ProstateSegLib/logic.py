@@ -33,8 +33,9 @@ class SegmentationLogicBase:
         search path's order (bundled before installed)."""
         from segcore import packages
 
+        default = self.defaultModel()
         usable = [e for e in packages.list_packages() if e.task == self.task and e.ok and not e.shadowed]
-        return sorted(usable, key=lambda entry: entry.name != self.defaultModel())  # stable: keeps the rest
+        return sorted(usable, key=lambda entry: entry.name != default)  # stable: keeps the rest in order
 
     def modelNames(self):
         return [entry.name for entry in self.modelEntries()]
