@@ -1,11 +1,8 @@
 """HMRNetOrgans: one-click segmentation of the pelvic organs in planning CT (HMR-Net, segcore)."""
 
-import os
-import tempfile
 from typing import Annotated
 
 import qt
-import slicer
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
@@ -15,6 +12,7 @@ from slicer.ScriptedLoadableModule import (
 )
 
 from ProstateSegLib.logic import OrganSegmentationLogic
+from ProstateSegLib.selftest import SelfTestMixin
 from ProstateSegLib.widgets import SegmentationWidgetBase
 
 #
@@ -150,41 +148,25 @@ class HMRNetOrgansLogic(ScriptedLoadableModuleLogic, OrganSegmentationLogic):
 #
 
 
-class HMRNetOrgansTest(ScriptedLoadableModuleTest):
-    """Runs in Slicer (ctest, or the module's Reload and Test): logic, organ choice, Cancel, bad input, widget."""
+class HMRNetOrgansTest(SelfTestMixin, ScriptedLoadableModuleTest):
+    """Runs in Slicer (ctest, or the module's Reload and Test): logic, organ choice, Cancel, bad input, widget.
+    Cancel and bad input come from SelfTestMixin."""
 
-    def setUp(self):
-        slicer.mrmlScene.Clear()
-        from ProstateSegLib import dependencies
+    moduleName = "HMRNetOrgans"
+    applyText = "Segment organs"
+    selfTests = ("test_SegmentPhantom", "test_ChosenOrgansOnly", "test_CancelLeavesSceneClean",
+                 "test_BadInputIsRefused", "test_WidgetSegmentsAndEdits")
+    phantomSeed = 9210
+    phantomMatrix = 512
 
-        dependencies.ensureDependencies(askConfirmation=False)
+    def createLogic(self):
+        return HMRNetOrgansLogic()
 
-    def runTest(self):
-        self.setUp()
-        self.test_SegmentPhantom()
-        self.setUp()
-        self.test_ChosenOrgansOnly()
-        self.setUp()
-        self.test_CancelLeavesSceneClean()
-        self.setUp()
-        self.test_BadInputIsRefused()
-        self.setUp()
-        self.test_WidgetSegmentsAndEdits()
+    def moduleBadInput(self, logic, volume):
+        from segcore.errors import SegcoreError
 
-    def loadPhantom(self, seed=9210):
-        """A held-out phantom CT (not used in training) and its reference labels, loaded as Slicer would."""
-        import SimpleITK as sitk
-
-        from segcore.phantom import make_phantom
-
-        case = make_phantom(seed, orientation="RAS")
-        folder = tempfile.mkdtemp(prefix="HMRNetOrgansTest-")
-        path = os.path.join(folder, "phantom_ct.nrrd")
-        sitk.WriteImage(case.ct, path)
-        return slicer.util.loadVolume(path), case
-
-    def segmentationNodes(self):
-        return slicer.mrmlScene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems()
+        with self.assertRaises(SegcoreError):
+            logic.segmentVolume(volume, device="cpu", organs=["liver"])
 
     def test_SegmentPhantom(self):
         import SimpleITK as sitk
@@ -212,59 +194,14 @@ class HMRNetOrgansTest(ScriptedLoadableModuleTest):
         names = sorted(segments.GetNthSegment(i).GetName() for i in range(segments.GetNumberOfSegments()))
         self.assertEqual(names, ["bladder", "rectum"])
 
-    def test_CancelLeavesSceneClean(self):
-        from segcore.errors import Cancelled
-
-        volume, _ = self.loadPhantom()
-        nodesBefore = slicer.mrmlScene.GetNumberOfNodes()
-        logic = HMRNetOrgansLogic()
-
-        def cancelHalfway(fraction, message):
-            if fraction > 0.3:
-                logic.cancel()
-
-        with self.assertRaises(Cancelled):
-            logic.segmentVolume(volume, device="cpu", progress=cancelHalfway)
-        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodesBefore)
-        self.assertEqual(self.segmentationNodes(), 0)
-
-    def test_BadInputIsRefused(self):
-        from segcore.errors import NotCTError, SegcoreError
-
-        logic = HMRNetOrgansLogic()
-        with self.assertRaises(SegcoreError):
-            logic.segmentVolume(None)
-        volume, _ = self.loadPhantom()
-        with self.assertRaises(SegcoreError):
-            logic.segmentVolume(volume, device="cpu", organs=["liver"])
-        labelmap = slicer.modules.volumes.logic().CreateAndAddLabelVolume(volume, "labels")
-        with self.assertRaises(SegcoreError):
-            logic.segmentVolume(labelmap)
-        array = slicer.util.arrayFromVolume(volume)
-        array[:] = (array - array.min()) // 4  # MR-like: no air at -1000 HU, no bone
-        slicer.util.arrayFromVolumeModified(volume)
-        with self.assertRaises(NotCTError):
-            logic.segmentVolume(volume, device="cpu")
-        self.assertEqual(self.segmentationNodes(), 0)
-
     def test_WidgetSegmentsAndEdits(self):
         volume, _ = self.loadPhantom()
-        slicer.util.selectModule("HMRNetOrgans")
-        widget = slicer.modules.hmrnetorgans.widgetRepresentation().self()
-        widget._parameterNode.inputVolume = volume
-        widget._parameterNode.device = "cpu"
+        widget = self.moduleWidget(volume)
         organs = widget.ui.organsListWidget
         self.assertGreater(organs.count, 0)
         for row in range(organs.count):  # tick the bladder only
             item = organs.item(row)
             item.setCheckState(qt.Qt.Checked if item.data(qt.Qt.UserRole) == "bladder" else qt.Qt.Unchecked)
         self.assertEqual(widget._parameterNode.organs, "bladder")
-        self.assertTrue(widget.ui.applyButton.enabled)
-        widget.ui.applyButton.click()
-        self.assertEqual(self.segmentationNodes(), 1)
-        self.assertIn("bladder", widget.ui.resultLabel.text)
+        self.applyAndEdit(widget, "bladder")
         self.assertNotIn("rectum:", widget.ui.resultLabel.text)
-        self.assertEqual(widget.ui.applyButton.text, "Segment organs")
-        widget.ui.editButton.click()
-        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
-        self.assertEqual(editor.segmentationNode(), slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSegmentationNode"))

@@ -1,7 +1,6 @@
 """ProstateSeg: one-click prostate segmentation of planning CT (two-stage network, segcore)."""
 
 import os
-import tempfile
 from typing import Annotated
 
 import slicer
@@ -14,6 +13,8 @@ from slicer.ScriptedLoadableModule import (
 )
 
 from ProstateSegLib.logic import ProstateSegmentationLogic
+from ProstateSegLib.sampledata import registerSampleData
+from ProstateSegLib.selftest import SelfTestMixin
 from ProstateSegLib.widgets import SegmentationWidgetBase
 
 #
@@ -40,6 +41,8 @@ The extension's README explains models, the Python-console batch API and trainin
 Methods: two-stage prostate segmentation in CT with MetricUNet (voxel-metric learning), HF-UNet and HMEDN,
 and the multi-organ HMR-Net, as published by their authors (see the README's citations).
 """
+        # The phantom in Sample Data (for the whole extension), once Slicer has started; it is made on first use.
+        slicer.app.connect("startupCompleted()", registerSampleData)
 
 
 #
@@ -91,41 +94,19 @@ class ProstateSegLogic(ScriptedLoadableModuleLogic, ProstateSegmentationLogic):
 #
 
 
-class ProstateSegTest(ScriptedLoadableModuleTest):
-    """Runs in Slicer (ctest, or the module's Reload and Test): logic, widget, Cancel, bad input."""
+class ProstateSegTest(SelfTestMixin, ScriptedLoadableModuleTest):
+    """Runs in Slicer (ctest, or the module's Reload and Test): logic, every network, Cancel, bad input,
+    widget, sample data. Cancel and bad input come from SelfTestMixin."""
 
-    def setUp(self):
-        slicer.mrmlScene.Clear()
-        from ProstateSegLib import dependencies
+    moduleName = "ProstateSeg"
+    applyText = "Segment prostate"
+    selfTests = ("test_SegmentPhantom", "test_EveryStage2Network", "test_CancelLeavesSceneClean",
+                 "test_BadInputIsRefused", "test_WidgetSegmentsAndEdits", "test_SampleData")
+    phantomSeed = 9200
+    phantomMatrix = 256
 
-        dependencies.ensureDependencies(askConfirmation=False)
-
-    def runTest(self):
-        self.setUp()
-        self.test_SegmentPhantom()
-        self.setUp()
-        self.test_EveryStage2Network()
-        self.setUp()
-        self.test_CancelLeavesSceneClean()
-        self.setUp()
-        self.test_BadInputIsRefused()
-        self.setUp()
-        self.test_WidgetSegmentsAndEdits()
-
-    def loadPhantom(self, seed=9200):
-        """A held-out phantom CT (not used in training) and its reference labels, loaded as Slicer would."""
-        import SimpleITK as sitk
-
-        from segcore.phantom import make_phantom
-
-        case = make_phantom(seed, matrix=256, orientation="RAS")
-        folder = tempfile.mkdtemp(prefix="ProstateSegTest-")
-        path = os.path.join(folder, "phantom_ct.nrrd")
-        sitk.WriteImage(case.ct, path)
-        return slicer.util.loadVolume(path), case
-
-    def segmentationNodes(self):
-        return slicer.mrmlScene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems()
+    def createLogic(self):
+        return ProstateSegLogic()
 
     def test_SegmentPhantom(self):
         import SimpleITK as sitk
@@ -165,50 +146,49 @@ class ProstateSegTest(ScriptedLoadableModuleTest):
                 dice = metrics.mask_metrics(labels == value, reference == value, volume.GetSpacing()[::-1]).dsc
                 self.assertGreater(dice, 0.7, f"{model} {name}")
 
-    def test_CancelLeavesSceneClean(self):
-        from segcore.errors import Cancelled
-
-        volume, _ = self.loadPhantom()
-        nodesBefore = slicer.mrmlScene.GetNumberOfNodes()
-        logic = ProstateSegLogic()
-
-        def cancelHalfway(fraction, message):
-            if fraction > 0.3:
-                logic.cancel()
-
-        with self.assertRaises(Cancelled):
-            logic.segmentVolume(volume, device="cpu", progress=cancelHalfway)
-        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodesBefore)
-        self.assertEqual(self.segmentationNodes(), 0)
-
-    def test_BadInputIsRefused(self):
-        from segcore.errors import NotCTError, SegcoreError
-
-        logic = ProstateSegLogic()
-        with self.assertRaises(SegcoreError):
-            logic.segmentVolume(None)
-        volume, _ = self.loadPhantom()
-        labelmap = slicer.modules.volumes.logic().CreateAndAddLabelVolume(volume, "labels")
-        with self.assertRaises(SegcoreError):
-            logic.segmentVolume(labelmap)
-        array = slicer.util.arrayFromVolume(volume)
-        array[:] = (array - array.min()) // 4  # MR-like: no air at -1000 HU, no bone
-        slicer.util.arrayFromVolumeModified(volume)
-        with self.assertRaises(NotCTError):
-            logic.segmentVolume(volume, device="cpu")
-        self.assertEqual(self.segmentationNodes(), 0)
-
     def test_WidgetSegmentsAndEdits(self):
         volume, _ = self.loadPhantom()
-        slicer.util.selectModule("ProstateSeg")
-        widget = slicer.modules.prostateseg.widgetRepresentation().self()
-        widget._parameterNode.inputVolume = volume
-        widget._parameterNode.device = "cpu"
-        self.assertTrue(widget.ui.applyButton.enabled)
-        widget.ui.applyButton.click()
-        self.assertEqual(self.segmentationNodes(), 1)
-        self.assertIn("prostate", widget.ui.resultLabel.text)
-        self.assertEqual(widget.ui.applyButton.text, "Segment prostate")
-        widget.ui.editButton.click()
-        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
-        self.assertEqual(editor.segmentationNode(), slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSegmentationNode"))
+        widget = self.moduleWidget(volume)
+        self.applyAndEdit(widget, "prostate")
+
+    def test_SampleData(self):
+        """The phantom in Sample Data: listed under ProstateSeg with a thumbnail; its button makes the
+        files once, loads the CT and the reference organs; the module segments that CT."""
+        import SampleData
+        import SimpleITK as sitk
+
+        from ProstateSegLib import sampledata
+        from segcore import metrics, mrml
+
+        sampledata.registerSampleData()  # done at start-up; registering again adds nothing
+        sources = SampleData.SampleDataLogic.sampleDataSourcesByCategory(sampledata.CATEGORY)
+        self.assertEqual([s.sampleName for s in sources], [sampledata.SAMPLE_NAME])
+        self.assertTrue(os.path.isfile(sources[0].thumbnailFileName))
+
+        self.delayDisplay("Loading the ProstateSeg phantom from Sample Data")
+        slicer.util.selectModule("SampleData")
+        sampleDataWidget = slicer.modules.SampleDataWidget
+        # the panel lists what was registered when it was made: list the sources again
+        SampleData.SampleDataWidget.setCategoriesFromSampleDataSources(
+            sampleDataWidget.categoryLayout, slicer.modules.sampleDataSources, sampleDataWidget.logic)
+        button = slicer.util.findChild(sampleDataWidget.parent, f"{sampledata.SAMPLE_NAME}PushButton")
+        button.click()
+        volume = slicer.util.getNode(sampledata.CT_NODE_NAME)
+        reference = slicer.util.getNode(sampledata.REFERENCE_NODE_NAME)
+        segments = reference.GetSegmentation()
+        names = [segments.GetNthSegment(i).GetName() for i in range(segments.GetNumberOfSegments())]
+        self.assertEqual(names, ["prostate", "bladder", "rectum", "femoral_head_left", "femoral_head_right",
+                                 "seminal_vesicles"])
+
+        ctPath = sampledata.cacheFolder() / sampledata.CT_FILE
+        madeAt = ctPath.stat().st_mtime_ns
+        slicer.mrmlScene.Clear()
+        volume, reference = sampledata.loadPhantomSample()  # the files are reused, not made again
+        self.assertEqual(ctPath.stat().st_mtime_ns, madeAt)
+
+        segmentation = ProstateSegLogic().segmentVolume(volume, device="cpu")
+        found = sitk.GetArrayFromImage(mrml.segmentation_node_to_labelmap(segmentation, volume, ["prostate"]))
+        expected = sitk.GetArrayFromImage(mrml.segmentation_node_to_labelmap(reference, volume, ["prostate"]))
+        dice = metrics.mask_metrics(found == 1, expected == 1, volume.GetSpacing()[::-1]).dsc
+        self.assertGreater(dice, 0.85)
+        self.delayDisplay(f"Sample phantom: prostate Dice {dice:.3f}")

@@ -45,7 +45,7 @@ def small_phantom():
 def mrml_scene():
     """A fresh MRML scene with the module logics Slicer sets up at start-up (slicer-core, no Qt)."""
     slicer = pytest.importorskip("slicer")
-    from segcore.mrml import standalone_scene
+    from slicer_scene import standalone_scene
 
     scene, logics = standalone_scene()
     scene.volumes_logic = logics["Volumes"]

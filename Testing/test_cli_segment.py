@@ -1,7 +1,7 @@
 """`prostateseg segment`: batches, folders, DICOM series, outputs and refusals.
 
 These tests use a package with small random-weight networks: they check the
-command's behaviour, not the model's accuracy (see test_prostate_model.py).
+command's behaviour, not the model's accuracy (see test_bundled_metricunet.py).
 """
 
 import json

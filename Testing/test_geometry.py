@@ -15,15 +15,7 @@ from segcore.image import (
     same_grid,
 )
 from segcore.metrics import centroids
-
-
-def rotation(angles):
-    cx, cy, cz = np.cos(angles)
-    sx, sy, sz = np.sin(angles)
-    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    return rz @ ry @ rx
+from segcore.phantom import euler_rotation as rotation  # the rotation the phantom's oblique grids use
 
 
 @st.composite

@@ -6,15 +6,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from segcore.networks.hfunet import (
-    ChannelAttention,
-    HFUNet,
-    HFUNetOutput,
-    PositionAttention,
-    contour_target,
-    hfunet_loss,
-)
-from segcore.networks.metricunet import contour_map
+from segcore.networks.hfunet import ChannelAttention, HFUNet, HFUNetOutput, PositionAttention
+from training.losses.boundaries import contour_map
+from training.losses.hfunet import contour_target, hfunet_loss
 
 WIDTHS = (8, 16, 32, 64)
 

@@ -6,10 +6,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from segcore.networks.hmedn import (
-    HMEDN,
-    HMEDNOutput,
-    ResidualDilatedBlock,
+from segcore.networks.hmedn import HMEDN, HMEDNOutput, ResidualDilatedBlock
+from training.losses.hmedn import (
     contour_target,
     difficulty_weights,
     hmedn_loss,

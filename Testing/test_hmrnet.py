@@ -9,21 +9,17 @@ import torch
 from segcore.networks import build
 from segcore.networks.hmrnet import (
     HMRNet,
-    LossConfig,
     batched_nms,
     box_iou,
     decode_boxes,
     encode_boxes,
-    hmrnet_loss,
     make_anchors,
-    manifold_loss,
     nms,
     points_to_box,
     points_to_pixels,
     roi_align,
-    shape_loss,
-    similarity_matrix,
 )
+from training.losses.hmrnet import LossConfig, hmrnet_loss, manifold_loss, shape_loss, similarity_matrix
 
 SMALL = {"num_classes": 3, "in_channels": 1, "depth": 18, "widths": [8, 8, 16, 16], "channels": 16, "points": 12,
          "anchor_sizes": [8, 16, 32, 64], "box_fc": 32, "shape_roi": 6, "shape_convs": [8, 8], "shape_fc": 32,

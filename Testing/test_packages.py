@@ -81,7 +81,7 @@ def home(tmp_path, monkeypatch):
     monkeypatch.setenv("PROSTATESEG_HOME", str(tmp_path / "home"))
     bundled = tmp_path / "bundled"
     bundled.mkdir()
-    monkeypatch.setattr(packages, "bundled_models_dir", lambda: bundled)
+    monkeypatch.setattr(packages.registry, "bundled_models_dir", lambda: bundled)
     return tmp_path / "home"
 
 
@@ -163,6 +163,127 @@ def test_create_refuses_existing_and_invalid(tmp_path):
 def test_manifest_field_errors_name_the_field(tmp_path, changes, field):
     with pytest.raises(ModelPackageError, match=field):
         make(tmp_path / "p", **changes)
+
+
+BUNDLED_MANIFESTS = sorted(packages.bundled_models_dir().glob("*/model.json"))
+
+
+def test_schema_file_is_valid_json_schema_and_accepts_the_bundled_manifests():
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads(packages.SCHEMA_FILE.read_text(encoding="utf-8"))
+    assert packages.SCHEMA_FILE.name == "model_package.schema.json"
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    jsonschema.Draft202012Validator.check_schema(schema)
+    assert len(BUNDLED_MANIFESTS) == 4
+    for path in BUNDLED_MANIFESTS:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        jsonschema.Draft202012Validator(schema).validate(data)  # any standard validator accepts them
+        assert packages.manifest_problems(data) == [], path
+
+
+def test_schema_agrees_with_the_python_constants():
+    schema = packages.manifest_schema()
+    fields = schema["properties"]
+    assert fields["schema_version"]["const"] == packages.SCHEMA_VERSION
+    assert tuple(fields["task"]["enum"]) == packages.TASKS
+    assert fields["name"]["pattern"] == f"^{packages.NAME_PATTERN.pattern}$"
+    assert set(schema["required"]) == set(fields)
+    schema["properties"].clear()  # a copy: the validator's schema is untouched
+    assert packages.manifest_problems(manifest_json()) == []
+
+
+def test_every_schema_rule_has_a_description():
+    """Errors are sentences built from the failing rule's description, so every rule needs one."""
+    rules = {"type", "enum", "const", "pattern", "minimum", "maximum", "exclusiveMinimum", "minItems",
+             "maxItems", "minLength", "maxLength", "minProperties", "required"}
+
+    def walk(schema, where):
+        if rules & schema.keys():
+            assert isinstance(schema.get("description"), str) and schema["description"], where
+        for key in ("properties", "$defs"):  # maps of names to schemas
+            for name, sub in schema.get(key, {}).items():
+                walk(sub, f"{where}/{key}/{name}")
+        for key in ("items", "additionalProperties", "propertyNames"):
+            if isinstance(schema.get(key), dict):
+                walk(schema[key], f"{where}/{key}")
+
+    walk(packages.manifest_schema(), "#")
+
+
+def manifest_json(**changes) -> dict:
+    """A complete valid manifest as model.json holds it (files included)."""
+    data = manifest(**changes)
+    data["labels"] = [s.to_json() if isinstance(s, anatomy.Structure) else s for s in data["labels"]]
+    data.setdefault("schema_version", packages.SCHEMA_VERSION)
+    data.setdefault("files", {"coarse.safetensors": "a" * 64, "fine.safetensors": "b" * 64})
+    return json.loads(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    ("changes", "location", "shown"),
+    [
+        ({"name": "Bad Name"}, "field 'name'", '"Bad Name"'),
+        ({"task": "liver"}, "field 'task'", '"liver"'),
+        ({"version": 1.0}, "field 'version'", "1.0"),
+        ({"training": {"data": None, "seed": 1.5, "commit": None, "epochs": 2}}, "training.seed", "1.5"),
+        ({"training": {"data": None, "seed": 1, "commit": None}}, "training.epochs", "missing"),
+        ({"input": {"spacing_mm": [1, 1, 0], "intensity_window": [-1, 1], "normalisation": "w"}},
+         "input.spacing_mm[2]", "0"),
+        ({"labels": [{"value": 1, "name": "prostate", "color": [1, 2, 256]}]}, "labels[0].color[2]", "256"),
+        ({"labels": [{"value": 1, "name": "prostate", "color": [1, 2, 3], "type": "Prostate"}]},
+         "labels[0].type", '"Prostate"'),
+        ({"files": {"coarse.safetensors": "a" * 64, "fine.safetensors": "B" * 64}},
+         "files['fine.safetensors']", '"BBBB'),
+        ({"stages": {"net": {"architecture": "unet", "arguments": {}, "weights": "net.pt"}},
+          "files": {"net.safetensors": "a" * 64}}, "stages.net.weights", '"net.pt"'),
+    ],
+)
+def test_a_schema_violation_is_one_sentence_naming_the_field(changes, location, shown):
+    (problem,) = packages.manifest_problems(manifest_json(**changes))
+    assert problem.startswith(location + " ") and shown in problem
+    assert "\n" not in problem and ". " not in problem.replace("e.g. ", "").replace("...", "")  # one sentence
+    with pytest.raises(ModelPackageError) as error:
+        packages.validate_manifest(manifest_json(**changes), source="x/model.json")
+    assert f"  - {problem}\n" in str(error.value) and "Fix model.json" in str(error.value)
+
+
+def test_strict_json_values_are_refused():
+    """1.0 is no integer, NaN is no number, and a trailing newline does not end a name (Python's `$`)."""
+    nan_spacing = {"spacing_mm": [1, float("nan"), 1], "intensity_window": [-1, 1], "normalisation": "w"}
+    cases = [
+        ({"labels": [{"value": 1.0, "name": "prostate", "color": [1, 2, 3]}]}, "labels[0].value"),
+        ({"input": nan_spacing}, "input.spacing_mm[1]"),
+        ({"name": "tiny-prostate\n"}, "field 'name'"),
+        ({"files": {"coarse.safetensors": "a" * 64, "fine.safetensors\n": "b" * 64}}, "field 'files'"),
+    ]
+    for changes, location in cases:
+        problems = packages.manifest_problems(manifest_json(**changes))
+        assert problems and problems[0].startswith(location), (changes, problems)
+
+
+def test_checks_beyond_the_schema_remain():
+    stages = [{"name": "a", "architecture": "unet", "arguments": {}, "weights": "coarse.safetensors"},
+              {"name": "a", "architecture": "unet", "arguments": {}, "weights": "other.safetensors"}]
+    labels = [anatomy.structure("prostate").to_json(), anatomy.structure("prostate").to_json(),
+              {"value": 2, "name": "new-organ", "color": [1, 2, 3]}]
+    problems = packages.manifest_problems(manifest_json(stages=stages, labels=labels))
+    assert "stage name 'a' is used twice" in problems
+    assert "stage 'a': weights file 'other.safetensors' has no sha256 in field 'files'" in problems
+    assert any("label value 1 is used twice" in p for p in problems)
+    assert any("structure name 'prostate' is used twice" in p for p in problems)
+    assert any("label value 2 belongs to 'bladder'" in p for p in problems)
+
+
+def test_missing_jsonschema_is_one_clear_error(monkeypatch):
+    from segcore.packages import manifest as manifest_module
+
+    monkeypatch.setitem(sys.modules, "jsonschema", None)  # import jsonschema now fails
+    manifest_module._validator.cache_clear()
+    try:
+        with pytest.raises(ModelPackageError, match=r"needs the Python package jsonschema.*pip install"):
+            packages.manifest_problems(manifest_json())
+    finally:
+        manifest_module._validator.cache_clear()
 
 
 def test_schema_version_newer_and_older(tmp_path):
@@ -271,7 +392,7 @@ def test_home_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("PROSTATESEG_HOME", str(tmp_path / "h"))
     assert packages.user_models_dir() == tmp_path / "h" / "models"
     assert packages.search_path()[0][0] == "bundled"
-    assert packages.bundled_models_dir().parts[-2:] == ("Resources", "Models")
+    assert packages.bundled_models_dir().parts[-2:] == ("segcore", "models")
 
 
 def test_install_list_info_verify_remove(home, archive):
@@ -332,7 +453,7 @@ def test_collisions(home, archive, tmp_path):
 
 
 def test_bundled_packages(home, tmp_path, archive):
-    bundled = packages.bundled_models_dir()
+    bundled = packages.registry.bundled_models_dir()
     make(bundled / "tiny-prostate", version="0.9")
     entries = packages.list_packages()
     assert [(e.where, e.version) for e in entries] == [("bundled", "0.9")]
@@ -567,7 +688,8 @@ def test_import_is_light():
 
     code = (
         "import sys, segcore.packages as p; "
-        "print(sorted(m for m in ('torch', 'safetensors', 'tqdm', 'urllib.request') if m in sys.modules))"
+        "print(sorted(m for m in ('torch', 'numpy', 'safetensors', 'tqdm', 'urllib.request', 'jsonschema') "
+        "if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

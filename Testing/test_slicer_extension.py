@@ -44,7 +44,7 @@ def test_widget_names_used_in_code_exist_in_the_ui(module):
     names = {w.get("name") for w in ui.iter("widget")}
     used = set()
     for path in [ROOT / module / f"{module}.py", *SHARED_LIB.glob("*.py")]:
-        used |= set(re.findall(r"self\.ui\.(\w+)", path.read_text()))
+        used |= set(re.findall(r"(?:self|widget)\.ui\.(\w+)", path.read_text()))  # panel code and self-tests
     from_lists = set(re.findall(r'"(\w+)"', (SHARED_LIB / "widgets.py").read_text()
                                 .split("REQUIRED_WIDGETS = (")[1].split(")")[0]))
     assert used, "no widget use found: the check is broken"
@@ -81,8 +81,10 @@ def test_top_level_cmake_is_an_extension_shipping_segcore_and_models():
     assert re.findall(r"add_subdirectory\((\w+)\)", text) == MODULES
     segcore = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "segcore").rglob("*.py") if "__pycache__" not in p.parts)
     assert sorted(cmake_list(text, "SEGCORE_PYTHON_SCRIPTS")) == segcore
-    models = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "Resources" / "Models").rglob("*") if p.is_file())
-    assert sorted(cmake_list(text, "BUNDLED_MODEL_FILES")) == models
+    models = [str(p.relative_to(ROOT)) for p in (ROOT / "segcore" / "models").rglob("*") if p.is_file()]
+    schema = "segcore/packages/model_package.schema.json"
+    assert (ROOT / schema).is_file()
+    assert sorted(cmake_list(text, "BUNDLED_MODEL_FILES")) == sorted([*models, schema])
     assert (ROOT / "Resources" / "Icons" / "ProstateSegExtension.png").is_file()
     assert (ROOT / "LICENSE").is_file()
 
@@ -111,10 +113,50 @@ def test_module_files_import_nothing_heavy_at_module_scope(module):
 
 
 def test_importing_the_console_logic_loads_nothing_heavy():
-    code = ("import sys; sys.path.insert(0, 'ProstateSeg'); import ProstateSegLib.logic, ProstateSegLib.dependencies; "
+    code = ("import sys; sys.path.insert(0, 'ProstateSeg'); "
+            "import ProstateSegLib.logic, ProstateSegLib.dependencies, ProstateSegLib.sampledata; "
             "print(sorted({'torch', 'numpy', 'SimpleITK', 'vtk', 'slicer'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def class_methods(tree, name):
+    """The names of the methods a class defines, and the class node (None when absent)."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == name:
+            return {item.name for item in node.body if isinstance(item, ast.FunctionDef)}, node
+    return set(), None
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_self_tests_use_the_shared_mixin_and_run_every_test(module):
+    """The self-tests cannot run here: check that each module's test class takes the shared helpers
+    and tests from SelfTestMixin, and that runTest's list names every test, each once."""
+    tree = ast.parse((ROOT / module / f"{module}.py").read_text())
+    own, test_class = class_methods(tree, f"{module}Test")
+    assert test_class is not None
+    assert [ast.unparse(base) for base in test_class.bases] == ["SelfTestMixin", "ScriptedLoadableModuleTest"]
+    shared, mixin = class_methods(ast.parse((SHARED_LIB / "selftest.py").read_text()), "SelfTestMixin")
+    assert mixin is not None and "runTest" in shared and "runTest" not in own
+    settings = {item.targets[0].id: ast.literal_eval(item.value) for item in test_class.body
+                if isinstance(item, ast.Assign) and len(item.targets) == 1 and isinstance(item.targets[0], ast.Name)}
+    assert settings["moduleName"] == module
+    listed = list(settings["selfTests"])
+    defined = {name for name in own | shared if name.startswith("test_")}
+    assert len(listed) == len(set(listed)) and set(listed) == defined
+
+
+def test_sample_data_is_registered_once_after_startup():
+    """ProstateSeg registers the phantom when Slicer has started (nothing at import); HMRNetOrgans does not
+    register it again."""
+    source = (ROOT / "ProstateSeg" / "ProstateSeg.py").read_text()
+    assert 'slicer.app.connect("startupCompleted()", registerSampleData)' in source
+    assert "from ProstateSegLib.sampledata import registerSampleData" in source
+    assert "registerSampleData" not in (ROOT / "HMRNetOrgans" / "HMRNetOrgans.py").read_text()
+    for module in MODULES:  # nothing but definitions, imports and the docstring at module scope
+        for node in ast.parse((ROOT / module / f"{module}.py").read_text()).body:
+            assert isinstance(node, (ast.Import, ast.ImportFrom, ast.ClassDef, ast.FunctionDef)) or (
+                isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)), f"{module}.py:{node.lineno}"
 
 
 def test_slicer_requirements_match_pyproject():

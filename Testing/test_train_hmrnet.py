@@ -7,6 +7,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 from safetensors.torch import load_file
+from training_runs import run_args
 
 from segcore import packages
 from segcore.cli import main as cli
@@ -23,10 +24,7 @@ TINY = [
 
 
 def tiny_args(tmp_path, *extra):
-    args = ["--output", str(tmp_path / "run"), "--set", f"cache={tmp_path.parent / 'training-cache'}"]
-    for item in TINY + list(extra):
-        args += ["--set", item]
-    return args
+    return run_args(tmp_path, TINY + list(extra))
 
 
 def test_tiny_training_run_exports_installs_and_segments(tmp_path, monkeypatch):

@@ -8,9 +8,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 from safetensors.torch import load_file
+from training_runs import run_args as training_args
 
 from segcore import networks, packages
 from segcore.cli import main as cli
+from training import runs
 from training import train_prostate as tp
 
 COMMON = [
@@ -31,10 +33,7 @@ HMEDN = [
 
 
 def run_args(tmp_path, *items, options=()):
-    args = ["--output", str(tmp_path / "run"), "--set", f"cache={tmp_path.parent / 'training-cache'}", *options]
-    for item in COMMON + list(items):
-        args += ["--set", item]
-    return args
+    return training_args(tmp_path, COMMON + list(items), options)
 
 
 def install_and_segment(tmp_path, package, monkeypatch):
@@ -78,7 +77,7 @@ def test_hfunet_cold_start_leaves_the_contour_branch_and_tcl_blocks_untouched(tm
     torch.manual_seed(int(config["seed"]) + tp.STAGES.index("stage2"))   # as train_stage builds it
     initial = networks.build("hfunet", config["stage2"]["arguments"])
     trained = networks.build("hfunet", config["stage2"]["arguments"])
-    tp.load_checkpoint(tmp_path / "run" / "stage2", "last", trained, None)
+    runs.load_checkpoint(tmp_path / "run" / "stage2", "last", trained, None)
     before, after = dict(initial.named_parameters()), dict(trained.named_parameters())
     frozen = {n for n, p in trained.named_parameters() if n.startswith(("contour", "tcl"))}
     assert frozen and all(torch.equal(before[n], after[n]) for n in frozen)

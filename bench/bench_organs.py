@@ -17,62 +17,22 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
-from bench_segment import make_ct
+from bench_common import add_common_arguments, make_ct, measure_segmenter, run_child, run_cli
 
 
 def child_pipeline(ct: str, device: str, model: str | None) -> None:
     """Runs in a fresh process: load the model once, segment once, print one JSON line."""
-    import resource
-    import time
-
-    tick = time.perf_counter()
     from segcore.organs import OrganSegmenter
 
-    segmenter = OrganSegmenter(model, device)
-    loaded = time.perf_counter() - tick
-    result = segmenter(ct)
-    import torch
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"load_model": loaded, **result.timings, "peak_mb": peak, "threads": torch.get_num_threads(),
-                      "organs": {s.name: round(s.volume_cc, 1) for s in result.segments}}))
-
-
-def run_child(args_list) -> dict:
-    out = subprocess.run([sys.executable, __file__, *args_list], check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def run_cli(ct: Path, device: str, model: str | None) -> dict:
-    import resource
-    import time
-
-    with tempfile.TemporaryDirectory() as out:
-        command = [str(Path(sys.executable).with_name("prostateseg")), "-q", "organs", str(ct), "-o", out,
-                   "--device", device]
-        if model:
-            command += ["--model", model]
-        tick = time.perf_counter()
-        subprocess.run(command, check=True, capture_output=True)
-        seconds = time.perf_counter() - tick
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest child so far
-    return {"seconds": seconds, "peak_mb": peak / 1024}
+    result, measured = measure_segmenter(lambda: OrganSegmenter(model, device), ct)
+    print(json.dumps({**measured, "organs": {s.name: round(s.volume_cc, 1) for s in result.segments}}))
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeat", type=int, default=3, help="fresh-process runs per measurement (default 3)")
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
-    parser.add_argument("--model", help="model package (default: the bundled default)")
-    parser.add_argument("--seed", type=int, default=2, help="phantom seed of the test CT (default 2)")
-    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "prostateseg-bench")
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    add_common_arguments(parser)
     args = parser.parse_args(argv)
     if args.child:
         child_pipeline(args.child[0], args.child[1], None if args.child[2] == "-" else args.child[2])
@@ -81,8 +41,8 @@ def main(argv=None) -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     ct = make_ct(args.workdir, args.seed)
     print(f"CT: {ct.name}, {os.cpu_count()} CPUs, device {args.device}")
-    runs = [run_child(["--child", str(ct), args.device, args.model or "-"]) for _ in range(args.repeat)]
-    cli_runs = [run_cli(ct, args.device, args.model) for _ in range(args.repeat)]
+    runs = [run_child(__file__, ["--child", str(ct), args.device, args.model or "-"]) for _ in range(args.repeat)]
+    cli_runs = [run_cli("organs", ct, args.device, args.model) for _ in range(args.repeat)]
     keys = ["load_model", "read", "detect", "paste_back", "total"]
     median = {k: statistics.median(r.get(k, 0.0) for r in runs) for k in keys}
     results = {"ct": ct.name, "device": args.device, "threads": runs[0]["threads"], "pipeline_median_s": median,

@@ -25,88 +25,27 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
+from bench_common import add_common_arguments, make_ct, measure_segmenter, run_child, run_cli
+
 HERE = Path(__file__).resolve().parent
-SLICES = 150
-
-
-def make_ct(workdir: Path, seed: int) -> Path:
-    path = workdir / f"bench_ct_seed{seed}_512x512x{SLICES}.nii.gz"
-    if path.is_file():
-        return path
-    code = f"""
-import numpy as np, SimpleITK as sitk
-from segcore.phantom import make_phantom
-case = make_phantom({seed}, matrix=512, spacing=(0.95, 0.95, 2.0), orientation="LPS")
-a = sitk.GetArrayFromImage(case.ct)
-if a.shape[0] >= {SLICES}:
-    start = (a.shape[0] - {SLICES}) // 2
-    a = a[start:start + {SLICES}]
-    origin = case.ct.TransformIndexToPhysicalPoint([0, 0, start])
-else:
-    a = np.concatenate([a, np.full(({SLICES} - a.shape[0],) + a.shape[1:], -1024, a.dtype)])
-    origin = case.ct.GetOrigin()
-img = sitk.GetImageFromArray(a)
-img.SetSpacing(case.ct.GetSpacing()); img.SetDirection(case.ct.GetDirection()); img.SetOrigin(origin)
-sitk.WriteImage(img, r"{path}", True)
-"""
-    subprocess.run([sys.executable, "-c", code], check=True)
-    return path
 
 
 def child_pipeline(ct: str, device: str, model: str | None) -> None:
     """Runs in a fresh process: load the model once, segment once, print one JSON line."""
-    import resource
-    import time
-
-    tick = time.perf_counter()
     from segcore.prostate import ProstateSegmenter
 
-    segmenter = ProstateSegmenter(model, device)
-    loaded = time.perf_counter() - tick
-    result = segmenter(ct)
-    import torch
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"load_model": loaded, **result.timings, "peak_mb": peak, "threads": torch.get_num_threads(),
-                      "found": result.found, "volume_cc": result.segments[0].volume_cc if result.found else 0}))
-
-
-def run_child(args_list) -> dict:
-    out = subprocess.run([sys.executable, __file__, *args_list], check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def run_cli(ct: Path, device: str, model: str | None) -> dict:
-    import resource
-    import time
-
-    with tempfile.TemporaryDirectory() as out:
-        command = [str(Path(sys.executable).with_name("prostateseg")), "-q", "segment", str(ct), "-o", out,
-                   "--device", device]
-        if model:
-            command += ["--model", model]
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        tick = time.perf_counter()
-        subprocess.run(command, check=True, capture_output=True)
-        seconds = time.perf_counter() - tick
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"seconds": seconds, "peak_mb": max(peak, before) / 1024}
+    result, measured = measure_segmenter(lambda: ProstateSegmenter(model, device), ct)
+    print(json.dumps({**measured, "found": result.found,
+                      "volume_cc": result.segments[0].volume_cc if result.found else 0}))
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeat", type=int, default=3, help="fresh-process runs per measurement (default 3)")
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
-    parser.add_argument("--model", help="model package (default: the bundled default)")
-    parser.add_argument("--seed", type=int, default=2, help="phantom seed of the test CT (default 2)")
-    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "prostateseg-bench")
+    add_common_arguments(parser)
     parser.add_argument("--no-nnunet", action="store_true", help="skip the nnU-Net stand-in")
     parser.add_argument("--nnunet-repeat", type=int, default=1, help="runs of the (slow) stand-in (default 1)")
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         child_pipeline(args.child[0], args.child[1], None if args.child[2] == "-" else args.child[2])
@@ -115,8 +54,8 @@ def main(argv=None) -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     ct = make_ct(args.workdir, args.seed)
     print(f"CT: {ct.name}, {os.cpu_count()} CPUs, device {args.device}")
-    runs = [run_child(["--child", str(ct), args.device, args.model or "-"]) for _ in range(args.repeat)]
-    cli_runs = [run_cli(ct, args.device, args.model) for _ in range(args.repeat)]
+    runs = [run_child(__file__, ["--child", str(ct), args.device, args.model or "-"]) for _ in range(args.repeat)]
+    cli_runs = [run_cli("segment", ct, args.device, args.model) for _ in range(args.repeat)]
     keys = ["load_model", "read", "stage1", "stage2", "paste_back", "total"]
     median = {k: statistics.median(r.get(k, 0.0) for r in runs) for k in keys}
     results = {"ct": ct.name, "device": args.device, "threads": runs[0]["threads"], "pipeline_median_s": median,

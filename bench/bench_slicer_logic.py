@@ -30,8 +30,10 @@ def child(ct: str, device: str) -> None:
     import time
 
     sys.path.insert(0, str(HERE.parent / "ProstateSeg"))
+    sys.path.insert(0, str(HERE.parent / "Testing"))  # the test helpers' standalone MRML scene
+    from slicer_scene import standalone_scene
+
     from ProstateSegLib.logic import ProstateSegmentationLogic
-    from segcore.mrml import standalone_scene
 
     _, logics = standalone_scene()
     tick = time.perf_counter()

@@ -104,3 +104,33 @@ def labels_json(structures=STRUCTURES) -> dict:
 
 def structures_from_labels_json(data: dict) -> list[Structure]:
     return [Structure.from_json(entry) for entry in data["labels"]]
+
+
+# Context names of Slicer's bundled terminology lists (Terminologies module).
+SEGMENTATION_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
+
+
+def _code(triple) -> str:
+    return "^".join(triple) if triple else "^^"
+
+
+def terminology_entry(structure: Structure) -> str:
+    """Slicer's ``TerminologyEntry`` tag for a structure.
+
+    Seven ``~``-separated fields, each code a ``scheme^value^meaning`` triple:
+    segmentation context ~ category ~ type ~ type modifier (left/right) ~ anatomic
+    context ~ anatomic region ~ region modifier -- the order of
+    ``vtkSlicerTerminologiesModuleLogic::SerializeTerminologyEntry``.
+    """
+    return "~".join(
+        (
+            SEGMENTATION_CONTEXT,
+            _code(structure.category),
+            _code(structure.type),
+            _code(structure.modifier),
+            ANATOMIC_CONTEXT,
+            "^^",
+            "^^",
+        )
+    )

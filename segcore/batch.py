@@ -87,7 +87,8 @@ def segment_files(segment: Callable[..., Result], structures: Sequence[Structure
     `structures` are the labels written to every output (also when nothing was
     found, so each input gets its files). `on_item` sees each finished item.
     """
-    from segcore.export import atomic_output, export_labelmap
+    from segcore.export import export_labelmap
+    from segcore.files import atomic_output
 
     inputs = expand_inputs(paths)
     stems = [output_stem(p) for p, _ in inputs]

@@ -156,19 +156,7 @@ def _batch_arguments(p: argparse.ArgumentParser, default_model: str) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (never done otherwise)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="prostateseg",
-        description="Segment the prostate and pelvic organs in planning CT; make phantoms, evaluate results, "
-        "manage model packages.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--version", action="version", version=f"prostateseg {__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes on stderr")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.required = True
-
+def _add_segment(commands) -> None:
     p = commands.add_parser(
         "segment", help="segment the prostate in CT images (files, DICOM folders or folders of images)",
         description="Two-stage prostate segmentation: a coarse localiser finds the prostate, a 1 mm network "
@@ -184,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     _batch_arguments(p, "the bundled prostate demo model")
     p.set_defaults(run=_segment)
 
+
+def _add_organs(commands) -> None:
     p = commands.add_parser(
         "organs", help="segment the pelvic organs (bladder, rectum, femoral heads, prostate, seminal vesicles)",
         description="HMR-Net multi-organ segmentation: on every axial slice the network detects each organ and "
@@ -200,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "model offers)")
     p.set_defaults(run=_organs)
 
+
+def _add_phantom(commands) -> None:
     p = commands.add_parser(
         "phantom", help="write synthetic labelled pelvic CTs (the digital phantom)",
         description="Write N synthetic pelvic CTs with their label maps: OUTDIR/caseNNN_ct.nii.gz, "
@@ -219,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing case files")
     p.set_defaults(run=_phantom)
 
+
+def _add_evaluate(commands) -> None:
     p = commands.add_parser(
         "evaluate", help="compare a label map with a reference (DSC, ASD, HD, HD95, SEN, PPV, volume)",
         description="Compare a predicted label map with a reference on the same grid, per label: Dice (DSC), "
@@ -234,9 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing --json/--csv files")
     p.set_defaults(run=_evaluate)
 
+
+def _add_models(commands) -> None:
     p = commands.add_parser(
         "models", help="list, inspect, verify, install or remove model packages",
-        description="Model packages live in the bundled Resources/Models folder and in the user's model "
+        description="Model packages live in the bundled model folder and in the user's model "
         "folder (PROSTATESEG_HOME/models). Weights are .safetensors files whose sha256 is checked.",
     )
     actions = p.add_subparsers(dest="action", metavar="ACTION")
@@ -256,6 +252,22 @@ def build_parser() -> argparse.ArgumentParser:
     a = actions.add_parser("remove", help="remove a user-installed package (bundled ones stay)")
     a.add_argument("name", help="package name")
     p.set_defaults(run=_models)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="prostateseg",
+        description="Segment the prostate and pelvic organs in planning CT; make phantoms, evaluate results, "
+        "manage model packages.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"prostateseg {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes on stderr")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+    for add in (_add_segment, _add_organs, _add_phantom, _add_evaluate, _add_models):
+        add(commands)
     return parser
 
 

@@ -9,17 +9,14 @@ Slicer converts to its RAS space itself (x and y negated).
 
 Segment metadata follows Slicer's ``.seg.nrrd`` fields: name, colour (0..1
 floats, not auto-generated), label value, layer, extent and the
-``TerminologyEntry`` tag (see :func:`terminology_entry`).
+``TerminologyEntry`` tag (see :func:`segcore.anatomy.terminology_entry`).
 
 DICOM SEG and RT Structure Sets are written elsewhere.
 """
 
 from __future__ import annotations
 
-import os
-import secrets
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,62 +24,22 @@ import numpy as np
 import SimpleITK as sitk
 
 from segcore import anatomy
-from segcore.anatomy import Structure
+from segcore.anatomy import Structure, terminology_entry
 from segcore.errors import (
-    GeometryError,
     InputNotFoundError,
     OutputExistsError,
     SegcoreError,
     UnreadableImageError,
     UnsupportedImageError,
 )
-from segcore.image import as_labelmap, grid_differences, ijk_to_lps_matrix, image_from_ijk_to_lps, write_image
+from segcore.files import atomic_output, exists_message
+from segcore.image import as_labelmap, ijk_to_lps_matrix, image_from_ijk_to_lps, write_image
 
 LABELMAP_FORMATS = ("seg.nrrd", "nii.gz", "nii", "nrrd")
 SURFACE_FORMATS = ("stl", "obj", "vtp", "ply")
 SUPPORTED_FORMATS = LABELMAP_FORMATS + SURFACE_FORMATS
 
-# Context names of Slicer's bundled terminology lists (Terminologies module).
-SEGMENTATION_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
-ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
-
 _LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd")
-
-
-# --------------------------------------------------------------------------- files
-
-
-@contextmanager
-def atomic_output(path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success rename it onto `path`.
-
-    The temporary name keeps the target's suffixes (``.tmp-<random>-name.nii.gz``)
-    so writers that pick the format from the extension still work. If the block
-    raises, the temporary file is removed and the target is left untouched. An
-    existing target raises OutputExistsError before any work unless overwrite.
-    """
-    path = Path(path)
-    if not overwrite and path.exists():
-        raise OutputExistsError(_exists_message([path]))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Not created here: a writer then makes the file with normal permissions, and
-    # a writer that silently writes nothing is caught below.
-    tmp = path.with_name(f".tmp-{secrets.token_hex(6)}-{path.name}")
-    try:
-        yield tmp
-        if not tmp.exists():
-            raise SegcoreError(f"writing {path} produced no file")
-        if not overwrite and path.exists():  # appeared while we were writing
-            raise OutputExistsError(_exists_message([path]))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _exists_message(paths: Sequence[Path]) -> str:
-    listed = ", ".join(str(p) for p in paths)
-    return f"output already exists: {listed}; pass --overwrite to replace it or choose another output folder"
 
 
 # ------------------------------------------------------------------------ geometry
@@ -102,34 +59,6 @@ def _smallest_label_type(array: np.ndarray):
     return np.uint8 if (array.size == 0 or array.max() <= np.iinfo(np.uint8).max) else np.uint16
 
 
-# --------------------------------------------------------------------- terminology
-
-
-def _code(triple) -> str:
-    return "^".join(triple) if triple else "^^"
-
-
-def terminology_entry(structure: Structure) -> str:
-    """Slicer's ``TerminologyEntry`` tag for a structure.
-
-    Seven ``~``-separated fields, each code a ``scheme^value^meaning`` triple:
-    segmentation context ~ category ~ type ~ type modifier (left/right) ~ anatomic
-    context ~ anatomic region ~ region modifier -- the order of
-    ``vtkSlicerTerminologiesModuleLogic::SerializeTerminologyEntry``.
-    """
-    return "~".join(
-        (
-            SEGMENTATION_CONTEXT,
-            _code(structure.category),
-            _code(structure.type),
-            _code(structure.modifier),
-            ANATOMIC_CONTEXT,
-            "^^",
-            "^^",
-        )
-    )
-
-
 # ------------------------------------------------------------------------- writers
 
 
@@ -142,36 +71,6 @@ def write_labelmap(image: sitk.Image, path, overwrite: bool = False) -> Path:
             "(or write_seg_nrrd for .seg.nrrd)"
         )
     return write_image(_checked_labelmap(image), path, overwrite=overwrite)
-
-
-# The training-case layout that `training/` reads and that `prostateseg phantom` and
-# Slicer's "Save as training case" write: <name>_ct.<ext> with <name>_labels.<ext> beside it.
-CASE_CT_SUFFIX = "_ct"
-CASE_LABELS_SUFFIX = "_labels"
-
-
-def training_case_paths(folder, name: str, ext: str = ".nii.gz") -> tuple[Path, Path]:
-    """Where a training case called `name` goes in `folder`: (CT path, label map path)."""
-    if not name or name.startswith(".") or any(c in name for c in '/\\:*?"<>|'):
-        raise SegcoreError(f"invalid case name {name!r}: use letters, digits, '-' and '_' (e.g. patient012)")
-    folder = Path(folder)
-    return folder / f"{name}{CASE_CT_SUFFIX}{ext}", folder / f"{name}{CASE_LABELS_SUFFIX}{ext}"
-
-
-def write_training_case(ct: sitk.Image, labels: sitk.Image, folder, name: str,
-                        overwrite: bool = False) -> tuple[Path, Path]:
-    """Write a CT and its label map (same grid) as one training case; neither file is written if either exists."""
-    differences = grid_differences(ct, labels, 1e-3)
-    if differences:
-        raise GeometryError("the label map is not on the CT's grid: " + "; ".join(differences))
-    ct_path, labels_path = training_case_paths(folder, name)
-    existing = [p for p in (ct_path, labels_path) if p.exists()]
-    if existing and not overwrite:
-        raise OutputExistsError(f"training case {name!r} already exists in {folder} ({', '.join(p.name for p in existing)}): "
-                                "choose another case name or allow overwriting")
-    write_image(ct, ct_path, overwrite=overwrite)
-    write_labelmap(labels, labels_path, overwrite=overwrite)
-    return ct_path, labels_path
 
 
 def _check_structures(structures: Sequence[Structure]) -> list[Structure]:
@@ -365,7 +264,7 @@ def export_labelmap(
     if not overwrite:
         existing = [p for _, p, _ in plan if p.exists()]
         if existing:
-            raise OutputExistsError(_exists_message(existing))
+            raise OutputExistsError(exists_message(existing))
 
     listed = [s.value for s in structures]
     if present - set(listed):

@@ -30,6 +30,7 @@ from segcore.errors import (
     UnreadableImageError,
     UnsupportedImageError,
 )
+from segcore.files import atomic_output
 
 log = logging.getLogger("segcore")
 
@@ -340,8 +341,6 @@ def ijk_to_lps_matrix(image: sitk.Image) -> np.ndarray:
 
 def write_image(image: sitk.Image, path: str | Path, overwrite: bool = False) -> Path:
     """Write atomically (temporary name, then rename), compressed where the format allows."""
-    from segcore.export import atomic_output
-
     path = Path(path)
     with atomic_output(path, overwrite=overwrite) as temporary:
         sitk.WriteImage(image, str(temporary), useCompression=True)
@@ -470,8 +469,16 @@ def axis_aligned_grid(image: sitk.Image, spacing_mm) -> sitk.Image:
     spacing = np.broadcast_to(np.asarray(spacing_mm, dtype=float), (3,))
     low, high = physical_bounds(image)
     size = np.maximum(1, np.ceil((high - low) / spacing - 1e-6)).astype(int)
-    # Centre the new grid on the old extent so that neither side is favoured.
-    origin = (low + high) / 2 - (size - 1) * spacing / 2
+    # Centred on the old extent so that neither side is favoured.
+    return centred_grid((low + high) / 2, spacing, size)
+
+
+def centred_grid(centre_lps, spacing_mm, size) -> sitk.Image:
+    """An empty axis-aligned LPS reference image (UInt8) of `size` voxels of `spacing_mm` whose voxel
+    centres are centred on `centre_lps`."""
+    spacing = np.broadcast_to(np.asarray(spacing_mm, dtype=float), (3,))
+    size = np.asarray(size, dtype=int)
+    origin = np.asarray(centre_lps, dtype=float) - (size - 1) / 2 * spacing
     reference = sitk.Image([int(s) for s in size], sitk.sitkUInt8)
     reference.SetSpacing(tuple(float(s) for s in spacing))
     reference.SetOrigin(tuple(float(o) for o in origin))

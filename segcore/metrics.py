@@ -387,7 +387,7 @@ def centroids(label_image) -> dict[int, tuple[float, ...]]:
 
 
 def _write_text(path, text: str, overwrite: bool) -> None:
-    from segcore.export import atomic_output
+    from segcore.files import atomic_output
 
     with atomic_output(Path(path), overwrite=overwrite) as temporary:
         temporary.write_text(text, encoding="utf-8", newline="")

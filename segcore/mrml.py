@@ -23,8 +23,8 @@ import vtk
 from vtk.util.numpy_support import vtk_to_numpy
 
 from segcore import anatomy
+from segcore.anatomy import terminology_entry
 from segcore.errors import GeometryError, SegcoreError, UnsupportedImageError
-from segcore.export import terminology_entry
 from segcore.image import ijk_to_lps_matrix, image_from_ijk_to_lps
 from segcore.result import Result
 
@@ -32,27 +32,6 @@ RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 # Closed-surface smoothing Slicer uses by default; 0 keeps the voxel staircase.
 DEFAULT_SMOOTHING = 0.5
-
-
-def standalone_scene():
-    """A scene with the module logics the Slicer application sets up at start-up (colours,
-    subject hierarchy, volumes, segmentations), for using MRML without the application:
-    tests, benchmarks and scripts with the ``slicer-core`` wheel. Returns (scene, logics by
-    module name); ``slicer.mrmlScene`` is set to the scene."""
-    scene = slicer.vtkMRMLScene()
-    slicer.mrmlScene = scene
-    application = slicer.vtkSlicerApplicationLogic()
-    application.SetMRMLScene(scene)
-    logics = {"Colors": slicer.vtkSlicerColorLogic(),
-              "SubjectHierarchy": slicer.vtkSlicerSubjectHierarchyModuleLogic(),
-              "Volumes": slicer.vtkSlicerVolumesLogic(),
-              "Segmentations": slicer.vtkSlicerSegmentationsModuleLogic()}
-    for name, logic in logics.items():
-        logic.SetMRMLApplicationLogic(application)
-        logic.SetMRMLScene(scene)
-        application.SetModuleLogic(name, logic)
-    logics["Application"] = application
-    return scene, logics
 
 
 # ----------------------------------------------------------------------- volume -> image
@@ -249,10 +228,21 @@ def result_to_segmentation_node(result: Result, volume_node, segmentation_node=N
     label value and SNOMED CT terminology; with `show_3d` a closed surface
     (smoothed by `smoothing`, 0-1) is made for the 3-D views.
     """
+    return labelmap_to_segmentation_node(result.labelmap, [s.structure for s in result.segments], volume_node,
+                                         segmentation_node, name=name, show_3d=show_3d, smoothing=smoothing)
+
+
+def labelmap_to_segmentation_node(labelmap: sitk.Image, structures: Sequence[anatomy.Structure], volume_node,
+                                  segmentation_node=None, *, name: str | None = None, show_3d: bool = True,
+                                  smoothing: float = DEFAULT_SMOOTHING):
+    """Show the `structures` of a label map on the volume's grid as segments, one per structure
+    (its voxels are those of the label map with its value), as `result_to_segmentation_node` does
+    for a pipeline result: e.g. reference labels."""
+    structures = list(structures)
     _check_volume_node(volume_node)
     scene = volume_node.GetScene()
-    _check_on_grid(result.labelmap, volume_node)
-    labels = sitk.GetArrayViewFromImage(result.labelmap)
+    _check_on_grid(labelmap, volume_node)
+    labels = sitk.GetArrayViewFromImage(labelmap)
 
     created = segmentation_node is None
     if created:
@@ -271,8 +261,7 @@ def result_to_segmentation_node(result: Result, volume_node, segmentation_node=N
         # Label k of the temporary map fills the k-th segment ID, so existing segments keep their IDs.
         ids = vtk.vtkStringArray()
         voxels = np.zeros(labels.shape, np.uint8)
-        for index, segment_result in enumerate(result.segments, start=1):
-            structure = segment_result.structure
+        for index, structure in enumerate(structures, start=1):
             segment_id = segmentation.GetSegmentIdBySegmentName(structure.name)
             if not segment_id:
                 segment_id = segmentation.AddEmptySegment(structure.name, structure.name)
@@ -283,10 +272,10 @@ def result_to_segmentation_node(result: Result, volume_node, segmentation_node=N
             if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
                     labelmap_node, segmentation_node, ids):
                 raise SegcoreError(f"Slicer could not import the result into {_node_label(segmentation_node)}.")
-        for index, segment_result in enumerate(result.segments):
-            _set_terminology(segmentation.GetSegment(ids.GetValue(index)), segment_result.structure)
-        _set_label_values(segmentation, {ids.GetValue(index): s.structure.value
-                                         for index, s in enumerate(result.segments)})
+        for index, structure in enumerate(structures):
+            _set_terminology(segmentation.GetSegment(ids.GetValue(index)), structure)
+        _set_label_values(segmentation, {ids.GetValue(index): structure.value
+                                         for index, structure in enumerate(structures)})
     except Exception:
         if created:
             _remove_nodes(scene, segmentation_node)
@@ -296,7 +285,7 @@ def result_to_segmentation_node(result: Result, volume_node, segmentation_node=N
 
     if created:
         _place_in_hierarchy(scene, segmentation_node, volume_node)
-    if show_3d and result.segments:
+    if show_3d and structures:
         segmentation.SetConversionParameter("Smoothing factor", f"{float(smoothing):g}")
         segmentation_node.CreateClosedSurfaceRepresentation()
     return segmentation_node

@@ -18,7 +18,7 @@ prepare network input are shared with `training/train_hmrnet.py`.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import SimpleITK as sitk
@@ -26,8 +26,9 @@ import SimpleITK as sitk
 from . import anatomy
 from . import image as imageio
 from .errors import ModelPackageError, SegcoreError
+from .pipeline import Progress, Segmenter, labelmap_like, normalise, settings_from_package
+from .pipeline import open_model as open_package_for
 from .postprocess import polygon_mask
-from .prostate import Progress, load_network, normalise, read_input, resolve_device, use_available_cores
 from .result import Result, SegmentResult
 
 DEFAULT_MODEL = "organs-hmrnet-demo"
@@ -49,18 +50,6 @@ class OrganSettings:
     raster_factor: int = 2                          # contours are rasterised this much finer than the slices
     batch_size: int = 8
     organ_classes: tuple[str, ...] = anatomy.TARGET_NAMES  # network class k (1..K) is organ_classes[k - 1]
-
-    @classmethod
-    def from_package(cls, package) -> OrganSettings:
-        pipeline = dict(package.manifest.get("pipeline", {}))
-        pipeline["window"] = tuple(package.input.intensity_window)
-        try:
-            return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in pipeline.items()})
-        except TypeError as error:
-            raise ModelPackageError(f"model package {package.name!r}: bad pipeline settings: {error}") from None
-
-    def to_json(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
 # --------------------------------------------------------------------------- the canonical slice grid
@@ -86,11 +75,7 @@ def slice_grid(ct: sitk.Image, settings: OrganSettings) -> sitk.Image:
     centre = body_centre(ct)
     spacing = np.array([settings.pixel_mm, settings.pixel_mm, settings.slice_mm])
     size = np.array([settings.size, settings.size, slices])
-    origin = np.array([*centre, (low[2] + high[2]) / 2]) - (size - 1) / 2 * spacing
-    reference = sitk.Image([int(s) for s in size], sitk.sitkUInt8)
-    reference.SetSpacing(tuple(float(s) for s in spacing))
-    reference.SetOrigin(tuple(float(o) for o in origin))
-    return reference
+    return imageio.centred_grid([*centre, (low[2] + high[2]) / 2], spacing, size)
 
 
 def slice_volume(ct: sitk.Image, reference: sitk.Image) -> np.ndarray:
@@ -208,14 +193,14 @@ def rasterise(track: OrganTrack, reference: sitk.Image, factor: int) -> sitk.Ima
 
 def open_model(model=None):
     """The multi-organ model package: by name, by folder path, an open package, or the default."""
-    from . import packages
+    return open_package_for(model, OrganSegmenter.TASK, DEFAULT_MODEL, OrganSegmenter.STAGES, OrganSegmenter.KIND)
 
-    package = model if isinstance(model, packages.ModelPackage) else packages.open_package(model or DEFAULT_MODEL)
-    if package.task != "organs":
-        raise ModelPackageError(f"model package {package.name!r} is for task {package.task!r}, not 'organs'; "
-                                "choose a multi-organ model (prostateseg models list).")
-    package.stage("hmrnet")
-    return package
+
+def offered_organs(model=None) -> list[str]:
+    """The organs a model offers, in its network's class order, read from its package (no network loaded)."""
+    package = open_model(model)
+    settings = settings_from_package(OrganSettings, package, **OrganSegmenter.input_settings(package))
+    return list(settings.organ_classes)
 
 
 def choose_organs(offered: list[anatomy.Structure], organs) -> list[anatomy.Structure]:
@@ -234,12 +219,17 @@ def choose_organs(offered: list[anatomy.Structure], organs) -> list[anatomy.Stru
     return [s for s in offered if s.name in wanted]
 
 
-class OrganSegmenter:
+class OrganSegmenter(Segmenter):
     """A loaded HMR-Net model, ready to segment many images (what a batch should use)."""
 
+    TASK = "organs"
+    DEFAULT_MODEL = DEFAULT_MODEL
+    STAGES = ("hmrnet",)
+    KIND = "multi-organ model"
+    SETTINGS = OrganSettings
+
     def __init__(self, model=None, device: str = "auto", organs=None):
-        self.package = open_model(model)
-        self.settings = OrganSettings.from_package(self.package)
+        super().__init__(model, device)
         offered = {s.name: s for s in self.package.labels}
         missing = [name for name in self.settings.organ_classes if name not in offered]
         if missing:
@@ -247,19 +237,11 @@ class OrganSegmenter:
                                     f"{', '.join(missing)}, which its labels do not list.")
         self.offered = [offered[name] for name in self.settings.organ_classes]
         self.organs = choose_organs(self.offered, organs)
-        self.device = resolve_device(device)
-        if self.device.type == "cpu":
-            use_available_cores()
-        self.network = load_network(self.package, "hmrnet", self.device)
+        self.network = self.load_stage("hmrnet")
         if self.network.num_classes != len(self.settings.organ_classes):
             raise ModelPackageError(
                 f"model package {self.package.name!r}: the network has {self.network.num_classes} classes, but "
                 f"its pipeline names {len(self.settings.organ_classes)} organs.")
-
-    @property
-    def structures(self) -> list[anatomy.Structure]:
-        """What this pipeline's label maps can hold (written to every output, found or not)."""
-        return list(self.organs)
 
     def detect(self, volume: np.ndarray, tracks: dict[str, OrganTrack], report) -> None:
         """Run the network on every slice of the normalised canonical volume, batch by batch."""
@@ -272,14 +254,7 @@ class OrganSegmenter:
                 collect_detections(self.network(x), start, tracks, self.settings)
                 report(min(start + batch, volume.shape[0]) / volume.shape[0])
 
-    def __call__(self, image_or_path, progress: Progress | None = None) -> Result:
-        report = progress or (lambda fraction, message: None)
-        timings: dict[str, float] = {}
-        started = time.perf_counter()
-        report(0.0, "reading")
-        ct = read_input(image_or_path)
-        timings["read"] = time.perf_counter() - started
-
+    def segment(self, ct: sitk.Image, report: Progress, timings: dict[str, float]) -> Result:
         tick = time.perf_counter()
         report(0.05, "detecting organs slice by slice")
         reference = slice_grid(ct, self.settings)
@@ -290,14 +265,23 @@ class OrganSegmenter:
 
         tick = time.perf_counter()
         report(0.8, "building the organs and placing them on the input grid")
-        # Each voxel goes to the organ that covers most of it (fractions kept as 0-255 to save memory).
+        kept = {name: make_consistent(track, self.settings.min_slices) for name, track in tracks.items()}
+        labelmap, contours, messages = self.place_on_input(kept, reference, ct)
+        details = {name: {"slices": len(kept[name].slices), "raw_slices": len(tracks[name].slices)} for name in tracks}
+        segments = self.assess(labelmap, kept, contours, messages)
+        timings["paste_back"] = time.perf_counter() - tick
+        confidence = float(np.mean([s.confidence for s in segments])) if segments else 0.0
+        return Result(labelmap, segments, confidence, self.package.name, messages, timings, details, contours)
+
+    def place_on_input(self, kept: dict[str, OrganTrack], reference: sitk.Image, ct: sitk.Image):
+        """Each organ's contours filled and resampled onto the input grid; a voxel claimed by two organs goes
+        to the one covering more of it. Returns the label map, the contours in LPS and the messages."""
+        # Fractions kept as 0-255 to save memory.
         best = np.zeros(ct.GetSize()[::-1], np.uint8)
         labels = np.zeros(ct.GetSize()[::-1], np.uint8)
-        segments, messages, contours, details = [], [], {}, {}
-        kept = {}
+        contours, messages = {}, []
         for structure in self.organs:
-            track = kept[structure.name] = make_consistent(tracks[structure.name], self.settings.min_slices)
-            details[structure.name] = {"slices": len(track.slices), "raw_slices": len(tracks[structure.name].slices)}
+            track = kept[structure.name]
             fraction = rasterise(track, reference, self.settings.raster_factor)
             if fraction is None:
                 messages.append(f"no {structure.name.replace('_', ' ')} found.")
@@ -311,10 +295,13 @@ class OrganSegmenter:
             labels[where][wins] = structure.value
             contours[structure.name] = [pixels_to_lps(shape, k, reference)
                                         for k, found in sorted(track.slices.items()) for _, shape in found]
-        labelmap = sitk.GetImageFromArray(labels)
-        labelmap.CopyInformation(ct)
-        voxel_cc = float(np.prod(ct.GetSpacing())) / 1000.0
-        counts = np.bincount(labels.ravel(), minlength=256)
+        return labelmap_like(labels, ct), contours, messages
+
+    def assess(self, labelmap: sitk.Image, kept: dict[str, OrganTrack], contours: dict, messages: list[str]):
+        """Each found organ's volume and confidence (its mean detection score); says what was not found."""
+        voxel_cc = float(np.prod(labelmap.GetSpacing())) / 1000.0
+        counts = np.bincount(sitk.GetArrayViewFromImage(labelmap).ravel(), minlength=256)
+        segments = []
         for structure in self.organs:
             volume_cc = float(counts[structure.value]) * voxel_cc
             if volume_cc > 0:
@@ -322,13 +309,9 @@ class OrganSegmenter:
             elif structure.name in contours:
                 messages.append(f"no {structure.name.replace('_', ' ')} found: its contours cover no input voxel.")
                 contours.pop(structure.name)
-        timings["paste_back"] = time.perf_counter() - tick
         if not segments:
             messages.insert(0, "no organs found: check that the pelvis is in the field of view.")
-        confidence = float(np.mean([s.confidence for s in segments])) if segments else 0.0
-        timings["total"] = time.perf_counter() - started
-        report(1.0, "done")
-        return Result(labelmap, segments, confidence, self.package.name, messages, timings, details, contours)
+        return segments
 
 
 def segment_organs(image_or_path, model=None, organs=None, device: str = "auto",

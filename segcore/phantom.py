@@ -259,12 +259,21 @@ def draw_anatomy(rng: np.random.Generator, implant: bool | None = None) -> dict:
     return a
 
 
-def _paint_anatomy(canvas: _Canvas, a: dict, rng: np.random.Generator) -> None:
-    s, sb = a["pelvis_scale"], a["body_scale"]
-    hu = a["hu"]
-    side = {"left": 1.0, "right": -1.0}
+def _paint_anatomy(canvas: _Canvas, a: dict) -> None:
+    """Paint one drawn patient (`draw_anatomy`) back to front: what is painted later wins.
 
-    # ---- patient table below the back, then body: skin, subcutaneous fat, muscle
+    The order is part of the phantom (and of its random draws): table and body,
+    fat, bowel, organs, then bones. Adds the prostate's radii to `a`."""
+    _paint_table_and_body(canvas, a)
+    _paint_pelvic_fat(canvas, a)
+    _paint_bowel(canvas, a)
+    _paint_organs(canvas, a)
+    _paint_bones(canvas, a)
+
+
+def _paint_table_and_body(canvas: _Canvas, a: dict) -> None:
+    """Patient table below the back, then body: skin, subcutaneous fat, muscle."""
+    sb, hu = a["body_scale"], a["hu"]
     body_cy, body_a0, body_b = 20.0 * sb, 178.0 * sb, 125.0 * sb
     back = body_cy + body_b * 0.93  # supine: the back is flattened on the table
 
@@ -292,7 +301,11 @@ def _paint_anatomy(canvas: _Canvas, a: dict, rng: np.random.Generator) -> None:
     canvas.shape(*big, lambda x, y, z: body(x, y, z, lateral=a["fat_lateral"], anterior=a["fat_anterior"],
                                             posterior=a["fat_posterior"]), hu["muscle"], L["muscle"])
 
-    # ---- pelvic cavity fat (widening towards the inlet), ischiorectal fossae, levator ani
+
+def _paint_pelvic_fat(canvas: _Canvas, a: dict) -> None:
+    """Fat planes between the muscles, pelvic cavity fat (widening towards the inlet),
+    ischiorectal fossae, levator ani."""
+    s, sb, hu = a["pelvis_scale"], a["body_scale"], a["hu"]
     roomy = a["cavity_scale"]
 
     def cavity(x, y, z):
@@ -320,7 +333,10 @@ def _paint_anatomy(canvas: _Canvas, a: dict, rng: np.random.Generator) -> None:
 
     canvas.shape((-60, -40, -60), (60, 80, 0), levator, hu["muscle"], L["muscle"])
 
-    # ---- bowel loops above the bladder (painted first: the bladder pushes them away)
+
+def _paint_bowel(canvas: _Canvas, a: dict) -> None:
+    """Bowel loops above the bladder (painted before it: the bladder pushes them away)."""
+    s, hu = a["pelvis_scale"], a["hu"]
     bowel_rng = np.random.default_rng(a["shape_seed"])
     for loop in a["bowel"]:
         p0, p1, r = np.asarray(loop["a"]) * s, np.asarray(loop["b"]) * s, loop["r"]
@@ -337,16 +353,40 @@ def _paint_anatomy(canvas: _Canvas, a: dict, rng: np.random.Generator) -> None:
             content = np.where(t + (y - y.min()) / 200.0 < 0.45, -950.0, content).astype(np.float32)
         canvas.paint(box, sd + 2.5, content)
 
-    # ---- organs
-    shape_rng = np.random.default_rng(a["shape_seed"] + 1)
-    px, py = a["prostate_shift_x"], a["prostate_y"]
-    k = (a["prostate_cc"] * 1000 / (4 / 3 * np.pi * 1.15 * 0.82 * 1.0)) ** (1 / 3)
-    pa, pb, pc = 1.15 * k, 0.82 * k, 1.0 * k
-    a["prostate_radii_mm"] = [round(pa, 2), round(pb, 2), round(pc, 2)]
 
+# --------------------------------------------------------------------------- organs
+
+
+@dataclass
+class _Prostate:
+    """Where the prostate is (x, y; z is 0 in the patient frame) and its semi-axes, mm."""
+
+    x: float
+    y: float
+    a: float
+    b: float
+    c: float
+
+
+def _paint_organs(canvas: _Canvas, a: dict) -> None:
+    """Bladder, seminal vesicles, rectum and prostate, in that order. One random
+    stream (from the shape seed) serves them all, drawn in this order."""
+    shape_rng = np.random.default_rng(a["shape_seed"] + 1)
+    k = (a["prostate_cc"] * 1000 / (4 / 3 * np.pi * 1.15 * 0.82 * 1.0)) ** (1 / 3)
+    prostate = _Prostate(a["prostate_shift_x"], a["prostate_y"], 1.15 * k, 0.82 * k, 1.0 * k)
+    a["prostate_radii_mm"] = [round(prostate.a, 2), round(prostate.b, 2), round(prostate.c, 2)]
+    _paint_bladder(canvas, a, prostate, shape_rng)
+    _paint_seminal_vesicles(canvas, a, prostate, shape_rng)
+    _paint_rectum(canvas, a, prostate, shape_rng)
+    _paint_prostate(canvas, a, prostate)
+
+
+def _paint_bladder(canvas: _Canvas, a: dict, p: _Prostate, shape_rng: np.random.Generator) -> None:
+    """A wobbly ellipsoid above the prostate: wall, urine, contrast sunk posteriorly if any."""
+    hu = a["hu"]
     kb = (a["bladder_cc"] * 1000 / (4 / 3 * np.pi * 1.3 * 1.0 * 0.85)) ** (1 / 3)
     ba, bb, bc = 1.3 * kb, 1.0 * kb, 0.85 * kb
-    bladder_center = np.array([px + shape_rng.uniform(-5, 5), py - 10 - 0.15 * bb, 0.7 * pc + 0.92 * bc])
+    bladder_center = np.array([p.x + shape_rng.uniform(-5, 5), p.y - 10 - 0.15 * bb, 0.7 * p.c + 0.92 * bc])
     bumps = shape_rng.uniform(0, 2 * np.pi, 3)
 
     def bladder(x, y, z):
@@ -355,46 +395,55 @@ def _paint_anatomy(canvas: _Canvas, a: dict, rng: np.random.Generator) -> None:
 
     low, high = bladder_center - [ba + 6, bb + 6, bc + 6], bladder_center + [ba + 6, bb + 6, bc + 6]
     box = canvas.box(low, high)
-    if box is not None:
-        x, y, z = canvas.xyz(box)
-        sd = bladder(x, y, z)
-        canvas.paint(box, sd, hu["bladder_wall"], L["bladder"])
-        urine = hu["urine"]
-        if a["bladder_contrast"]:
-            # supine: contrast sinks to the posterior (dependent) part
-            level = bladder_center[1] + bb * shape_rng.uniform(0.1, 0.7)
-            urine = np.where(y > level, hu["contrast"], hu["urine"]).astype(np.float32)
-        canvas.paint(box, sd + a["bladder_wall_mm"], urine)
+    if box is None:
+        return
+    x, y, z = canvas.xyz(box)
+    sd = bladder(x, y, z)
+    canvas.paint(box, sd, hu["bladder_wall"], L["bladder"])
+    urine = hu["urine"]
+    if a["bladder_contrast"]:
+        # supine: contrast sinks to the posterior (dependent) part
+        level = bladder_center[1] + bb * shape_rng.uniform(0.1, 0.7)
+        urine = np.where(y > level, hu["contrast"], hu["urine"]).astype(np.float32)
+    canvas.paint(box, sd + a["bladder_wall_mm"], urine)
 
-    # seminal vesicles: behind the bladder base, above the prostate, fanning out laterally
+
+def _paint_seminal_vesicles(canvas: _Canvas, a: dict, p: _Prostate, shape_rng: np.random.Generator) -> None:
+    """Behind the bladder base, above the prostate, fanning out laterally."""
     for sx in (1, -1):
-        center = np.array([px + sx * (0.55 * pa + 6), py + 0.7 * pb + 3, 0.75 * pc + 7])
+        center = np.array([p.x + sx * (0.55 * p.a + 6), p.y + 0.7 * p.b + 3, 0.75 * p.c + 7])
         frame = _rotation_from((sx * 0.85, 0.25, 0.5), (0, 1, 0))
         radii = (shape_rng.uniform(16, 24), shape_rng.uniform(5, 7.5), shape_rng.uniform(4.5, 6.5))
         canvas.shape(center - 26, center + 26,
                      lambda x, y, z, c=center, f=frame, r=radii: ellipsoid(x, y, z, c, r, f),
-                     hu["seminal_vesicles"], L["seminal_vesicles"])
+                     a["hu"]["seminal_vesicles"], L["seminal_vesicles"])
 
-    # rectum: a tube from the anal canal along the back of the prostate, then
-    # following the sacral curve; wall, faeces and gas (gas rises anteriorly)
+
+def _paint_rectum(canvas: _Canvas, a: dict, p: _Prostate, shape_rng: np.random.Generator) -> None:
+    """A tube from the anal canal along the back of the prostate, then following the
+    sacral curve; wall, faeces and gas (gas rises anteriorly)."""
     rr = a["rectum_radius"]
-    yr = py + pb + rr + 1.5
-    path = np.array([[0, yr - 2, -62], [0, yr, -0.6 * pc], [px, yr + 3, 28],
-                     [px + 4, yr + 14, 72], [px + 12, yr + 10, 108]], float)
+    yr = p.y + p.b + rr + 1.5
+    path = np.array([[0, yr - 2, -62], [0, yr, -0.6 * p.c], [p.x, yr + 3, 28],
+                     [p.x + 4, yr + 14, 72], [p.x + 12, yr + 10, 108]], float)
     radii = [7.0, rr * 0.9, rr, rr * 0.95, rr * 0.85]
     low, high = path.min(axis=0) - rr - 4, path.max(axis=0) + rr + 4
     box = canvas.box(low, high)
-    if box is not None:
-        x, y, z = canvas.xyz(box)
-        sd = np.min([capsule(x, y, z, path[i], path[i + 1], radii[i], radii[i + 1]) for i in range(4)], axis=0)
-        canvas.paint(box, sd, hu["rectal_wall"], L["rectum"])
-        texture = canvas.texture(box, 6.0, shape_rng)
-        content = np.where(texture > 0.75, -900.0, hu["faeces"] + 60 * (texture - 0.5)).astype(np.float32)
-        gas_level = (y - yr) / rr  # -1 anterior .. +1 posterior
-        content = np.where(gas_level < (a["rectal_gas"] * 2 - 1.2), -980.0, content).astype(np.float32)
-        canvas.paint(box, sd + 3.0, content)
+    if box is None:
+        return
+    x, y, z = canvas.xyz(box)
+    sd = np.min([capsule(x, y, z, path[i], path[i + 1], radii[i], radii[i + 1]) for i in range(4)], axis=0)
+    canvas.paint(box, sd, a["hu"]["rectal_wall"], L["rectum"])
+    texture = canvas.texture(box, 6.0, shape_rng)
+    content = np.where(texture > 0.75, -900.0, a["hu"]["faeces"] + 60 * (texture - 0.5)).astype(np.float32)
+    gas_level = (y - yr) / rr  # -1 anterior .. +1 posterior
+    content = np.where(gas_level < (a["rectal_gas"] * 2 - 1.2), -980.0, content).astype(np.float32)
+    canvas.paint(box, sd + 3.0, content)
 
-    # prostate: an ellipsoid wider at the base, with optional calcifications
+
+def _paint_prostate(canvas: _Canvas, a: dict, p: _Prostate) -> None:
+    """An ellipsoid wider at the base, with optional calcifications."""
+    px, py, pa, pb, pc = p.x, p.y, p.a, p.b, p.c
     prostate_center = np.array([px, py, 0.0])
 
     def prostate(x, y, z):
@@ -402,15 +451,33 @@ def _paint_anatomy(canvas: _Canvas, a: dict, rng: np.random.Generator) -> None:
         return ellipsoid((x - px) / taper + px, (y - py) / taper + py, z, prostate_center, (pa, pb, pc))
 
     canvas.shape(prostate_center - [pa * 1.2, pb * 1.2, pc], prostate_center + [pa * 1.2, pb * 1.2, pc],
-                 prostate, hu["prostate"], L["prostate"])
+                 prostate, a["hu"]["prostate"], L["prostate"])
     for cx, cy, cz, radius, value in a["calcification_points"]:
         c = prostate_center + np.array([cx * pa, cy * pb, cz * pc])
         canvas.shape(c - radius, c + radius, lambda x, y, z, c=c, r=radius: _norm(x - c[0], y - c[1], z - c[2]) - r,
                      value)
 
-    # ---- bones (after the organs: soft tissue gives way to bone)
+
+# --------------------------------------------------------------------------- bones
+
+
+def _paint_bones(canvas: _Canvas, a: dict) -> None:
+    """Sacrum, then each side's hip bone and femur, and the hip prosthesis if drawn
+    (after the organs: soft tissue gives way to bone)."""
+    s = a["pelvis_scale"]
     cortex = (a["hu"]["cortical"], (2.0, a["hu"]["cancellous"]))
     rh = a["femoral_head_radius"] * s
+    _paint_sacrum(canvas, s, cortex)
+    for name, sx in (("left", 1.0), ("right", -1.0)):
+        head = np.array([sx * 88 * s, -8 * s, 18 * s])
+        for low, high, dist in _hip_bone_pieces(head, rh, sx, s):
+            canvas.shape(low, high, dist, cortex[0], L[f"hip_bone_{name}"], cortex=cortex[1])
+        _paint_femur(canvas, a, name, head, rh, sx, cortex)
+        if a["implant"] and name == a["implant_side"]:
+            _paint_implant(canvas, a, head, rh, sx, s)
+
+
+def _paint_sacrum(canvas: _Canvas, s: float, cortex) -> None:
     sacrum_c = np.array([0, -25 * s, 55 * s])
     radius_sacrum = 110 * s
 
@@ -427,55 +494,56 @@ def _paint_anatomy(canvas: _Canvas, a: dict, rng: np.random.Generator) -> None:
 
     canvas.shape((-60, 20, -30), (60, 110, 125), sacrum, cortex[0], L["sacrum"], cortex=cortex[1])
 
-    for name, sx in side.items():
-        head = np.array([sx * 88 * s, -8 * s, 18 * s])
-        hip_label, femur_label, head_label = L[f"hip_bone_{name}"], L[f"femur_{name}"], L[f"femoral_head_{name}"]
-        pieces = [
-            # acetabular cup: a shell around the head, open laterally
-            ((head - rh - 16), (head + rh + 16),
-             lambda x, y, z, h=head, sx=sx: np.maximum(
-                 np.abs(_norm(x - h[0], y - h[1], z - h[2]) - (rh + 8.5)) - 6.0, sx * (x - h[0]) - 4)),
-            # iliac body and wing: up, back and out towards the sacroiliac joint
-            ((sx * 85 * s - 25, -25, 5), (sx * 85 * s + 25, 45, 75),
-             lambda x, y, z, sx=sx: capsule(x, y, z, (sx * 82 * s, 2 * s, 22 * s), (sx * 78 * s, 30 * s, 62 * s), 17 * s)),
-            ((sx * 90 * s - 80, -60, 10), (sx * 90 * s + 80, 100, 150),
-             lambda x, y, z, sx=sx: oriented_box(x, y, z, np.array([sx * 88 * s, 22 * s, 85 * s]),
-                                                 _rotation_from((sx * 0.62, -0.78, 0.0), (sx * 0.25, 0, 1)),
-                                                 (62 * s, 55 * s, 5.5 * s))),
-            # pubis: superior ramus to the symphysis, inferior ramus, symphyseal body
-            ((sx * 40 * s - 45, -75, -5), (sx * 40 * s + 45, -10, 40),
-             lambda x, y, z, sx=sx: capsule(x, y, z, (sx * 12 * s, -55 * s, 16 * s), (sx * 72 * s, -24 * s, 22 * s), 10 * s)),
-            ((sx * 30 * s - 35, -70, -50), (sx * 30 * s + 35, 25, 5),
-             lambda x, y, z, sx=sx: capsule(x, y, z, (sx * 12 * s, -52 * s, -8 * s), (sx * 48 * s, 6 * s, -34 * s), 8 * s)),
-            ((sx * 10 * s - 15, -75, -25), (sx * 10 * s + 15, -35, 40),
-             lambda x, y, z, sx=sx: ellipsoid(x, y, z, (sx * 10 * s, -55 * s, 6 * s), (7.5 * s, 12 * s, 22 * s))),
-            # ischium down to the tuberosity
-            ((sx * 65 * s - 35, -10, -60), (sx * 65 * s + 35, 45, 25),
-             lambda x, y, z, sx=sx: capsule(x, y, z, (sx * 80 * s, 12 * s, 6 * s), (sx * 52 * s, 24 * s, -34 * s),
-                                            13 * s, 16 * s)),
-        ]
-        for low, high, dist in pieces:
-            canvas.shape(low, high, dist, cortex[0], hip_label, cortex=cortex[1])
-        femur = [
-            ((sx * 110 * s - 30, -40, -30), (sx * 110 * s + 40, 20, 40),
-             lambda x, y, z, h=head, sx=sx: capsule(x, y, z, h, (sx * 130 * s, -10 * s, -12 * s), 15 * s)),
-            ((sx * 135 * s - 25, -30, -40), (sx * 135 * s + 25, 35, 20),
-             lambda x, y, z, sx=sx: ellipsoid(x, y, z, (sx * 136 * s, 4 * s, -12 * s), (13 * s, 20 * s, 22 * s))),
-            ((sx * 105 * s - 15, -5, -60), (sx * 105 * s + 15, 25, -30),
-             lambda x, y, z, sx=sx: _norm(x - sx * 106 * s, y - 10 * s, z + 46 * s) - 9 * s),
-        ]
-        for low, high, dist in femur:
-            canvas.shape(low, high, dist, cortex[0], femur_label, cortex=cortex[1])
-        # shaft: thick cortex around fatty marrow
-        canvas.shape((sx * 122 * s - 25, -35, -400), (sx * 122 * s + 25, 25, -10),
-                     lambda x, y, z, sx=sx: capsule(x, y, z, (sx * 128 * s, 0, -18 * s), (sx * 112 * s, -12 * s, -330), 15 * s),
-                     cortex[0], femur_label, cortex=(5.5, a["hu"]["marrow"]))
-        canvas.shape(head - rh - 4, head + rh + 4,
-                     lambda x, y, z, h=head: _norm(x - h[0], y - h[1], z - h[2]) - rh,
-                     cortex[0], head_label, cortex=cortex[1])
 
-        if a["implant"] and name == a["implant_side"]:
-            _paint_implant(canvas, a, head, rh, sx, s)
+def _hip_bone_pieces(head, rh, sx, s):
+    """(low, high, distance) of the hip bone's pieces on one side (sx +1 left, -1 right)."""
+    return [
+        # acetabular cup: a shell around the head, open laterally
+        ((head - rh - 16), (head + rh + 16),
+         lambda x, y, z, h=head, sx=sx: np.maximum(
+             np.abs(_norm(x - h[0], y - h[1], z - h[2]) - (rh + 8.5)) - 6.0, sx * (x - h[0]) - 4)),
+        # iliac body and wing: up, back and out towards the sacroiliac joint
+        ((sx * 85 * s - 25, -25, 5), (sx * 85 * s + 25, 45, 75),
+         lambda x, y, z, sx=sx: capsule(x, y, z, (sx * 82 * s, 2 * s, 22 * s), (sx * 78 * s, 30 * s, 62 * s), 17 * s)),
+        ((sx * 90 * s - 80, -60, 10), (sx * 90 * s + 80, 100, 150),
+         lambda x, y, z, sx=sx: oriented_box(x, y, z, np.array([sx * 88 * s, 22 * s, 85 * s]),
+                                             _rotation_from((sx * 0.62, -0.78, 0.0), (sx * 0.25, 0, 1)),
+                                             (62 * s, 55 * s, 5.5 * s))),
+        # pubis: superior ramus to the symphysis, inferior ramus, symphyseal body
+        ((sx * 40 * s - 45, -75, -5), (sx * 40 * s + 45, -10, 40),
+         lambda x, y, z, sx=sx: capsule(x, y, z, (sx * 12 * s, -55 * s, 16 * s), (sx * 72 * s, -24 * s, 22 * s), 10 * s)),
+        ((sx * 30 * s - 35, -70, -50), (sx * 30 * s + 35, 25, 5),
+         lambda x, y, z, sx=sx: capsule(x, y, z, (sx * 12 * s, -52 * s, -8 * s), (sx * 48 * s, 6 * s, -34 * s), 8 * s)),
+        ((sx * 10 * s - 15, -75, -25), (sx * 10 * s + 15, -35, 40),
+         lambda x, y, z, sx=sx: ellipsoid(x, y, z, (sx * 10 * s, -55 * s, 6 * s), (7.5 * s, 12 * s, 22 * s))),
+        # ischium down to the tuberosity
+        ((sx * 65 * s - 35, -10, -60), (sx * 65 * s + 35, 45, 25),
+         lambda x, y, z, sx=sx: capsule(x, y, z, (sx * 80 * s, 12 * s, 6 * s), (sx * 52 * s, 24 * s, -34 * s),
+                                        13 * s, 16 * s)),
+    ]
+
+
+def _paint_femur(canvas: _Canvas, a: dict, name: str, head, rh, sx, cortex) -> None:
+    """Neck, greater and lesser trochanters, the shaft (thick cortex around fatty marrow), the head."""
+    s = a["pelvis_scale"]
+    femur_label, head_label = L[f"femur_{name}"], L[f"femoral_head_{name}"]
+    femur = [
+        ((sx * 110 * s - 30, -40, -30), (sx * 110 * s + 40, 20, 40),
+         lambda x, y, z, h=head, sx=sx: capsule(x, y, z, h, (sx * 130 * s, -10 * s, -12 * s), 15 * s)),
+        ((sx * 135 * s - 25, -30, -40), (sx * 135 * s + 25, 35, 20),
+         lambda x, y, z, sx=sx: ellipsoid(x, y, z, (sx * 136 * s, 4 * s, -12 * s), (13 * s, 20 * s, 22 * s))),
+        ((sx * 105 * s - 15, -5, -60), (sx * 105 * s + 15, 25, -30),
+         lambda x, y, z, sx=sx: _norm(x - sx * 106 * s, y - 10 * s, z + 46 * s) - 9 * s),
+    ]
+    for low, high, dist in femur:
+        canvas.shape(low, high, dist, cortex[0], femur_label, cortex=cortex[1])
+    # shaft: thick cortex around fatty marrow
+    canvas.shape((sx * 122 * s - 25, -35, -400), (sx * 122 * s + 25, 25, -10),
+                 lambda x, y, z, sx=sx: capsule(x, y, z, (sx * 128 * s, 0, -18 * s), (sx * 112 * s, -12 * s, -330), 15 * s),
+                 cortex[0], femur_label, cortex=(5.5, a["hu"]["marrow"]))
+    canvas.shape(head - rh - 4, head + rh + 4,
+                 lambda x, y, z, h=head: _norm(x - h[0], y - h[1], z - h[2]) - rh,
+                 cortex[0], head_label, cortex=cortex[1])
 
 
 def _paint_implant(canvas, a, head, rh, sx, s):
@@ -529,7 +597,7 @@ def _draw_grid(rng, matrix, spacing, orientation, oblique, anatomy_):
         raise ValueError(f"orientation must be 'random' or one of {list(ORIENTATIONS)}, not {orientation!r}")
     columns = np.asarray(ORIENTATIONS[orientation], float).T  # direction[:, index axis]
     if oblique:
-        columns = _euler(angles) @ columns
+        columns = euler_rotation(angles) @ columns
     # index axis m runs along physical axis phys[m]
     phys = [int(np.argmax(np.abs(columns[:, m]))) for m in range(3)]
     size = tuple(size_lps[phys[m]] for m in range(3))
@@ -540,7 +608,8 @@ def _draw_grid(rng, matrix, spacing, orientation, oblique, anatomy_):
     return size, grid_spacing, origin, columns, orientation
 
 
-def _euler(angles):
+def euler_rotation(angles):
+    """The rotation matrix Rz @ Ry @ Rx for angles (x, y, z) in radians, about the fixed axes."""
     cx, cy, cz = np.cos(angles)
     sx, sy, sz = np.sin(angles)
     rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
@@ -573,7 +642,7 @@ def make_phantom(seed: int, matrix: int = 512, spacing=None, orientation: str = 
     patient_rotation = np.array([[np.cos(yaw), -np.sin(yaw), 0], [np.sin(yaw), np.cos(yaw), 0], [0, 0, 1]])
     origin = origin + patient_center
     canvas = _Canvas(size, grid_spacing, origin, direction, patient_center, patient_rotation)
-    _paint_anatomy(canvas, a, rng)
+    _paint_anatomy(canvas, a)
 
     hu = canvas.hu
     noise_rng = np.random.default_rng([seed, 7])
@@ -648,7 +717,8 @@ def write_phantoms(outdir: str | Path, count: int, seed: int = 0, matrix: int = 
     """Write `count` cases as caseNNN_ct.nii.gz / caseNNN_labels.nii.gz plus
     labels.json (and caseNNN_info.json with the drawn parameters). Case i uses
     seed + i, so any case can be remade alone."""
-    from segcore.export import atomic_output, training_case_paths
+    from segcore.dataset import training_case_paths
+    from segcore.files import atomic_output
     from segcore.image import write_image
 
     outdir = Path(outdir)

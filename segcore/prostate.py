@@ -15,27 +15,22 @@ model sees in use exactly what it saw in training.
 
 from __future__ import annotations
 
-import logging
-import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
 
 from . import anatomy
 from . import image as imageio
-from .errors import ModelPackageError, SegcoreError
+from .errors import ModelPackageError
+from .pipeline import Progress, Segmenter, empty_labelmap, labelmap_like, normalise
 from .postprocess import bounding_box, clean_mask
 from .result import Result, SegmentResult, label_volume_cc
 
-log = logging.getLogger("segcore")
-
 DEFAULT_MODEL = "prostate-metricunet-demo"
 PROSTATE = anatomy.structure("prostate")
-Progress = Callable[[float, str], None]
 
 
 @dataclass(frozen=True)
@@ -59,31 +54,8 @@ class PipelineSettings:
     plausible_cc: tuple[float, float] = (8.0, 200.0)
     max_shift_mm: float = 20.0         # stage 2's prostate this far from stage 1's centre: the two disagree
 
-    @classmethod
-    def from_package(cls, package) -> PipelineSettings:
-        extra = dict(package.manifest.get("pipeline", {}))
-        extra["window"] = tuple(package.input.intensity_window)
-        extra["fine_spacing_mm"] = tuple(package.input.spacing_mm)
-        known = {k: v for k, v in extra.items() if k in cls.__dataclass_fields__}
-        try:
-            return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in known.items()})
-        except TypeError as error:
-            raise ModelPackageError(f"model package {package.name!r}: bad 'pipeline' settings: {error}") from None
-
-    def to_json(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
 
 # --------------------------------------------------------------------------- preparing network input
-
-
-def normalise(hu: np.ndarray, window) -> np.ndarray:
-    """HU clipped to the window and scaled to [0, 1] (float32); air and anything below the window is 0."""
-    low, high = float(window[0]), float(window[1])
-    out = np.clip(np.asarray(hu, dtype=np.float32), low, high)
-    out -= low
-    out *= 1.0 / (high - low)
-    return out
 
 
 def coarse_image(ct: sitk.Image, settings: PipelineSettings) -> sitk.Image:
@@ -95,11 +67,7 @@ def crop_reference(center_lps, settings: PipelineSettings) -> sitk.Image:
     """The stage-2 grid: an axis-aligned cube of ``crop_mm`` at fine spacing centred on a point."""
     spacing = np.asarray(settings.fine_spacing_mm, float)
     size = np.maximum(1, np.round(np.asarray(settings.crop_mm, float) / spacing)).astype(int)
-    origin = np.asarray(center_lps, float) - (size - 1) / 2 * spacing
-    reference = sitk.Image([int(s) for s in size], sitk.sitkUInt8)
-    reference.SetSpacing(tuple(float(s) for s in spacing))
-    reference.SetOrigin(tuple(float(o) for o in origin))
-    return reference
+    return imageio.centred_grid(center_lps, spacing, size)
 
 
 def slice_stacks(volume: np.ndarray, indices, count: int) -> np.ndarray:
@@ -139,65 +107,6 @@ def predict_slices(network, volume: np.ndarray, indices, count: int, device, bat
             if progress is not None:
                 progress(min(start + batch_size, len(indices)), len(indices))
     return out
-
-
-# --------------------------------------------------------------------------- devices and models
-
-
-def resolve_device(device: str = "auto"):
-    """'auto' (CUDA when torch sees it, else CPU), 'cpu' or 'cuda[:n]' as a torch.device."""
-    import torch
-
-    name = (device or "auto").lower()
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SegcoreError("device 'cuda' was asked for, but PyTorch sees no CUDA GPU here "
-                           "(a CPU-only PyTorch, or no GPU driver). Use --device cpu or auto.")
-    if name.startswith("cuda:") and name[5:].isdigit() and int(name[5:]) >= torch.cuda.device_count():
-        raise SegcoreError(f"device {name!r} was asked for, but PyTorch sees {torch.cuda.device_count()} GPU(s) "
-                           "(numbered from 0).")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise SegcoreError(f"unknown device {device!r}: use auto, cpu or cuda")
-    try:
-        return torch.device(name)
-    except RuntimeError as error:
-        raise SegcoreError(f"unknown device {device!r}: {error}") from None
-
-
-def use_available_cores() -> None:
-    """Never run more CPU threads than this process may use (containers and batch systems limit it)."""
-    import torch
-
-    try:
-        available = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        available = os.cpu_count() or 1
-    if torch.get_num_threads() > available:
-        torch.set_num_threads(available)
-
-
-def open_model(model=None):
-    """The prostate model package: by name, by folder path, an open package, or the default."""
-    from . import packages
-
-    package = model if isinstance(model, packages.ModelPackage) else packages.open_package(model or DEFAULT_MODEL)
-    if package.task != "prostate":
-        raise ModelPackageError(f"model package {package.name!r} is for task {package.task!r}, "
-                                "not 'prostate'; choose a prostate model (prostateseg models list).")
-    for stage in ("stage1", "stage2"):
-        package.stage(stage)
-    return package
-
-
-def load_network(package, stage: str, device):
-    """Build one stage's network from the package and load its checked weights."""
-    from . import networks
-
-    spec = package.stage(stage)
-    network = networks.build(spec.architecture, spec.arguments)
-    networks.load_state(network, package.load_weights(stage), f"model package {package.name!r} {stage}")
-    return network.to(device).eval()
 
 
 # --------------------------------------------------------------------------- the pipeline
@@ -291,17 +200,28 @@ def soft_agreement(probabilities: np.ndarray, threshold: float) -> float:
     return 2.0 * float(probabilities[mask].sum()) / total if total > 0 else 0.0
 
 
-class ProstateSegmenter:
+@dataclass
+class CropPrediction:
+    """What stage 2 gave on its 1 mm crop."""
+
+    reference: sitk.Image       # the crop's grid
+    probabilities: np.ndarray   # (classes, z, y, x); background 1 where stage 2 did not run
+    inside: range               # the crop's slices that lie inside the scan
+
+
+class ProstateSegmenter(Segmenter):
     """A loaded prostate model, ready to segment many images (what a batch should use)."""
 
+    TASK = "prostate"
+    DEFAULT_MODEL = DEFAULT_MODEL
+    STAGES = ("stage1", "stage2")
+    KIND = "prostate model"
+    SETTINGS = PipelineSettings
+
     def __init__(self, model=None, device: str = "auto"):
-        self.package = open_model(model)
-        self.settings = PipelineSettings.from_package(self.package)
-        self.device = resolve_device(device)
-        if self.device.type == "cpu":
-            use_available_cores()
-        self.stage1 = load_network(self.package, "stage1", self.device)
-        self.stage2 = load_network(self.package, "stage2", self.device)
+        super().__init__(model, device)
+        self.stage1 = self.load_stage("stage1")
+        self.stage2 = self.load_stage("stage2")
         if self.stage1.in_channels != self.settings.coarse_slices or self.stage2.in_channels != self.settings.fine_slices:
             raise ModelPackageError(
                 f"model package {self.package.name!r}: the networks take {self.stage1.in_channels} and "
@@ -318,40 +238,45 @@ class ProstateSegmenter:
                 f"{len(self.organs)} labels ({', '.join(names)}); a prostate model must list the prostate.")
         self.prostate_class = names.index(PROSTATE.name) + 1
 
-    @property
-    def structures(self) -> list[anatomy.Structure]:
-        """What this pipeline's label maps can hold (written to every output, found or not)."""
-        return list(self.organs)
+    @staticmethod
+    def input_settings(package) -> dict:
+        return {"window": tuple(package.input.intensity_window), "fine_spacing_mm": tuple(package.input.spacing_mm)}
 
-    def __call__(self, image_or_path, progress: Progress | None = None) -> Result:
-        report = progress or (lambda fraction, message: None)
-        timings: dict[str, float] = {}
-        started = time.perf_counter()
-        report(0.0, "reading")
-        ct = read_input(image_or_path)
-        timings["read"] = time.perf_counter() - started
-
+    def segment(self, ct: sitk.Image, report: Progress, timings: dict[str, float]) -> Result:
         tick = time.perf_counter()
         report(0.05, "stage 1: locating the prostate")
-        coarse = coarse_image(ct, self.settings)
-        volume = normalise(sitk.GetArrayViewFromImage(coarse), self.settings.window)
-        coarse_p = predict_slices(self.stage1, volume, range(volume.shape[0]), self.settings.coarse_slices,
-                                  self.device, batch_size=32)
-        where = localise(coarse_p, coarse, self.settings)
+        where = self.locate(ct)
         timings["stage1"] = time.perf_counter() - tick
-        labelmap = sitk.Image(ct.GetSize(), sitk.sitkUInt8)
-        labelmap.CopyInformation(ct)
         details = {"coarse_volume_cc": round(where.volume_cc, 2)}
         if not where.found:
-            timings["total"] = time.perf_counter() - started
-            report(1.0, "no prostate found")
-            return Result(labelmap, [], 0.0, self.package.name, timings=timings, details=details, messages=[(
+            return Result(empty_labelmap(ct), [], 0.0, self.package.name, timings=timings, details=details, messages=[(
                 "no prostate found: the localiser saw nothing prostate-like in this image. "
                 "Check that the pelvis is in the field of view.")])
         details["center_lps_mm"] = [round(v, 2) for v in where.center_lps]
 
         tick = time.perf_counter()
         report(0.15, "stage 2: segmenting the prostate")
+        crop = self.segment_crop(ct, where, lambda done: report(0.15 + 0.7 * done, "stage 2: segmenting the prostate"))
+        timings["stage2"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        report(0.9, "placing the result on the input grid")
+        labelmap = self.place_on_input(crop, ct)
+        timings["paste_back"] = time.perf_counter() - tick
+
+        segments, confidence, messages = self.assess(labelmap, where, crop, details)
+        return Result(labelmap, segments, confidence, self.package.name, messages, timings, details)
+
+    def locate(self, ct: sitk.Image) -> Localisation:
+        """Stage 1: the prostate's blob on the coarse grid."""
+        coarse = coarse_image(ct, self.settings)
+        volume = normalise(sitk.GetArrayViewFromImage(coarse), self.settings.window)
+        probabilities = predict_slices(self.stage1, volume, range(volume.shape[0]), self.settings.coarse_slices,
+                                       self.device, batch_size=32)
+        return localise(probabilities, coarse, self.settings)
+
+    def segment_crop(self, ct: sitk.Image, where: Localisation, report: Callable[[float], None]) -> CropPrediction:
+        """Stage 2: class probabilities on the 1 mm crop around the located prostate."""
         center = np.asarray(where.center_lps) + np.asarray(self.settings.crop_offset_mm)
         reference = crop_reference(center, self.settings)
         crop = imageio.resample_like(ct, reference, "linear")
@@ -369,24 +294,24 @@ class ProstateSegmenter:
             low = int(np.floor((where.z_range_lps[0] - self.settings.slice_margin_mm - z0) / dz))
             high = int(np.ceil((where.z_range_lps[1] + self.settings.slice_margin_mm - z0) / dz))
             slices = range(max(inside.start, low), min(inside.stop, high + 1))
-        fine_p = np.zeros((len(self.organs) + 1,) + fine.shape, np.float32)
-        fine_p[0] = 1.0  # background where stage 2 does not run
+        probabilities = np.zeros((len(self.organs) + 1,) + fine.shape, np.float32)
+        probabilities[0] = 1.0  # background where stage 2 does not run
         if len(slices):
-            fine_p[:, slices.start:slices.stop] = predict_slices(
+            probabilities[:, slices.start:slices.stop] = predict_slices(
                 self.stage2, fine[inside.start:inside.stop], np.arange(slices.start, slices.stop) - inside.start,
                 self.settings.fine_slices, self.device, batch_size=8, classes=True,
-                progress=lambda done, total: report(0.15 + 0.7 * done / total, "stage 2: segmenting the prostate"),
+                progress=lambda done, total: report(done / total),
             ).transpose(1, 0, 2, 3)
-        timings["stage2"] = time.perf_counter() - tick
+        return CropPrediction(reference, probabilities, inside)
 
-        tick = time.perf_counter()
-        report(0.9, "placing the result on the input grid")
+    def place_on_input(self, crop: CropPrediction, ct: sitk.Image) -> sitk.Image:
+        """The crop's classes resampled onto the input grid, each organ cleaned (largest piece, no holes)."""
         if len(self.organs) == 1:
-            probabilities = sitk.GetImageFromArray(fine_p[1])
-            probabilities.CopyInformation(reference)
+            probabilities = sitk.GetImageFromArray(crop.probabilities[1])
+            probabilities.CopyInformation(crop.reference)
             classes = paste_back(probabilities, ct, self.settings.threshold).astype(np.uint8)
         else:
-            classes = paste_back_classes(fine_p, reference, ct)
+            classes = paste_back_classes(crop.probabilities, crop.reference, ct)
         labels = np.zeros(classes.shape, np.uint8)
         for k, organ in enumerate(self.organs, start=1):
             mask = classes == k
@@ -394,16 +319,17 @@ class ProstateSegmenter:
             if box is not None:  # clean only where the crop landed: the rest of a large CT is empty anyway
                 mask[box] = clean_mask(mask[box])
             labels[mask & (labels == 0)] = organ.value
-        labelmap = sitk.GetImageFromArray(labels)
-        labelmap.CopyInformation(ct)
-        timings["paste_back"] = time.perf_counter() - tick
+        return labelmap_like(labels, ct)
 
+    def assess(self, labelmap: sitk.Image, where: Localisation, crop: CropPrediction, details: dict):
+        """Segments with their volumes and confidences, the overall confidence, and what a user should know."""
+        settings, probabilities = self.settings, crop.probabilities
         messages = []
         segments = []
         volume_cc = label_volume_cc(labelmap, PROSTATE.value)
-        confidence = where.mean_probability * soft_agreement(fine_p[self.prostate_class], self.settings.threshold)
+        confidence = where.mean_probability * soft_agreement(probabilities[self.prostate_class], settings.threshold)
         extent = where.z_range_lps[1] - where.z_range_lps[0]
-        if extent > self.settings.max_coarse_extent_mm:
+        if extent > settings.max_coarse_extent_mm:
             confidence *= 0.25
             messages.append(f"the localiser's region is {extent:.0f} mm tall, far more than a prostate: "
                             "the result is unreliable.")
@@ -412,7 +338,7 @@ class ProstateSegmenter:
 
             shift = np.linalg.norm(np.asarray(centroids(labelmap)[PROSTATE.value]) - np.asarray(where.center_lps))
             details["stage_shift_mm"] = round(float(shift), 1)
-            if shift > self.settings.max_shift_mm:
+            if shift > settings.max_shift_mm:
                 confidence *= 0.5
                 messages.append(f"the two stages disagree on where the prostate is ({shift:.0f} mm apart): "
                                 "check the result.")
@@ -420,7 +346,7 @@ class ProstateSegmenter:
             confidence = 0.0
             messages.append("no prostate found: stage 2 found no prostate voxels near the located region.")
         else:
-            low_cc, high_cc = self.settings.plausible_cc
+            low_cc, high_cc = settings.plausible_cc
             if not low_cc <= volume_cc <= high_cc:
                 confidence *= 0.5
                 messages.append(f"unusual prostate volume {volume_cc:.1f} cc (expected {low_cc:g}-{high_cc:g} cc): "
@@ -431,14 +357,12 @@ class ProstateSegmenter:
             if organ == PROSTATE or organ_cc == 0:
                 continue
             segments.append(SegmentResult(organ, organ_cc, where.mean_probability
-                                          * soft_agreement(fine_p[k], self.settings.threshold)))
-            if _touches_crop_side(fine_p.argmax(axis=0) == k, inside):
+                                          * soft_agreement(probabilities[k], settings.threshold)))
+            if _touches_crop_side(probabilities.argmax(axis=0) == k, crop.inside):
                 messages.append(f"the {organ.name.replace('_', ' ')} reaches the edge of the "
-                                f"{' x '.join(f'{v:g}' for v in self.settings.crop_mm)} mm region stage 2 "
+                                f"{' x '.join(f'{v:g}' for v in settings.crop_mm)} mm region stage 2 "
                                 "segments: any part beyond it is missing.")
-        timings["total"] = time.perf_counter() - started
-        report(1.0, "done")
-        return Result(labelmap, segments, float(confidence), self.package.name, messages, timings, details)
+        return segments, float(confidence), messages
 
 
 def _touches_crop_side(mask: np.ndarray, inside: range) -> bool:
@@ -450,18 +374,6 @@ def _touches_crop_side(mask: np.ndarray, inside: range) -> bool:
     if inside.stop == mask.shape[0]:
         sides.append(mask[-1])
     return any(side.any() for side in sides)
-
-
-def read_input(image_or_path) -> sitk.Image:
-    """A CT from a path (file, DICOM file or folder) or an image, checked to be a CT volume."""
-    if isinstance(image_or_path, (str, Path)):
-        return imageio.read_image(image_or_path, kind="ct")
-    if isinstance(image_or_path, sitk.Image):
-        imageio.check_volume(image_or_path)
-        imageio.check_not_blank(image_or_path)
-        imageio.check_ct_like(image_or_path)
-        return image_or_path
-    raise SegcoreError(f"expected a path or a SimpleITK image, got {type(image_or_path).__name__}")
 
 
 def segment_prostate(image_or_path, model=None, device: str = "auto", progress: Progress | None = None) -> Result:

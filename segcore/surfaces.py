@@ -52,7 +52,7 @@ from vtkmodules.vtkIOPLY import vtkPLYWriter
 from vtkmodules.vtkIOXML import vtkXMLPolyDataWriter
 
 from segcore.errors import SegcoreError, UnsupportedImageError
-from segcore.export import atomic_output
+from segcore.files import atomic_output
 from segcore.image import ijk_to_lps_matrix
 
 SURFACE_SUFFIXES = (".stl", ".obj", ".vtp", ".ply", ".vtk")

@@ -25,12 +25,12 @@ import numpy as np
 import SimpleITK as sitk
 
 from segcore import image as imageio
+from segcore.dataset import find_training_cases
 from segcore.errors import SegcoreError
-from segcore.export import CASE_CT_SUFFIX, CASE_LABELS_SUFFIX
+from segcore.files import atomic_output
 from segcore.prostate import PipelineSettings, coarse_image, crop_reference
 
 CACHE_VERSION = 1
-EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
 
 
 @dataclass
@@ -89,24 +89,36 @@ def phantom_sources(seed: int, count: int, matrix: int = 512) -> list[CaseSource
 
 def folder_sources(folder, prostate_label: int = 1) -> list[CaseSource]:
     """Every ``<name>_ct.<ext>`` / ``<name>_labels.<ext>`` pair in a folder (sorted by name)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise SegcoreError(f"training data folder {folder} does not exist")
-    sources = []
-    for ct_path in sorted(folder.iterdir()):
-        ext = next((e for e in EXTENSIONS if ct_path.name.endswith(CASE_CT_SUFFIX + e)), None)
-        if ext is None:
-            continue
-        stem = ct_path.name[: -len(CASE_CT_SUFFIX + ext)]
-        labels = [folder / f"{stem}{CASE_LABELS_SUFFIX}{e}" for e in EXTENSIONS
-                  if (folder / f"{stem}{CASE_LABELS_SUFFIX}{e}").is_file()]
-        if not labels:
-            raise SegcoreError(f"{ct_path} has no label map beside it (expected {stem}{CASE_LABELS_SUFFIX}{ext})")
-        sources.append(CaseSource(stem, ct_path=str(ct_path), labels_path=str(labels[0]),
-                                  prostate_label=prostate_label))
+    sources = [CaseSource(name, ct_path=str(ct), labels_path=str(labels), prostate_label=prostate_label)
+               for name, ct, labels in find_training_cases(folder)]
     if not sources:
         raise SegcoreError(f"no training cases in {folder}: expected <name>_ct.nii.gz with <name>_labels.nii.gz")
     return sources
+
+
+def case_sources(config: dict) -> tuple[list[CaseSource], list[CaseSource], str]:
+    """Training and validation cases of a run's ``data`` section, and a sentence for model.json saying
+    what they are: phantoms by seed, or a folder's pairs (the last ``validation_cases`` of them kept for
+    validation unless ``validation_folder`` is given)."""
+    spec = config["data"]
+    if spec["source"] == "phantom":
+        train = phantom_sources(spec["seed"], spec["cases"], spec["matrix"])
+        val = phantom_sources(spec["validation_seed"], spec["validation_cases"], spec["matrix"])
+        text = (f"digital pelvis phantoms (segcore.phantom), training seeds {spec['seed']}-"
+                f"{spec['seed'] + spec['cases'] - 1}, validation seeds {spec['validation_seed']}-"
+                f"{spec['validation_seed'] + spec['validation_cases'] - 1}, matrix {spec['matrix']}")
+        return train, val, text
+    if spec["source"] == "folder":
+        train = folder_sources(spec["folder"], spec.get("prostate_label", 1))
+        if spec.get("validation_folder"):
+            val = folder_sources(spec["validation_folder"], spec.get("prostate_label", 1))
+        else:
+            count = max(1, spec["validation_cases"])
+            if len(train) <= count:
+                raise SegcoreError(f"{len(train)} cases are too few to keep {count} for validation")
+            train, val = train[:-count], train[-count:]
+        return train, val, f"{len(train)} training / {len(val)} validation cases from {spec['folder']}"
+    raise SegcoreError(f"data.source must be 'phantom' or 'folder', not {spec['source']!r}")
 
 
 def prepare_case(source: CaseSource, settings: PipelineSettings, margin_mm: float) -> PreparedCase:
@@ -161,10 +173,8 @@ def cached_case(source: CaseSource, settings: PipelineSettings, margin_mm: float
                                 **{k: data[k] for k in ("coarse_ct", "coarse_target", "coarse_tissue",
                                                         "fine_ct", "fine_target", "fine_tissue")})
     case = prepare_case(source, settings, margin_mm)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **{k: v for k, v in case.__dict__.items() if k != "case_id"})
-    tmp.replace(path)
+    with atomic_output(path, overwrite=True) as tmp:
+        np.savez(tmp, **{k: v for k, v in case.__dict__.items() if k != "case_id"})
     return case
 
 

@@ -18,20 +18,30 @@ to hold the whole head. DSC and HD95 of our femoral head against that part.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
 from segcore import anatomy, metrics
-from segcore.errors import SegcoreError
+from segcore.files import atomic_output
 from segcore.organs import OrganSegmenter
 
-from .evaluate_prostate import TS_BLADDER, TS_FEMUR_LEFT, TS_FEMUR_RIGHT, record_held_out
+from .evaluation import (
+    TS_BLADDER,
+    TS_FEMUR_LEFT,
+    TS_FEMUR_RIGHT,
+    evaluation_parser,
+    held_out_phantoms,
+    mean_sd,
+    phantom_scores,
+    record_in_package,
+    rounded_mean_sd,
+    run_command,
+    write_results,
+)
 
 ORGAN_METRICS = ("dsc", "hd", "hd95")
 
@@ -39,28 +49,19 @@ ORGAN_METRICS = ("dsc", "hd", "hd95")
 def evaluate_phantoms(segmenter: OrganSegmenter, seed: int, cases: int, matrix: int = 512, log=print) -> dict:
     import torch
 
-    from segcore.phantom import make_phantom
-    from training.data import phantom_sources
     from training.train_hmrnet import DEFAULTS, canonical_arrays, detection_map, make_batch
 
     rows = []
     found_all, truth_all = [], []
     config = {**DEFAULTS, "arguments": {"points": segmenter.network.points}}
-    for n, source in enumerate(phantom_sources(seed, cases, matrix)):
-        case = make_phantom(source.phantom_seed, matrix=matrix)
-        tick = time.perf_counter()
-        result = segmenter(case.ct)
-        seconds = time.perf_counter() - tick
-        pred = sitk.GetArrayViewFromImage(result.labelmap)
+    for case_seed, case, result, seconds in held_out_phantoms(segmenter, seed, cases, matrix):
         ref = sitk.GetArrayViewFromImage(case.labels)
-        row = {"seed": source.phantom_seed, "seconds": seconds, "confidence": result.confidence}
+        row = {"seed": case_seed, "seconds": seconds, "confidence": result.confidence}
         for structure in segmenter.organs:
-            if not (ref == structure.value).any():
-                continue
-            score = metrics.mask_metrics(pred == structure.value, ref == structure.value, case.ct.GetSpacing()[::-1])
-            row[structure.name] = {k: getattr(score, k) for k in ORGAN_METRICS}
+            if (ref == structure.value).any():
+                row[structure.name] = phantom_scores(result, case, structure.value, ORGAN_METRICS)
         rows.append(row)
-        log(f"seed {source.phantom_seed}: " + ", ".join(
+        log(f"seed {case_seed}: " + ", ".join(
             f"{s.name} {row[s.name]['dsc']:.3f}" for s in segmenter.organs if s.name in row) + f" ({seconds:.1f} s)")
         # Slice detections on the canonical grid, for mAP.
         prepared = canonical_arrays(case.ct, case.labels, segmenter.settings, DEFAULTS["canvas_margin"])
@@ -77,8 +78,7 @@ def evaluate_phantoms(segmenter: OrganSegmenter, seed: int, cases: int, matrix: 
             values = [r[structure.name][key] for r in rows if structure.name in r]
             values = [v if v is not None else float("nan") for v in values]
             if values:
-                summary.setdefault(structure.name, {})[key] = {
-                    "mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
+                summary.setdefault(structure.name, {})[key] = mean_sd(values)
     per_class = {}
     for index, name in enumerate(segmenter.settings.organ_classes, start=1):
         only = [type(d)(d.boxes[d.labels == index], d.labels[d.labels == index], d.scores[d.labels == index],
@@ -175,61 +175,47 @@ def draw_real_ct(ct: sitk.Image, prediction: sitk.Image, reference: sitk.Image, 
         ax.set_title(f"{title}: predicted organs filled; reference bladder (yellow) and femurs (cyan)", fontsize=9)
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    with atomic_output(path, overwrite=True) as tmp:
+        fig.savefig(tmp, dpi=80)
     plt.close(fig)
 
 
 def record_organs_in_package(folder: Path, out: dict) -> None:
     """Add the held-out summary to model.json."""
-    record_held_out(folder, {
-        "seeds": out["seeds"], "cases": len(out["cases"]), "matrix": out["matrix"],
-        "metric_grid": "each case's own grid (mAP: slice detections on the canonical slice grid)",
-        "organs": {name: {k: ({"mean": round(v["mean"], 4), "sd": round(v["sd"], 4)} if isinstance(v, dict)
-                              else round(v, 4)) for k, v in values.items()}
+    record_in_package(folder, out, "each case's own grid (mAP: slice detections on the canonical slice grid)", {
+        "organs": {name: {k: rounded_mean_sd(v) if isinstance(v, dict) else round(v, 4) for k, v in values.items()}
                    for name, values in out["summary"].items()},
     })
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.evaluate_organs", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", help="model package (default: the bundled default)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--json", type=Path, help="write the results here")
-    sub = parser.add_subparsers(dest="what", required=True)
-    p = sub.add_parser("phantoms", help="DSC, HD, HD95 and mAP50-95 per organ on held-out phantoms")
-    p.add_argument("--seed", type=int, default=9200)
-    p.add_argument("--cases", type=int, default=20)
-    p.add_argument("--matrix", type=int, default=512)
-    p.add_argument("--record", action="store_true",
-                   help="also write the summary into the package's model.json (validation.held_out_phantoms)")
-    p = sub.add_parser("real", help="bladder and femoral heads on a real CT with a TotalSegmentator v1 reference")
-    p.add_argument("ct", type=Path)
-    p.add_argument("reference", type=Path)
-    p.add_argument("--picture", type=Path, help="also draw the result here (PNG)")
+    parser, _ = evaluation_parser(
+        "python -m training.evaluate_organs", __doc__.split("\n")[0], 9200,
+        "DSC, HD, HD95 and mAP50-95 per organ on held-out phantoms",
+        "bladder and femoral heads on a real CT with a TotalSegmentator v1 reference")
     args = parser.parse_args(argv)
-    try:
-        segmenter = OrganSegmenter(args.model, args.device)
-        if args.what == "phantoms":
-            out = evaluate_phantoms(segmenter, args.seed, args.cases, args.matrix)
-            for name, values in out["summary"].items():
-                print(f"{name:20s} " + "  ".join(
-                    f"{k} {v['mean']:.3f} ± {v['sd']:.3f}" if isinstance(v, dict) else f"{k} {v:.3f}"
-                    for k, v in values.items()))
-            print(f"seconds per case: mean {out['seconds']['mean']:.1f}, max {out['seconds']['max']:.1f}")
-            if args.record:
-                record_organs_in_package(segmenter.package.path, out)
-        else:
-            ct = sitk.ReadImage(str(args.ct))
-            reference = sitk.ReadImage(str(args.reference))
-            out, labelmap = evaluate_real(segmenter, ct, reference)
-            print(json.dumps(out, indent=1))
-            if args.picture:
-                draw_real_ct(ct, labelmap, reference, args.picture)
-        if args.json:
-            args.json.write_text(json.dumps(out, indent=1, default=float))
-    except SegcoreError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    return run_command(lambda: evaluate(args))
+
+
+def evaluate(args) -> int:
+    segmenter = OrganSegmenter(args.model, args.device)
+    if args.what == "phantoms":
+        out = evaluate_phantoms(segmenter, args.seed, args.cases, args.matrix)
+        for name, values in out["summary"].items():
+            print(f"{name:20s} " + "  ".join(
+                f"{k} {v['mean']:.3f} ± {v['sd']:.3f}" if isinstance(v, dict) else f"{k} {v:.3f}"
+                for k, v in values.items()))
+        print(f"seconds per case: mean {out['seconds']['mean']:.1f}, max {out['seconds']['max']:.1f}")
+        if args.record:
+            record_organs_in_package(segmenter.package.path, out)
+    else:
+        ct = sitk.ReadImage(str(args.ct))
+        reference = sitk.ReadImage(str(args.reference))
+        out, labelmap = evaluate_real(segmenter, ct, reference)
+        print(json.dumps(out, indent=1))
+        if args.picture:
+            draw_real_ct(ct, labelmap, reference, args.picture)
+    write_results(args.json, out)
     return 0
 
 

@@ -1,6 +1,6 @@
 """Evaluate a prostate model: held-out phantoms (accuracy) and the real pelvic CT (where it puts the prostate).
 
-    python -m training.evaluate_prostate phantoms --seed 9000 --cases 20 --json out/eval_phantoms.json
+    python -m training.evaluate_prostate --json out/eval_phantoms.json phantoms --seed 9000 --cases 20
     python -m training.evaluate_prostate real ../shared/data/real/pelvis_ct/example_ct.nii.gz \
         ../shared/data/real/pelvis_ct/example_seg_v1.nii.gz --picture docs/real_ct_prostate.png
 
@@ -11,10 +11,8 @@ grid, as a user would see them.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,44 +20,47 @@ import SimpleITK as sitk
 
 from segcore import anatomy, metrics
 from segcore.errors import SegcoreError
+from segcore.files import atomic_output
 from segcore.prostate import PROSTATE, ProstateSegmenter
+
+from .evaluation import (
+    TS_BLADDER,
+    TS_COLON,
+    TS_FEMUR_LEFT,
+    TS_FEMUR_RIGHT,
+    evaluation_parser,
+    held_out_phantoms,
+    mean_sd,
+    phantom_scores,
+    record_in_package,
+    rounded_mean_sd,
+    run_command,
+    write_results,
+)
 
 METRICS = ("dsc", "asd", "hd95", "sen", "ppv")
 
-# TotalSegmentator v1 labels of the reference map of the real pelvic CT.
-TS_BLADDER, TS_FEMUR_LEFT, TS_FEMUR_RIGHT, TS_COLON = 104, 88, 89, 57
-
 
 def evaluate_phantoms(segmenter: ProstateSegmenter, seed: int, cases: int, matrix: int = 512, log=print) -> dict:
-    from segcore.phantom import make_phantom
-
     rows = []
-    for n in range(cases):
-        case = make_phantom(seed + n, matrix=matrix)
-        tick = time.perf_counter()
-        result = segmenter(case.ct)
-        seconds = time.perf_counter() - tick
+    for case_seed, case, result, seconds in held_out_phantoms(segmenter, seed, cases, matrix):
         ref = sitk.GetArrayViewFromImage(case.labels) == PROSTATE.value
-        row = {"seed": seed + n, "size": list(case.ct.GetSize()), "spacing_mm": list(case.ct.GetSpacing()),
+        row = {"seed": case_seed, "size": list(case.ct.GetSize()), "spacing_mm": list(case.ct.GetSpacing()),
                "orientation": case.info["orientation"], "confidence": result.confidence, "seconds": seconds,
                "volume_cc": float(ref.sum() * np.prod(case.ct.GetSpacing()) / 1000)}
         # The prostate's metrics under their plain names, any other organ's prefixed with its name.
         for organ in segmenter.structures:
-            score = metrics.mask_metrics(sitk.GetArrayViewFromImage(result.labelmap) == organ.value,
-                                         sitk.GetArrayViewFromImage(case.labels) == organ.value,
-                                         case.ct.GetSpacing()[::-1])
             prefix = "" if organ == PROSTATE else f"{organ.name}_"
-            row.update({prefix + k: getattr(score, k) for k in METRICS})
+            row.update({prefix + k: v for k, v in phantom_scores(result, case, organ.value, METRICS).items()})
         rows.append(row)
         others = "".join(f", {o.name} DSC {row[o.name + '_dsc']:.3f}" for o in segmenter.structures if o != PROSTATE)
-        log(f"seed {seed + n}: DSC {row['dsc']:.3f} ASD {_fmt(row['asd'])} HD95 {_fmt(row['hd95'])} "
+        log(f"seed {case_seed}: DSC {row['dsc']:.3f} ASD {_fmt(row['asd'])} HD95 {_fmt(row['hd95'])} "
             f"confidence {row['confidence']:.2f}{others} ({seconds:.1f} s)")
     summary = {}
     keys = [k for k in rows[0] if k not in ("seed", "size", "spacing_mm", "orientation", "volume_cc")]
     for key in keys:
         values = [r[key] if r[key] is not None else float("nan") for r in rows]
-        summary[key] = {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-                        "min": float(np.min(values)), "max": float(np.max(values))}
+        summary[key] = {**mean_sd(values), "min": float(np.min(values)), "max": float(np.max(values))}
     return {"model": segmenter.package.name, "seeds": [seed, seed + cases - 1], "matrix": matrix,
             "summary": summary, "cases": rows}
 
@@ -171,80 +172,52 @@ def draw_real_ct(ct: sitk.Image, prediction: sitk.Image, reference: sitk.Image, 
         ax.set_title(f"{title} (red: predicted prostate)")
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    with atomic_output(path, overwrite=True) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
 
 
-def record_in_package(folder: Path, out: dict) -> None:
+def record_prostate_in_package(folder: Path, out: dict) -> None:
     """Add the held-out summary to model.json."""
-    record_held_out(folder, {
-        "seeds": out["seeds"], "cases": len(out["cases"]), "matrix": out["matrix"],
-        "metric_grid": "each case's own grid",
-        **{k: {"mean": round(v["mean"], 4), "sd": round(v["sd"], 4)} for k, v in out["summary"].items()
-           if k != "seconds"},
-    })
-
-
-def record_held_out(folder: Path, held_out: dict) -> None:
-    """Write ``validation.held_out_phantoms`` into model.json (not hashed: only weights files are) and
-    re-validate the package."""
-    from segcore.packages import MANIFEST_NAME, ModelPackage
-
-    path = Path(folder) / MANIFEST_NAME
-    manifest = json.loads(path.read_text())
-    manifest["validation"]["held_out_phantoms"] = held_out
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    tmp.replace(path)
-    ModelPackage.load(folder)
+    record_in_package(folder, out, "each case's own grid",
+                      {k: rounded_mean_sd(v) for k, v in out["summary"].items() if k != "seconds"})
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.evaluate_prostate", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", help="model package (default: the bundled default)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--json", type=Path, help="write the results here")
-    sub = parser.add_subparsers(dest="what", required=True)
-    p = sub.add_parser("phantoms", help="DSC, ASD, HD95, SEN, PPV on held-out phantoms")
-    p.add_argument("--seed", type=int, default=9000)
-    p.add_argument("--cases", type=int, default=20)
-    p.add_argument("--matrix", type=int, default=512)
-    p.add_argument("--record", action="store_true",
-                   help="also write the summary into the package's model.json (validation.held_out_phantoms)")
-    p = sub.add_parser("real", help="location plausibility on a real CT with a TotalSegmentator v1 reference")
-    p.add_argument("ct", type=Path)
-    p.add_argument("reference", type=Path)
-    p.add_argument("--picture", type=Path, help="also draw the result here (PNG)")
-    p.add_argument("--save", type=Path, help="also save the predicted label map here")
+    parser, real = evaluation_parser(
+        "python -m training.evaluate_prostate", __doc__.split("\n")[0], 9000,
+        "DSC, ASD, HD95, SEN, PPV on held-out phantoms",
+        "location plausibility on a real CT with a TotalSegmentator v1 reference")
+    real.add_argument("--save", type=Path, help="also save the predicted label map here")
     args = parser.parse_args(argv)
-    try:
-        segmenter = ProstateSegmenter(args.model, args.device)
-        if args.what == "phantoms":
-            out = evaluate_phantoms(segmenter, args.seed, args.cases, args.matrix)
-            for key, s in out["summary"].items():
-                print(f"{key:12s} {s['mean']:.3f} ± {s['sd']:.3f}  (min {s['min']:.3f}, max {s['max']:.3f})")
-            if args.record:
-                record_in_package(segmenter.package.path, out)
-        else:
-            ct = sitk.ReadImage(str(args.ct))
-            reference = sitk.ReadImage(str(args.reference))
-            result = segmenter(ct)
-            out = {"model": segmenter.package.name, "confidence": result.confidence, "messages": result.messages,
-                   **real_ct_plausibility(result.labelmap, reference)}
-            if any(s.name == "bladder" for s in segmenter.structures):
-                out["bladder_dsc"] = metrics.mask_metrics(
-                    sitk.GetArrayViewFromImage(result.labelmap) == anatomy.structure("bladder").value,
-                    np.rint(sitk.GetArrayViewFromImage(reference)) == TS_BLADDER, ct.GetSpacing()[::-1]).dsc
-            print(json.dumps(out, indent=1))
-            if args.picture:
-                draw_real_ct(ct, result.labelmap, reference, args.picture)
-            if args.save:
-                sitk.WriteImage(result.labelmap, str(args.save), True)
-        if args.json:
-            args.json.write_text(json.dumps(out, indent=1))
-    except SegcoreError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    return run_command(lambda: evaluate(args))
+
+
+def evaluate(args) -> int:
+    segmenter = ProstateSegmenter(args.model, args.device)
+    if args.what == "phantoms":
+        out = evaluate_phantoms(segmenter, args.seed, args.cases, args.matrix)
+        for key, s in out["summary"].items():
+            print(f"{key:12s} {s['mean']:.3f} ± {s['sd']:.3f}  (min {s['min']:.3f}, max {s['max']:.3f})")
+        if args.record:
+            record_prostate_in_package(segmenter.package.path, out)
+    else:
+        ct = sitk.ReadImage(str(args.ct))
+        reference = sitk.ReadImage(str(args.reference))
+        result = segmenter(ct)
+        out = {"model": segmenter.package.name, "confidence": result.confidence, "messages": result.messages,
+               **real_ct_plausibility(result.labelmap, reference)}
+        if any(s.name == "bladder" for s in segmenter.structures):
+            out["bladder_dsc"] = metrics.mask_metrics(
+                sitk.GetArrayViewFromImage(result.labelmap) == anatomy.structure("bladder").value,
+                np.rint(sitk.GetArrayViewFromImage(reference)) == TS_BLADDER, ct.GetSpacing()[::-1]).dsc
+        print(json.dumps(out, indent=1))
+        if args.picture:
+            draw_real_ct(ct, result.labelmap, reference, args.picture)
+        if args.save:
+            with atomic_output(args.save, overwrite=True) as tmp:
+                sitk.WriteImage(result.labelmap, str(tmp), True)
+    write_results(args.json, out)
     return 0
 
 

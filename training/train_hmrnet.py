@@ -1,7 +1,7 @@
 """Train HMR-Net (multi-organ detection and contour regression on axial slices) and export a model package.
 
     python -m training.train_hmrnet --config training/configs/hmrnet_demo.yaml \\
-        --export Resources/Models/organs-hmrnet-demo
+        --export segcore/models/organs-hmrnet-demo
     python -m training.train_hmrnet --config ... --resume        # continue an interrupted run
 
 Cases (phantoms or a folder of ``<name>_ct`` / ``<name>_labels`` pairs) are
@@ -26,29 +26,21 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from segcore import anatomy, metrics, networks
 from segcore.errors import SegcoreError
+from segcore.files import atomic_output
 from segcore.organs import OrganSettings, OrganTrack, collect_detections, make_consistent, slice_grid
+from segcore.pipeline import normalise, settings_to_json
 from segcore.postprocess import polygon_mask
-from segcore.prostate import normalise
 
-from . import data
-from .train_prostate import (
-    EpochRecord,
-    _tensorboard,
-    case_sources,
-    git_commit,
-    load_checkpoint,
-    load_config,
-    save_checkpoint,
-)
+from . import data, runs
+from .runs import EpochRecord
 
-REPO = Path(__file__).resolve().parents[1]
 ORGANS = anatomy.TARGET_NAMES
 CACHE_VERSION = 1
 
@@ -125,10 +117,8 @@ def cached_case(source: data.CaseSource, settings: OrganSettings, margin: int, c
         with np.load(path) as stored:
             return {"case_id": source.case_id, **{k: stored[k] for k in ("ct", "labels", "spacing")}}
     case = prepare_case(source, settings, margin)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, ct=case["ct"], labels=case["labels"], spacing=case["spacing"])
-    tmp.replace(path)
+    with atomic_output(path, overwrite=True) as tmp:
+        np.savez_compressed(tmp, ct=case["ct"], labels=case["labels"], spacing=case["spacing"])
     return case
 
 
@@ -359,11 +349,28 @@ def validate(network, cases, config, settings: OrganSettings, device) -> dict:
 # --------------------------------------------------------------------------- training
 
 
-def train(config: dict, train_cases, val_cases, settings, device, outdir: Path, resume: bool, restart: bool,
-          log, max_iterations: int | None = None) -> dict:
+@dataclass
+class HMRTraining:
+    """The run as `setup_training` prepares it: network, loss settings, optimiser, augmentation, schedule."""
+
+    config: dict
+    settings: OrganSettings
+    folder: Path
+    seed: int
+    network: object
+    loss: object                # training.losses.hmrnet.LossConfig
+    optimizer: object
+    augment: data.AugmentSpec
+    total: int                  # iterations of the whole run
+    batch_size: int
+    device: object
+
+
+def setup_training(config: dict, settings, device, outdir: Path) -> HMRTraining:
+    """The run's folder, its seeded network, loss settings and SGD optimiser (Nesterov momentum)."""
     import torch
 
-    from segcore.networks.hmrnet import LossConfig, hmrnet_loss
+    from .losses.hmrnet import LossConfig
 
     folder = outdir / "hmrnet"
     folder.mkdir(parents=True, exist_ok=True)
@@ -375,63 +382,90 @@ def train(config: dict, train_cases, val_cases, settings, device, outdir: Path, 
                                 nesterov=bool(config["nesterov"]), weight_decay=config["weight_decay"])
     augment_spec = data.AugmentSpec(**{**{k: tuple(v) if isinstance(v, list) else v
                                           for k, v in config["augment"].items()}, "flip": False})
-    total, batch_size = int(config["iterations"]), int(config["batch_size"])
+    return HMRTraining(config, settings, folder, seed, network, loss_config, optimizer, augment_spec,
+                       int(config["iterations"]), int(config["batch_size"]), device)
+
+
+def learning_rate(config: dict, iteration: int, total: int) -> float:
+    """Linear warm-up over ``warmup`` iterations, then poly decay."""
+    if iteration < config["warmup"]:
+        return config["lr"] * (iteration + 1) / config["warmup"]
+    return config["lr"] * (1 - iteration / total) ** config["poly_power"]
+
+
+def train_iteration(run: HMRTraining, train_cases, pool, iteration: int) -> tuple[dict, float]:
+    """One SGD step on a batch of slices drawn from ``pool``, seeded by (seed, iteration) so that a resumed
+    run repeats it exactly. The loss terms and the learning rate."""
+    import torch
+
+    from .losses.hmrnet import hmrnet_loss
+
+    rng = np.random.default_rng([run.seed, iteration])
+    generator = torch.Generator().manual_seed(run.seed * 100003 + iteration)
+    lr = learning_rate(run.config, iteration, run.total)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    picks = [pool[i] for i in rng.integers(0, len(pool), run.batch_size)]
+    x, targets = make_batch(train_cases, picks, run.config, run.settings, rng, run.augment)
+    terms = hmrnet_loss(run.network, x.to(run.device), targets, run.loss, generator)
+    run.optimizer.zero_grad(set_to_none=True)
+    terms["total"].backward()
+    torch.nn.utils.clip_grad_norm_(run.network.parameters(), 10.0)  # early RPN steps can spike
+    run.optimizer.step()
+    return terms, lr
+
+
+def validate_and_keep(run: HMRTraining, val_cases, state: dict, iteration: int, lr: float, losses: dict,
+                      tick: float, writer, outdir: Path, log) -> None:
+    """Validate after ``iteration`` iterations and add the record (``losses``: their means since the last
+    one, which ended at ``tick``) to the history; log it, keep the checkpoints (``best`` when the mean DSC
+    improved), log.csv and curves.png."""
+    validation = validate(run.network, val_cases, run.config, run.settings, run.device)
+    record = EpochRecord("hmrnet", iteration // run.config["validate_every"], iteration, lr,
+                         time.perf_counter() - tick, losses, validation)
+    state["history"].append(asdict(record))
+    log(f"validation at {iteration}: mean DSC {validation['dsc']:.4f}, mAP50-95 "
+        f"{validation['map50_95']:.4f}; " + ", ".join(f"{n} {validation[f'{n}_dsc']:.3f}" for n in ORGANS))
+    runs.write_scalars(writer, record.losses, validation, iteration)
+    dsc = runs.finite_dsc(validation)
+    state.update(iteration=iteration, config=run.config)
+    improved = dsc > state["best_dsc"]
+    if improved:
+        state["best_dsc"] = dsc
+    runs.keep_checkpoints(run.folder, run.network, run.optimizer, state, improved)
+    write_log(outdir, state["history"])
+
+
+def train(config: dict, train_cases, val_cases, settings, device, outdir: Path, resume: bool, restart: bool,
+          log, max_iterations: int | None = None) -> dict:
+    """Train (from the last checkpoint with ``resume``; at most ``max_iterations`` more iterations),
+    validating every ``validate_every`` iterations and at the end. The run's state."""
+    run = setup_training(config, settings, device, outdir)
     state = {"iteration": 0, "best_dsc": -1.0, "history": []}
-    if not resume and not restart and (folder / "last.json").is_file():
-        raise SegcoreError(f"{folder} already holds a run: continue it with --resume, or start again from "
-                           "scratch with --restart (its checkpoints are then replaced)")
-    if resume and (folder / "last.json").is_file():
-        state = load_checkpoint(folder, "last", network, optimizer)
+    resumed = runs.resume_checkpoint(run.folder, run.network, run.optimizer, resume, restart, "run")
+    if resumed is not None:
+        state = resumed
         log(f"resuming after iteration {state['iteration']}")
-    writer = _tensorboard(folder)
-    stop = total if max_iterations is None else min(total, state["iteration"] + max_iterations)
-    pool = training_slices(train_cases, config["empty_fraction"], np.random.default_rng(seed))
+    writer = runs.tensorboard_writer(run.folder)
+    stop = run.total if max_iterations is None else min(run.total, state["iteration"] + max_iterations)
+    pool = training_slices(train_cases, config["empty_fraction"], np.random.default_rng(run.seed))
     log(f"{len(pool)} training slices from {len(train_cases)} cases")
     state["slices"] = len(pool)
-    network.train()
+    run.network.train()
     sums, count, tick = {}, 0, time.perf_counter()
     iteration = state["iteration"]
     while iteration < stop:
-        rng = np.random.default_rng([seed, iteration])
-        generator = torch.Generator().manual_seed(seed * 100003 + iteration)
-        if iteration < config["warmup"]:
-            lr = config["lr"] * (iteration + 1) / config["warmup"]
-        else:
-            lr = config["lr"] * (1 - iteration / total) ** config["poly_power"]
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        picks = [pool[i] for i in rng.integers(0, len(pool), batch_size)]
-        x, targets = make_batch(train_cases, picks, config, settings, rng, augment_spec)
-        terms = hmrnet_loss(network, x.to(device), targets, loss_config, generator)
-        optimizer.zero_grad(set_to_none=True)
-        terms["total"].backward()
-        torch.nn.utils.clip_grad_norm_(network.parameters(), 10.0)  # early RPN steps can spike
-        optimizer.step()
+        terms, lr = train_iteration(run, train_cases, pool, iteration)
         iteration += 1
         for key, value in terms.items():
             sums[key] = sums.get(key, 0.0) + float(value.detach())
         count += 1
         if iteration % 25 == 0:
-            log(f"iteration {iteration}/{total} lr {lr:.5f} " + " ".join(f"{k} {v / count:.4f}" for k, v in sums.items()))
+            log(f"iteration {iteration}/{run.total} lr {lr:.5f} "
+                + " ".join(f"{k} {v / count:.4f}" for k, v in sums.items()))
         if iteration % config["validate_every"] == 0 or iteration == stop:
-            validation = validate(network, val_cases, config, settings, device)
-            record = EpochRecord("hmrnet", iteration // config["validate_every"], iteration, lr,
-                                 time.perf_counter() - tick, {k: v / max(count, 1) for k, v in sums.items()},
-                                 validation)
-            state["history"].append(asdict(record))
-            log(f"validation at {iteration}: mean DSC {validation['dsc']:.4f}, mAP50-95 "
-                f"{validation['map50_95']:.4f}; " + ", ".join(f"{n} {validation[f'{n}_dsc']:.3f}" for n in ORGANS))
-            if writer is not None:
-                for key, value in {**{f"loss/{k}": v for k, v in record.losses.items()},
-                                   **{f"val/{k}": v for k, v in validation.items()}}.items():
-                    writer.add_scalar(key, value, iteration)
-            dsc = validation["dsc"] if math.isfinite(validation["dsc"]) else 0.0
-            state.update(iteration=iteration, config=config)
-            if dsc > state["best_dsc"]:
-                state["best_dsc"] = dsc
-                save_checkpoint(folder, "best", network, optimizer, state)
-            save_checkpoint(folder, "last", network, optimizer, state)
-            write_log(outdir, state["history"])
+            validate_and_keep(run, val_cases, state, iteration, lr, {k: v / max(count, 1) for k, v in sums.items()},
+                              tick, writer, outdir, log)
             sums, count, tick = {}, 0, time.perf_counter()
     if writer is not None:
         writer.close()
@@ -440,35 +474,19 @@ def train(config: dict, train_cases, val_cases, settings, device, outdir: Path, 
 
 def write_log(outdir: Path, history: list[dict]) -> None:
     """log.csv (one row per validation) and curves.png (loss, mean DSC and mAP over iterations)."""
-    import csv
+    records = [EpochRecord(**r) for r in history]
 
-    rows = [EpochRecord(**r).row() for r in history]
-    fields = list(dict.fromkeys(k for row in rows for k in row))
-    with open(outdir / "log.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    try:
-        import matplotlib
+    def draw(axes):
+        its = [r.iterations for r in records]
+        axes[0].plot(its, [r.losses.get("total", np.nan) for r in records], marker="o")
+        axes[0].set(title="training loss", xlabel="iteration")
+        for name in ORGANS:
+            axes[1].plot(its, [r.validation.get(f"{name}_dsc", np.nan) for r in records], marker="o", label=name)
+        axes[1].plot(its, [r.validation.get("map50_95", np.nan) for r in records], "k--", label="mAP50-95")
+        axes[1].set(title="validation", xlabel="iteration", ylim=(0, 1))
+        axes[1].legend(fontsize=7)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    its = [r["iterations"] for r in history]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    axes[0].plot(its, [r["losses"].get("total", np.nan) for r in history], marker="o")
-    axes[0].set(title="training loss", xlabel="iteration")
-    for name in ORGANS:
-        axes[1].plot(its, [r["validation"].get(f"{name}_dsc", np.nan) for r in history], marker="o", label=name)
-    axes[1].plot(its, [r["validation"].get("map50_95", np.nan) for r in history], "k--", label="mAP50-95")
-    axes[1].set(title="validation", xlabel="iteration", ylim=(0, 1))
-    axes[1].legend(fontsize=7)
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(outdir / "curves.png", dpi=80)
-    plt.close(fig)
+    runs.write_log(outdir, records, draw)
 
 
 # --------------------------------------------------------------------------- export
@@ -476,39 +494,29 @@ def write_log(outdir: Path, history: list[dict]) -> None:
 
 def export_package(config: dict, outdir: Path, target: Path, data_text: str, overwrite: bool = False):
     """A model package from the best checkpoint; model.json records provenance and validation."""
-    import torch
-
     from segcore.packages import create_package
 
     settings = settings_of(config)
-    network = networks.build(config["architecture"], config["arguments"])
-    state = load_checkpoint(outdir / "hmrnet", "best", network, None)
+    weights, state = runs.best_weights(config["architecture"], config["arguments"], outdir / "hmrnet",
+                                       config["export"].get("fp16"))
     last = json.loads((outdir / "hmrnet" / "last.json").read_text())
-    dtype = torch.float16 if config["export"].get("fp16") else torch.float32
-    weights = {"hmrnet.safetensors": {k: v.to(dtype) if v.is_floating_point() else v
-                                      for k, v in network.state_dict().items()}}
-    best = max(state["history"], key=lambda r: r["validation"].get("dsc", -1))
-    pipeline = {k: v for k, v in settings.to_json().items() if k != "window"}
+    best = runs.best_record(state["history"])
     manifest = {
-        "name": config["name"], "version": str(config["version"]), "task": "organs",
-        "description": config["description"], "licence": config["licence"],
+        **runs.package_header(config, "organs"),
         "stages": {"hmrnet": {"architecture": config["architecture"], "arguments": config["arguments"],
                               "weights": "hmrnet.safetensors"}},
         "input": {"spacing_mm": [settings.pixel_mm, settings.pixel_mm, settings.slice_mm],
                   "intensity_window": list(settings.window),
                   "normalisation": "clip to intensity_window, scale to [0, 1]"},
-        "pipeline": pipeline,
+        "pipeline": {k: v for k, v in settings_to_json(settings).items() if k != "window"},
         "labels": [anatomy.structure(name) for name in settings.organ_classes],
-        "training": {"data": data_text, "seed": int(config["seed"]), "commit": git_commit(),
-                     "iterations": int(last["iteration"]), "batch_size": int(config["batch_size"]),
-                     # complete passes over the training slices (iterations x batch // slices)
-                     "epochs": int(last["iteration"]) * int(config["batch_size"]) // max(1, int(last["slices"])),
-                     "config": {k: v for k, v in config.items() if k not in ("output", "cache")}},
-        "validation": {"hmrnet": {"iteration": best["iterations"],
-                                  **{k: round(v, 4) if math.isfinite(v) else None
-                                     for k, v in best["validation"].items()}}},
+        "training": runs.training_record(
+            config, data_text, iterations=int(last["iteration"]), batch_size=int(config["batch_size"]),
+            # complete passes over the training slices (iterations x batch // slices)
+            epochs=int(last["iteration"]) * int(config["batch_size"]) // max(1, int(last["slices"]))),
+        "validation": {"hmrnet": {"iteration": best["iterations"], **runs.rounded(best["validation"])}},
     }
-    return create_package(target, manifest, weights, overwrite=overwrite)
+    return create_package(target, manifest, {"hmrnet.safetensors": weights}, overwrite=overwrite)
 
 
 # --------------------------------------------------------------------------- command line
@@ -519,63 +527,39 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m training.train_hmrnet",
         description="Train HMR-Net for multi-organ segmentation and export a model package.",
         epilog="Example: python -m training.train_hmrnet --config training/configs/hmrnet_demo.yaml "
-               "--export Resources/Models/organs-hmrnet-demo",
+               "--export segcore/models/organs-hmrnet-demo",
     )
-    parser.add_argument("--config", help="YAML configuration (missing keys take the defaults in this script)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one setting, e.g. --set iterations=100 (repeatable)")
-    parser.add_argument("--output", help="run folder (checkpoints, log.csv, curves.png); default from the config")
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the run folder")
-    parser.add_argument("--restart", action="store_true", help="train again from scratch over an existing run")
+    runs.add_run_options(parser, "iterations=100")
     parser.add_argument("--max-iterations", type=int, metavar="N",
                         help="stop after N more iterations (continue later with --resume)")
-    parser.add_argument("--export", metavar="FOLDER", help="package folder to export to (default <output>/package)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing exported package")
-    parser.add_argument("--device", help="auto, cpu or cuda (default from the config)")
     return parser
 
 
-def main(argv=None) -> int:
-    from segcore.prostate import resolve_device
-
-    args = build_parser().parse_args(argv)
-    try:
-        config = load_config(args.config, args.set, DEFAULTS, "training/train_hmrnet.py")
-        if args.output:
-            config["output"] = args.output
-        outdir = Path(config["output"])
-        outdir.mkdir(parents=True, exist_ok=True)
-        device = resolve_device(args.device or config["device"])
-
-        def log(message):
-            print(message, file=sys.stderr, flush=True)
-
-        target = Path(args.export) if args.export else outdir / "package"
-        if target.exists() and not args.overwrite:
-            raise SegcoreError(f"{target} exists: choose another --export folder or add --overwrite "
-                               "(checked before training, so that no training is wasted)")
-        settings = settings_of(config)
-        if config["arguments"].get("num_classes", len(ORGANS)) != len(settings.organ_classes):
-            raise SegcoreError("arguments.num_classes must equal the number of pipeline.organ_classes")
-        train_sources, val_sources, data_text = case_sources(config)
-        log(f"preparing {len(train_sources)} training and {len(val_sources)} validation cases")
-        train_cases = prepare(train_sources, settings, config, log)
-        val_cases = prepare(val_sources, settings, config, log)
-        (outdir / "config.json").write_text(json.dumps(config, indent=1))
-        state = train(config, train_cases, val_cases, settings, device, outdir, args.resume, args.restart, log,
-                      args.max_iterations)
-        if state["iteration"] < int(config["iterations"]):
-            log(f"not exporting a package yet: {state['iteration']} of {config['iterations']} iterations done")
-            return 0
-        package = export_package(config, outdir, target, data_text, overwrite=args.overwrite)
-        log(f"exported model package {package.name} to {package.path}")
-    except SegcoreError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except TypeError as error:  # a wrong key in a free-form section (network arguments, loss, augment)
-        print(f"error: bad configuration: {error}", file=sys.stderr)
-        return 1
+def train_and_export(args: argparse.Namespace) -> int:
+    """Prepare the cases, train, export the package once every iteration is done."""
+    run = runs.start_run(args, DEFAULTS, "training/train_hmrnet.py")
+    config, outdir, log = run.config, run.outdir, runs.log
+    settings = settings_of(config)
+    if config["arguments"].get("num_classes", len(ORGANS)) != len(settings.organ_classes):
+        raise SegcoreError("arguments.num_classes must equal the number of pipeline.organ_classes")
+    train_sources, val_sources, data_text = data.case_sources(config)
+    log(f"preparing {len(train_sources)} training and {len(val_sources)} validation cases")
+    train_cases = prepare(train_sources, settings, config, log)
+    val_cases = prepare(val_sources, settings, config, log)
+    runs.write_config(outdir, config)
+    state = train(config, train_cases, val_cases, settings, run.device, outdir, args.resume, args.restart, log,
+                  args.max_iterations)
+    if state["iteration"] < int(config["iterations"]):
+        log(f"not exporting a package yet: {state['iteration']} of {config['iterations']} iterations done")
+        return 0
+    package = export_package(config, outdir, run.target, data_text, overwrite=args.overwrite)
+    log(f"exported model package {package.name} to {package.path}")
     return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return runs.run_command(lambda: train_and_export(args))
 
 
 if __name__ == "__main__":

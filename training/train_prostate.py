@@ -15,26 +15,24 @@ Runs are seeded and deterministic on the CPU.
 from __future__ import annotations
 
 import argparse
-import copy
-import csv
 import json
 import math
-import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from segcore import anatomy, metrics, networks
 from segcore.errors import SegcoreError
-from segcore.prostate import PipelineSettings, normalise, predict_slices
+from segcore.pipeline import normalise, settings_to_json
+from segcore.prostate import PipelineSettings, predict_slices
 
-from . import data
+from . import data, runs
+from .runs import EpochRecord
 
 STAGES = ("stage1", "stage2")
-REPO = Path(__file__).resolve().parents[1]
 
 DEFAULTS = {
     "name": "prostate-metricunet",
@@ -75,7 +73,7 @@ DEFAULTS = {
                   "cut_probability": 0.0},
         "epochs": 10, "patches_per_case": 500, "batch_size": 16, "loss": "ce",
         # The network's own loss settings (hfunet: lambdas, sigma, cold_start; hmedn: mu0, mu, delta,
-        # delta2, alpha, hr_weight); see the loss functions beside each network.
+        # delta2, alpha, hr_weight); see the loss functions in training/losses/.
         "objective": {},
         "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "poly_power": 0.9,
         "from_package": None,
@@ -84,91 +82,7 @@ DEFAULTS = {
 }
 
 
-# --------------------------------------------------------------------------- configuration
-
-
-def merge(base: dict, update: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-FREE_FORM = ("arguments", "metric", "pipeline", "augment", "loss", "objective")  # checked by the constructors they feed
-
-
-def unknown_keys(config: dict, defaults: dict, where: str = "") -> list[str]:
-    problems = []
-    for key, value in config.items():
-        if key not in defaults:
-            problems.append(f"{where}{key}")
-        elif isinstance(defaults[key], dict) and isinstance(value, dict) and key not in FREE_FORM:
-            problems += unknown_keys(value, defaults[key], f"{where}{key}.")
-    return problems
-
-
-def load_config(path: str | None, overrides: list[str], defaults: dict | None = None,
-                script: str = "training/train_prostate.py") -> dict:
-    import yaml
-
-    defaults = DEFAULTS if defaults is None else defaults
-    config = copy.deepcopy(defaults)
-    if path:
-        text = Path(path).read_text()
-        config = merge(config, yaml.safe_load(text) or {})
-    for item in overrides:
-        key, _, value = item.partition("=")
-        if not _:
-            raise SegcoreError(f"--set needs KEY=VALUE, got {item!r}")
-        node = config
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(value)
-    unknown = unknown_keys(config, defaults)
-    if unknown:
-        raise SegcoreError(f"unknown configuration keys: {', '.join(unknown)} (see DEFAULTS in {script} "
-                           "for the names)")
-    return config
-
-
-def git_commit() -> str | None:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 # --------------------------------------------------------------------------- data
-
-
-def case_sources(config: dict) -> tuple[list[data.CaseSource], list[data.CaseSource], str]:
-    spec = config["data"]
-    if spec["source"] == "phantom":
-        train = data.phantom_sources(spec["seed"], spec["cases"], spec["matrix"])
-        val = data.phantom_sources(spec["validation_seed"], spec["validation_cases"], spec["matrix"])
-        text = (f"digital pelvis phantoms (segcore.phantom), training seeds {spec['seed']}-"
-                f"{spec['seed'] + spec['cases'] - 1}, validation seeds {spec['validation_seed']}-"
-                f"{spec['validation_seed'] + spec['validation_cases'] - 1}, matrix {spec['matrix']}")
-        return train, val, text
-    if spec["source"] == "folder":
-        train = data.folder_sources(spec["folder"], spec.get("prostate_label", 1))
-        if spec.get("validation_folder"):
-            val = data.folder_sources(spec["validation_folder"], spec.get("prostate_label", 1))
-        else:
-            count = max(1, spec["validation_cases"])
-            if len(train) <= count:
-                raise SegcoreError(f"{len(train)} cases are too few to keep {count} for validation")
-            train, val = train[:-count], train[-count:]
-        return train, val, f"{len(train)} training / {len(val)} validation cases from {spec['folder']}"
-    raise SegcoreError(f"data.source must be 'phantom' or 'folder', not {spec['source']!r}")
 
 
 def prepare(sources, settings, config, log) -> list[data.PreparedCase]:
@@ -211,58 +125,7 @@ def inference_region(case: data.PreparedCase, stage: str, config: dict) -> tuple
     return tuple(slice(a, a + c) for a, c in zip(starts, crop[::-1]))
 
 
-# --------------------------------------------------------------------------- checkpoints (no pickles)
-
-
-def save_checkpoint(folder: Path, name: str, network, optimizer, state: dict) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
-    for index, param_state in optimizer.state_dict()["state"].items():
-        for key, value in param_state.items():
-            if hasattr(value, "shape"):
-                tensors[f"optim.{index}.{key}"] = value.detach().cpu().contiguous()
-    tmp = folder / f".{name}.safetensors"
-    save_file(tensors, str(tmp))
-    tmp.replace(folder / f"{name}.safetensors")
-    (folder / f".{name}.json").write_text(json.dumps(state, indent=1))
-    (folder / f".{name}.json").replace(folder / f"{name}.json")
-
-
-def load_checkpoint(folder: Path, name: str, network, optimizer) -> dict:
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(folder / f"{name}.safetensors"))
-    network.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    if optimizer is not None:
-        optim_state = optimizer.state_dict()
-        for key, value in tensors.items():
-            if key.startswith("optim."):
-                _, index, field_name = key.split(".", 2)
-                optim_state["state"].setdefault(int(index), {})[field_name] = value
-        optimizer.load_state_dict(optim_state)
-    return json.loads((folder / f"{name}.json").read_text())
-
-
-# --------------------------------------------------------------------------- training one stage
-
-
-@dataclass
-class EpochRecord:
-    stage: str
-    epoch: int
-    iterations: int
-    lr: float
-    seconds: float
-    losses: dict = field(default_factory=dict)
-    validation: dict = field(default_factory=dict)
-
-    def row(self) -> dict:
-        out = {"stage": self.stage, "epoch": self.epoch, "iterations": self.iterations, "lr": f"{self.lr:.6g}",
-               "seconds": f"{self.seconds:.1f}"}
-        out.update({f"loss_{k}": f"{v:.6g}" for k, v in self.losses.items()})
-        out.update({f"val_{k}": f"{v:.6g}" for k, v in self.validation.items()})
-        return out
+# --------------------------------------------------------------------------- the loss of a batch
 
 
 def soft_dice_loss(logits, target):
@@ -279,9 +142,7 @@ def stage_loss(network, spec: dict, x, y, metric, generator, cold: bool = False)
     """The training loss terms of one batch (with "total"), as the stage's network defines them."""
     from torch.nn import functional as F
 
-    from segcore.networks.hfunet import hfunet_loss
-    from segcore.networks.hmedn import hmedn_loss
-    from segcore.networks.metricunet import metricunet_loss
+    from .losses import hfunet_loss, hmedn_loss, metricunet_loss
 
     objective = {k: v for k, v in spec["objective"].items() if k != "cold_start"}
     if spec["architecture"] == "hfunet":
@@ -344,11 +205,38 @@ def validate(network, cases, stage: str, settings: PipelineSettings, config: dic
     return out
 
 
-def train_stage(stage: str, config: dict, train_cases, val_cases, settings, device, outdir: Path,
-                resume: bool, log, max_epochs: int | None = None, restart: bool = False) -> list[EpochRecord]:
+# --------------------------------------------------------------------------- training one stage
+
+
+@dataclass
+class StageTraining:
+    """One stage's training as `setup_stage` prepares it: network, loss, optimiser, patches and schedule."""
+
+    stage: str
+    spec: dict
+    config: dict
+    settings: PipelineSettings
+    folder: Path
+    seed: int
+    network: object
+    optimizer: object
+    metric: object              # MetricUNet's voxel-metric loss, or None
+    patch: data.PatchSpec
+    augment: data.AugmentSpec
+    per_epoch: int              # iterations per epoch
+    total: int                  # iterations of the whole stage
+    cold_iterations: int        # HF-UNet's cold start: the first iterations train the segmentation branch alone
+    device: object
+    use_amp: bool
+    scaler: object
+
+
+def setup_stage(stage: str, config: dict, train_cases, settings, device, outdir: Path) -> StageTraining:
+    """The stage's folder, its seeded network, loss and SGD optimiser, its patch and augmentation specs and
+    the length of its schedule."""
     import torch
 
-    from segcore.networks.metricunet import MetricLossConfig, VoxelMetricLoss
+    from .losses.metricunet import MetricLossConfig, VoxelMetricLoss
 
     spec = config[stage]
     folder = outdir / stage
@@ -366,96 +254,118 @@ def train_stage(stage: str, config: dict, train_cases, val_cases, settings, devi
                                        for k, v in config["augment"].items()})
     per_epoch = math.ceil(len(train_cases) * spec["patches_per_case"] / spec["batch_size"])
     total = per_epoch * spec["epochs"]
-    # HF-UNet's cold start: the first share of the iterations trains the segmentation branch alone.
     cold_iterations = round(total * float(spec["objective"].get("cold_start", 0.1))) \
         if spec["architecture"] == "hfunet" else 0
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    return StageTraining(stage, spec, config, settings, folder, seed, network, optimizer, metric, patch,
+                         augment_spec, per_epoch, total, cold_iterations, device, use_amp, scaler)
 
+
+def epoch_patches(run: StageTraining, train_cases, rng):
+    """The epoch's patches (HU, tissue labels, targets), sampled case by case, and the order that shuffles
+    them across cases."""
+    images, tissues, targets = [], [], []
+    for case in train_cases:
+        ct, tissue, target, _ = stage_arrays(case, run.stage, run.config)
+        i, t, y = data.sample_patches(ct, tissue, target, run.spec["patches_per_case"], run.patch, rng,
+                                      inference_region(case, run.stage, run.config))
+        images.append(i), tissues.append(t), targets.append(y)
+    images, tissues, targets = map(np.concatenate, (images, tissues, targets))
+    return images, tissues, targets, rng.permutation(len(images))
+
+
+def train_iteration(run: StageTraining, batch, iteration: int, rng, generator) -> tuple[dict, float]:
+    """One SGD step on a batch of patches: poly learning rate, augmentation, the network's loss (AMP on
+    CUDA; HF-UNet's cold start while it lasts). The loss terms and the learning rate."""
+    import torch
+
+    spec = run.spec
+    lr = spec["lr"] * (1 - iteration / run.total) ** spec["poly_power"]
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    hu, y = data.augment(*batch, run.augment, rng)
+    x = torch.from_numpy(normalise(hu.numpy(), run.settings.window)).to(run.device)
+    y = y.to(run.device)
+    cold = iteration < run.cold_iterations
+    if run.cold_iterations:
+        run.network.cold_start(cold)
+    with torch.autocast(run.device.type, dtype=torch.float16, enabled=run.use_amp):
+        terms = stage_loss(run.network, spec, x, y, run.metric, generator, cold)
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.scaler is not None:
+        run.scaler.scale(terms["total"]).backward()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        terms["total"].backward()
+        run.optimizer.step()
+    return terms, lr
+
+
+def train_epoch(run: StageTraining, train_cases, epoch: int, log) -> tuple[dict, float]:
+    """One epoch, seeded by (seed, epoch) so that a resumed run repeats it exactly: the mean of each loss
+    term and the last learning rate."""
+    import torch
+
+    rng = np.random.default_rng([run.seed, epoch])
+    torch.manual_seed(run.seed * 1000 + epoch)
+    generator = torch.Generator().manual_seed(run.seed * 1000 + epoch)
+    images, tissues, targets, order = epoch_patches(run, train_cases, rng)
+    run.network.train()
+    batch_size = run.spec["batch_size"]
+    sums: dict[str, float] = {}
+    for b in range(run.per_epoch):
+        pick = order[(b * batch_size) % len(order):][:batch_size]
+        terms, lr = train_iteration(run, (images[pick], tissues[pick], targets[pick]), epoch * run.per_epoch + b,
+                                    rng, generator)
+        for key, value in terms.items():
+            sums[key] = sums.get(key, 0.0) + float(value.detach())
+        if (b + 1) % 50 == 0 or b + 1 == run.per_epoch:
+            log(f"{run.stage} epoch {epoch + 1}/{run.spec['epochs']} batch {b + 1}/{run.per_epoch} "
+                f"loss {sums['total'] / (b + 1):.4f} lr {lr:.5f}")
+    return {k: v / run.per_epoch for k, v in sums.items()}, lr
+
+
+def end_epoch(run: StageTraining, epoch: int, history: list[EpochRecord], best: float, writer,
+              outdir: Path) -> float:
+    """After an epoch's validation: its TensorBoard scalars, the ``last`` (and, when it improved, ``best``)
+    checkpoint, log.csv and curves.png. The best validation DSC so far."""
+    record = history[-1]
+    runs.write_scalars(writer, record.losses, record.validation, record.iterations)
+    dsc = runs.finite_dsc(record.validation)
+    state = {"epoch": epoch, "best_dsc": max(best, dsc), "history": [asdict(r) for r in history],
+             "config": run.config}
+    runs.keep_checkpoints(run.folder, run.network, run.optimizer, state, dsc > best)
+    write_log(outdir)
+    return max(best, dsc)
+
+
+def train_stage(stage: str, config: dict, train_cases, val_cases, settings, device, outdir: Path,
+                resume: bool, log, max_epochs: int | None = None, restart: bool = False) -> list[EpochRecord]:
+    """Train one stage (from its last checkpoint with ``resume``; at most ``max_epochs`` more epochs),
+    validating and keeping checkpoints after every epoch. The stage's history."""
+    run = setup_stage(stage, config, train_cases, settings, device, outdir)
     history: list[EpochRecord] = []
     start_epoch, best = 0, -1.0
-    if not resume and not restart and (folder / "last.json").is_file():
-        raise SegcoreError(f"{folder} already holds a {stage} run: continue it with --resume, or start "
-                           "again from scratch with --restart (its checkpoints are then replaced)")
-    if resume and (folder / "last.json").is_file():
-        state = load_checkpoint(folder, "last", network, optimizer)
+    state = runs.resume_checkpoint(run.folder, run.network, run.optimizer, resume, restart, f"{stage} run")
+    if state is not None:
         start_epoch, best = state["epoch"] + 1, state["best_dsc"]
         history = [EpochRecord(**r) for r in state["history"]]
         log(f"{stage}: resuming after epoch {state['epoch'] + 1}")
-    writer = _tensorboard(folder)
-    stop = spec["epochs"] if max_epochs is None else min(spec["epochs"], start_epoch + max_epochs)
+    writer = runs.tensorboard_writer(run.folder)
+    stop = run.spec["epochs"] if max_epochs is None else min(run.spec["epochs"], start_epoch + max_epochs)
     for epoch in range(start_epoch, stop):
         tick = time.perf_counter()
-        rng = np.random.default_rng([seed, epoch])
-        torch.manual_seed(seed * 1000 + epoch)
-        generator = torch.Generator().manual_seed(seed * 1000 + epoch)
-        # Sample the epoch's patches case by case, then shuffle them across cases.
-        images, tissues, targets = [], [], []
-        for case in train_cases:
-            ct, tissue, target, _ = stage_arrays(case, stage, config)
-            i, t, y = data.sample_patches(ct, tissue, target, spec["patches_per_case"], patch, rng,
-                                          inference_region(case, stage, config))
-            images.append(i), tissues.append(t), targets.append(y)
-        images, tissues, targets = map(np.concatenate, (images, tissues, targets))
-        order = rng.permutation(len(images))
-        network.train()
-        sums: dict[str, float] = {}
-        for b in range(per_epoch):
-            iteration = epoch * per_epoch + b
-            lr = spec["lr"] * (1 - iteration / total) ** spec["poly_power"]
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            pick = order[(b * spec["batch_size"]) % len(order):][: spec["batch_size"]]
-            hu, y = data.augment(images[pick], tissues[pick], targets[pick], augment_spec, rng)
-            x = torch.from_numpy(normalise(hu.numpy(), settings.window)).to(device)
-            y = y.to(device)
-            cold = iteration < cold_iterations
-            if cold_iterations:
-                network.cold_start(cold)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                terms = stage_loss(network, spec, x, y, metric, generator, cold)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(terms["total"]).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                terms["total"].backward()
-                optimizer.step()
-            for key, value in terms.items():
-                sums[key] = sums.get(key, 0.0) + float(value.detach())
-            if (b + 1) % 50 == 0 or b + 1 == per_epoch:
-                log(f"{stage} epoch {epoch + 1}/{spec['epochs']} batch {b + 1}/{per_epoch} "
-                    f"loss {sums['total'] / (b + 1):.4f} lr {lr:.5f}")
-        losses = {k: v / per_epoch for k, v in sums.items()}
-        validation = validate(network, val_cases, stage, settings, config, device)
-        record = EpochRecord(stage, epoch + 1, (epoch + 1) * per_epoch, lr, time.perf_counter() - tick,
-                             losses, validation)
-        history.append(record)
+        losses, lr = train_epoch(run, train_cases, epoch, log)
+        validation = validate(run.network, val_cases, stage, settings, config, device)
+        history.append(EpochRecord(stage, epoch + 1, (epoch + 1) * run.per_epoch, lr, time.perf_counter() - tick,
+                                   losses, validation))
         log(f"{stage} epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in validation.items()))
-        if writer is not None:
-            for key, value in {**{f"loss/{k}": v for k, v in losses.items()},
-                               **{f"val/{k}": v for k, v in validation.items()}}.items():
-                writer.add_scalar(key, value, record.iterations)
-        dsc = validation["dsc"] if math.isfinite(validation["dsc"]) else 0.0
-        state = {"epoch": epoch, "best_dsc": max(best, dsc), "history": [asdict(r) for r in history],
-                 "config": config}
-        if dsc > best:
-            best = dsc
-            save_checkpoint(folder, "best", network, optimizer, state)
-        save_checkpoint(folder, "last", network, optimizer, state)
-        write_log(outdir)
+        best = end_epoch(run, epoch, history, best, writer, outdir)
     if writer is not None:
         writer.close()
     return history
-
-
-def _tensorboard(folder: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(folder / "tensorboard"))
 
 
 def read_history(outdir: Path) -> list[dict]:
@@ -470,35 +380,21 @@ def read_history(outdir: Path) -> list[dict]:
 def write_log(outdir: Path) -> None:
     """log.csv (one row per stage and epoch) and curves.png (loss and validation DSC per epoch)."""
     records = [EpochRecord(**r) for r in read_history(outdir)]
-    rows = [r.row() for r in records]
-    fields = list(dict.fromkeys(k for row in rows for k in row))
-    with open(outdir / "log.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    try:
-        import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for stage in STAGES:
-        mine = [r for r in records if r.stage == stage]
-        if not mine:
-            continue
-        epochs = [r.epoch for r in mine]
-        axes[0].plot(epochs, [r.losses.get("total", np.nan) for r in mine], marker="o", label=stage)
-        axes[1].plot(epochs, [r.validation.get("dsc", np.nan) for r in mine], marker="o", label=stage)
-    axes[0].set(title="training loss", xlabel="epoch")
-    axes[1].set(title="validation DSC", xlabel="epoch", ylim=(0, 1))
-    for ax in axes:
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(outdir / "curves.png", dpi=80)
-    plt.close(fig)
+    def draw(axes):
+        for stage in STAGES:
+            mine = [r for r in records if r.stage == stage]
+            if not mine:
+                continue
+            epochs = [r.epoch for r in mine]
+            axes[0].plot(epochs, [r.losses.get("total", np.nan) for r in mine], marker="o", label=stage)
+            axes[1].plot(epochs, [r.validation.get("dsc", np.nan) for r in mine], marker="o", label=stage)
+        axes[0].set(title="training loss", xlabel="epoch")
+        axes[1].set(title="validation DSC", xlabel="epoch", ylim=(0, 1))
+        for ax in axes:
+            ax.legend()
+
+    runs.write_log(outdir, records, draw)
 
 
 # --------------------------------------------------------------------------- export
@@ -506,44 +402,35 @@ def write_log(outdir: Path) -> None:
 
 def export_package(config: dict, outdir: Path, target: Path, data_text: str, overwrite: bool = False):
     """A model package from the best checkpoint of each stage; model.json records provenance and validation."""
-    import torch
-
     from segcore.packages import create_package
 
     settings = pipeline_settings(config)
     weights, stages, validation, epochs = {}, {}, {}, 0
     for stage in STAGES:
         spec = config[stage]
+        stages[stage] = {"architecture": spec["architecture"], "arguments": spec["arguments"],
+                         "weights": f"{stage}.safetensors"}
         if spec["from_package"]:
             package = open_packaged_stage(spec["from_package"], stage)
             weights[f"{stage}.safetensors"] = package.load_weights(stage)
-            stages[stage] = {"architecture": spec["architecture"], "arguments": spec["arguments"],
-                             "weights": f"{stage}.safetensors"}
             validation[stage] = {**package.manifest.get("validation", {}).get(stage, {}),
                                  "from_package": f"{package.name} {package.version}"}
             continue
-        network = networks.build(spec["architecture"], spec["arguments"])
-        state = load_checkpoint(outdir / stage, "best", network, None)
-        dtype = torch.float16 if config["export"].get("fp16") else torch.float32
-        weights[f"{stage}.safetensors"] = {k: v.to(dtype) if v.is_floating_point() else v
-                                           for k, v in network.state_dict().items()}
-        stages[stage] = {"architecture": spec["architecture"], "arguments": spec["arguments"],
-                         "weights": f"{stage}.safetensors"}
-        best = max(state["history"], key=lambda r: r["validation"].get("dsc", -1))
-        validation[stage] = {"epoch": best["epoch"], **{k: round(v, 4) if math.isfinite(v) else None
-                                                        for k, v in best["validation"].items()}}
+        weights[f"{stage}.safetensors"], state = runs.best_weights(
+            spec["architecture"], spec["arguments"], outdir / stage, config["export"].get("fp16"))
+        best = runs.best_record(state["history"])
+        validation[stage] = {"epoch": best["epoch"], **runs.rounded(best["validation"])}
         epochs += json.loads((outdir / stage / "last.json").read_text())["epoch"] + 1
     manifest = {
-        "name": config["name"], "version": str(config["version"]), "task": "prostate",
-        "description": config["description"], "licence": config["licence"],
+        **runs.package_header(config, "prostate"),
         "stages": stages,
         "input": {"spacing_mm": list(settings.fine_spacing_mm), "intensity_window": list(settings.window),
                   "normalisation": "clip to intensity_window, scale to [0, 1]"},
-        "pipeline": {k: v for k, v in settings.to_json().items() if k not in ("window", "fine_spacing_mm")},
+        "pipeline": {k: v for k, v in settings_to_json(settings).items() if k not in ("window", "fine_spacing_mm")},
         "labels": [anatomy.structure(name) for name in config["organs"]],
-        "training": {"data": data_text, "seed": int(config["seed"]), "commit": git_commit(), "epochs": epochs,
-                     "epochs_per_stage": {s: config[s]["epochs"] for s in STAGES if not config[s]["from_package"]},
-                     "config": {k: v for k, v in config.items() if k not in ("output", "cache")}},
+        "training": runs.training_record(
+            config, data_text, epochs=epochs,
+            epochs_per_stage={s: config[s]["epochs"] for s in STAGES if not config[s]["from_package"]}),
         "validation": validation,
     }
     return create_package(target, manifest, weights, overwrite=overwrite)
@@ -592,77 +479,55 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m training.train_prostate",
         description="Train the two-stage prostate networks and export a model package.",
         epilog="Example: python -m training.train_prostate --config training/configs/metricunet_demo.yaml "
-               "--export Resources/Models/prostate-metricunet-demo",
+               "--export segcore/models/prostate-metricunet-demo",
     )
-    parser.add_argument("--config", help="YAML configuration (missing keys take the defaults in this script)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one setting, e.g. --set stage2.epochs=2 (repeatable)")
-    parser.add_argument("--output", help="run folder (checkpoints, log.csv, curves.png); default from the config")
+    runs.add_run_options(parser, "stage2.epochs=2")
     parser.add_argument("--stages", default="stage1,stage2", help="which stages to train (default both)")
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoints in the run folder")
-    parser.add_argument("--restart", action="store_true",
-                        help="train again from scratch over an existing run's checkpoints")
     parser.add_argument("--max-epochs", type=int, metavar="N",
                         help="stop each stage after N more epochs (continue later with --resume)")
-    parser.add_argument("--export", metavar="FOLDER", help="package folder to export to (default <output>/package)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing exported package")
-    parser.add_argument("--device", help="auto, cpu or cuda (default from the config)")
     return parser
+
+
+def train(args: argparse.Namespace) -> int:
+    """Prepare the cases, train the asked stages, export the package once every stage is trained."""
+    import torch
+
+    run = runs.start_run(args, DEFAULTS, "training/train_prostate.py")
+    config, outdir, log = run.config, run.outdir, runs.log
+    packaged = adopt_packaged_stages(config)
+    torch.use_deterministic_algorithms(run.device.type == "cpu", warn_only=True)
+    settings = pipeline_settings(config)
+    train_sources, val_sources, data_text = data.case_sources(config)
+    log(f"preparing {len(train_sources)} training and {len(val_sources)} validation cases")
+    train_cases = prepare(train_sources, settings, config, log)
+    val_cases = prepare(val_sources, settings, config, log)
+    runs.write_config(outdir, config)
+    for stage in [s.strip() for s in args.stages.split(",") if s.strip()]:
+        if stage not in STAGES:
+            raise SegcoreError(f"unknown stage {stage!r}: choose from {', '.join(STAGES)}")
+        if stage in packaged:
+            log(f"{stage}: taken from model package {config[stage]['from_package']}, not trained")
+            continue
+        train_stage(stage, config, train_cases, val_cases, settings, run.device, outdir, args.resume, log,
+                    args.max_epochs, args.restart)
+    untrained = [s for s in STAGES if s not in packaged and not _finished(outdir / s, config[s]["epochs"])]
+    if untrained:
+        log(f"not exporting a package yet: {', '.join(untrained)} not trained in {outdir}")
+        return 0
+    package = export_package(config, outdir, run.target, data_text, overwrite=args.overwrite)
+    log(f"exported model package {package.name} to {package.path}")
+    return 0
 
 
 def main(argv=None) -> int:
     import torch
 
-    from segcore.prostate import resolve_device
-
     args = build_parser().parse_args(argv)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     try:
-        config = load_config(args.config, args.set)
-        if args.output:
-            config["output"] = args.output
-        outdir = Path(config["output"])
-        outdir.mkdir(parents=True, exist_ok=True)
-        device = resolve_device(args.device or config["device"])
-        packaged = adopt_packaged_stages(config)
-        torch.use_deterministic_algorithms(device.type == "cpu", warn_only=True)
-
-        def log(message):
-            print(message, file=sys.stderr, flush=True)
-
-        target = Path(args.export) if args.export else outdir / "package"
-        if target.exists() and not args.overwrite:
-            raise SegcoreError(f"{target} exists: choose another --export folder or add --overwrite "
-                               "(checked before training, so that no training is wasted)")
-        settings = pipeline_settings(config)
-        train_sources, val_sources, data_text = case_sources(config)
-        log(f"preparing {len(train_sources)} training and {len(val_sources)} validation cases")
-        train_cases = prepare(train_sources, settings, config, log)
-        val_cases = prepare(val_sources, settings, config, log)
-        (outdir / "config.json").write_text(json.dumps(config, indent=1))
-        for stage in [s.strip() for s in args.stages.split(",") if s.strip()]:
-            if stage not in STAGES:
-                raise SegcoreError(f"unknown stage {stage!r}: choose from {', '.join(STAGES)}")
-            if stage in packaged:
-                log(f"{stage}: taken from model package {config[stage]['from_package']}, not trained")
-                continue
-            train_stage(stage, config, train_cases, val_cases, settings, device, outdir, args.resume, log,
-                        args.max_epochs, args.restart)
-        untrained = [s for s in STAGES if s not in packaged and not _finished(outdir / s, config[s]["epochs"])]
-        if untrained:
-            log(f"not exporting a package yet: {', '.join(untrained)} not trained in {outdir}")
-            return 0
-        package = export_package(config, outdir, target, data_text, overwrite=args.overwrite)
-        log(f"exported model package {package.name} to {package.path}")
-    except SegcoreError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except TypeError as error:  # a wrong key in a free-form section (network arguments, metric, augment)
-        print(f"error: bad configuration: {error}", file=sys.stderr)
-        return 1
+        return runs.run_command(lambda: train(args))
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
-    return 0
 
 
 if __name__ == "__main__":

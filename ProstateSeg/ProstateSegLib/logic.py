@@ -153,7 +153,7 @@ class SegmentationLogicBase:
         Returns the two paths.
         """
         from segcore import mrml
-        from segcore.export import write_training_case
+        from segcore.dataset import write_training_case
 
         ct = mrml.volume_node_to_image(volumeNode)
         labels = mrml.segmentation_node_to_labelmap(segmentationNode, volumeNode, segmentNames)
@@ -194,10 +194,9 @@ class OrganSegmentationLogic(SegmentationLogicBase):
 
     def organNames(self, model=None):
         """The organs a model offers, in its order, read from its package (the network is not loaded)."""
-        from segcore.organs import OrganSettings, open_model
+        from segcore.organs import offered_organs
 
-        package = open_model(model or self.defaultModel())
-        return list(OrganSettings.from_package(package).organ_classes)
+        return offered_organs(model or self.defaultModel())
 
     def _chosen(self, model, device, organs):
         from segcore.organs import choose_organs

@@ -144,13 +144,20 @@ class SegmentationWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
         comboBox = self.ui.modelComboBox
         wasBlocked = comboBox.blockSignals(True)
         comboBox.clear()
-        try:
-            entries = self.logic.modelEntries()
-        except SegcoreError as error:
-            entries = []
-            self.ui.statusLabel.text = str(error)
-        for entry in entries:
-            comboBox.addItem(f"{entry.name} ({entry.version}, {entry.where})", entry.name)
+        if dependencies.missingRequirements():
+            # Packages are checked against their JSON Schema, which needs a Python package Slicer does not
+            # ship: until the first Segment installs it, offer the default model unchecked.
+            default = self.logic.defaultModel()
+            comboBox.addItem(f"{default} (checked on first use)", default)
+            self.ui.statusLabel.text = "The first Segment installs the Python packages ProstateSeg needs."
+        else:
+            try:
+                entries = self.logic.modelEntries()
+            except SegcoreError as error:
+                entries = []
+                self.ui.statusLabel.text = str(error)
+            for entry in entries:
+                comboBox.addItem(f"{entry.name} ({entry.version}, {entry.where})", entry.name)
         comboBox.blockSignals(wasBlocked)
         wanted = select or (self._parameterNode.model if self._parameterNode else "") or self.logic.defaultModel()
         self._selectComboData(comboBox, wanted)
@@ -257,6 +264,7 @@ class SegmentationWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.resultLabel.text = ""
         try:
             torchWasThere = dependencies.torchInstalled()
+            requirementsWereThere = not dependencies.missingRequirements()
             dependencies.ensureDependencies(askConfirmation=not slicer.app.testingEnabled())
         except SegcoreError as error:
             self._showError(str(error))
@@ -268,6 +276,8 @@ class SegmentationWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if not torchWasThere:
             self.refreshDevices()  # a GPU can be offered now that torch is there
+        if not requirementsWereThere:
+            self.refreshModels()  # every package can be checked now
         show3D = bool(parameters.show3D)
         self._setRunning(True)
         try:

@@ -2,8 +2,8 @@
 
 A package's ``model.json`` says ``"architecture": "metricunet"`` and the
 constructor ``arguments``; `build` turns that into a module. Only inference
-parts are built here: training-only modules (losses, samplers) live beside
-their network and never enter a package.
+parts live here: the training-only losses and samplers are in the training kit
+(``training/losses/``, one module per network) and never enter a package.
 """
 
 from __future__ import annotations

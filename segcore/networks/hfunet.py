@@ -1,4 +1,4 @@
-"""Stage 2: HF-UNet, the hierarchically fused multi-task U-Net, and its training loss.
+"""Stage 2: HF-UNet, the hierarchically fused multi-task U-Net.
 
 Two U-Nets of the same shape work side by side on 3 stacked slices: one
 segments the prostate, the other regresses a contour-sensitive map (every
@@ -10,8 +10,9 @@ weighted residual (eq. 4) or by channel and/or position attention (eq. 5). A
 consistency loss pulls both branch features towards the public one (eq. 3);
 the total loss is lambda-weighted CE + contour MSE + TCL loss (eq. 6). At
 inference only the segmentation logits are used, but the contour branch still
-runs because the TCL blocks feed it into the segmentation branch.
-`contour_target` and `hfunet_loss` have no parameters and never enter an
+runs because the TCL blocks feed it into the segmentation branch. The
+training target and loss (`contour_target`, `hfunet_loss`) live in
+``training/losses/hfunet.py``; they have no parameters and never enter an
 exported package.
 
 Choices where the paper is silent:
@@ -53,10 +54,11 @@ Choices where the paper is silent:
   4x and the second level 2x. Maps no larger than the grid are exact.
 - Both attention kinds are computed in float32 with autocast off: the Gram
   matrix sums over every pixel and would overflow float16.
-- Contour target: the foreground is class 1 (the prostate); its boundary is
-  the one-pixel inner boundary of `contour_map`, and the Gaussian sum of eq. 1
-  (weight 1 / (sigma sqrt(2 pi)), no further normalisation) runs over boundary
-  pixels closer than sigma. The contour head is linear (no activation).
+- Contour target (training/losses/hfunet.py): the foreground is class 1 (the
+  prostate); its boundary is the one-pixel inner boundary of `contour_map`, and
+  the Gaussian sum of eq. 1 (weight 1 / (sigma sqrt(2 pi)), no further
+  normalisation) runs over boundary pixels closer than sigma. The contour head
+  is linear (no activation).
 - Cold start (`cold_start`): the contour branch and every TCL block are
   frozen (a shared encoder belongs to the segmentation branch and keeps
   training); the loss is then lambda1 * CE alone, the other terms are still
@@ -66,15 +68,13 @@ Choices where the paper is silent:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .metricunet import contour_map
-from .unet import conv_bn_relu, double_conv
+from .unet import conv_bn_relu, decoder_blocks, encoder_blocks
 
 TCL_KINDS = ("residual", "catt", "patt", "datt")
 
@@ -177,21 +177,9 @@ class UNetBranch(nn.Module):
 
     def __init__(self, in_channels: int, widths: list[int], out_channels: int, encoder: bool = True):
         super().__init__()
-        self.down = None
-        if encoder:
-            self.down = nn.ModuleList()
-            channels = in_channels
-            for width in widths:
-                self.down.append(double_conv(channels, width))
-                channels = width
-        channels = widths[-1]
-        self.upsample = nn.ModuleList()
-        self.up = nn.ModuleList()
-        for skip in reversed(widths[:-1]):
-            self.upsample.append(nn.ConvTranspose2d(channels, skip, 2, stride=2))
-            self.up.append(double_conv(2 * skip, skip))
-            channels = skip
-        self.head = nn.Conv2d(channels, out_channels, 1)
+        self.down = encoder_blocks(in_channels, widths) if encoder else None
+        self.upsample, self.up = decoder_blocks(widths[-1], reversed(widths[:-1]))
+        self.head = nn.Conv2d(widths[0], out_channels, 1)
 
 
 @dataclass
@@ -290,49 +278,3 @@ class HFUNet(nn.Module):
         if not return_all:
             return logits
         return HFUNetOutput(logits=logits, contour=self.contour.head(contour), pairs=pairs)
-
-
-def _gaussian_kernel(sigma: float) -> torch.Tensor:
-    """Eq. 1's weights on a (2r+1)^2 grid, r = ceil(sigma), zero at distance >= sigma."""
-    radius = math.ceil(sigma)
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    squared = offsets.view(-1, 1) ** 2 + offsets.view(1, -1) ** 2
-    kernel = torch.exp(-squared / (2 * sigma ** 2)) / (sigma * math.sqrt(2 * math.pi))
-    return torch.where(squared < sigma ** 2, kernel, torch.zeros_like(kernel)).float()
-
-
-def contour_target(target: torch.Tensor, sigma: float = 5.0) -> torch.Tensor:
-    """The contour-sensitive regression target S(y) of eq. 1 for (N, H, W) label maps, as float (N, 1, H, W).
-
-    Each pixel gets the sum over inner-boundary pixels of the prostate (class 1)
-    closer than ``sigma`` of exp(-d^2 / (2 sigma^2)) / (sigma sqrt(2 pi)).
-    """
-    if sigma <= 0:
-        raise ValueError(f"sigma must be positive, not {sigma}")
-    boundary = contour_map(target == 1).float().unsqueeze(1)
-    kernel = _gaussian_kernel(float(sigma)).to(boundary.device)
-    with _float32(boundary):
-        return F.conv2d(boundary, kernel[None, None], padding=kernel.shape[-1] // 2)
-
-
-def hfunet_loss(output: HFUNetOutput, target: torch.Tensor, lambdas=(1.0, 0.01, 1.0), sigma: float = 5.0,
-                cold: bool = False) -> dict:
-    """Eq. 6's terms: "ce", "contour" (MSE to `contour_target`), "tcl" (eq. 3) and their weighted "total".
-
-    With ``cold`` (the cold-start phase) the total is lambda1 * CE alone and the
-    other terms are reported detached.
-    """
-    l_ce, l_contour, l_tcl = (float(v) for v in lambdas)
-    terms = {"ce": F.cross_entropy(output.logits.float(), target.long())}
-    terms["contour"] = F.mse_loss(output.contour.float(), contour_target(target, sigma))
-    tcl = output.logits.new_zeros((), dtype=torch.float32)
-    for seg, contour, public in output.pairs:
-        public = public.float()
-        tcl = tcl + F.mse_loss(seg.float(), public) + F.mse_loss(contour.float(), public)
-    terms["tcl"] = tcl
-    if cold:
-        terms["contour"], terms["tcl"] = terms["contour"].detach(), terms["tcl"].detach()
-        terms["total"] = l_ce * terms["ce"]
-    else:
-        terms["total"] = l_ce * terms["ce"] + l_contour * terms["contour"] + l_tcl * terms["tcl"]
-    return terms

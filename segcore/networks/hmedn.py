@@ -1,4 +1,4 @@
-"""HMEDN: the high-resolution multi-scale encoder-decoder network and its training losses.
+"""HMEDN: the high-resolution multi-scale encoder-decoder network.
 
 A 2-D network on stacked neighbouring slices (5 in the paper's pelvic setting)
 that labels the middle slice as background, prostate, bladder or rectum. It
@@ -15,8 +15,9 @@ joins three pathways:
 
 Training uses the difficulty-guided cross-entropy (eq. 5) on the segmentation
 and on the high-resolution pathway's head, plus the Euclidean contour loss
-(eq. 2) weighted by alpha. The loss helpers below have no parameters and never
-enter an exported package.
+(eq. 2) weighted by alpha. The targets and losses live in
+``training/losses/hmedn.py``; they have no parameters and never enter an
+exported package.
 
 Choices where the paper is silent:
 - Widths: the paper gives none for the distilling pathway; the defaults double
@@ -40,9 +41,10 @@ Choices where the paper is silent:
   block's output into the pathway output. That output joins the decoder at
   the same stage beside the skip connection, and a 1x1 convolution to the
   classes, bilinearly up-sampled to the input size, is its deep supervision.
-- Organ boundaries: the paper runs a Canny detector on the ground truth; on a
-  binary mask that finds the step between organ and outside, taken here as the
-  one-pixel inner boundary (organ voxels with a 4-neighbour outside the organ).
+- Organ boundaries (training/losses/hmedn.py): the paper runs a Canny
+  detector on the ground truth; on a binary mask that finds the step between
+  organ and outside, taken here as the one-pixel inner boundary (organ voxels
+  with a 4-neighbour outside the organ).
 - "Summed up and then normalized": each boundary map is smoothed by a Gaussian
   of bandwidth delta (truncated at ceil(3 delta)) scaled so that a long
   straight one-pixel boundary peaks at 1, then clipped to [0, 1]; the
@@ -56,14 +58,12 @@ Choices where the paper is silent:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .metricunet import contour_map
 from .unet import conv_bn_relu
 
 
@@ -228,67 +228,3 @@ class HMEDN(nn.Module):
         if tuple(hr_logits.shape[-2:]) != size:
             hr_logits = F.interpolate(hr_logits, size=size, mode="bilinear", align_corners=False)
         return HMEDNOutput(logits=logits, contour=torch.sigmoid(self.contour_head(features)), hr_logits=hr_logits)
-
-
-# --- training only: targets and losses (no parameters) ---
-
-def organ_boundaries(target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(N, H, W) labels -> (N, num_classes - 1, H, W) bool: the inner boundary of each organ k >= 1."""
-    if num_classes < 2:
-        raise ValueError("organ boundaries need at least one organ class besides the background")
-    return torch.stack([contour_map(target == k) for k in range(1, num_classes)], dim=1)
-
-
-def _gaussian_1d(delta: float, device) -> torch.Tensor:
-    radius = math.ceil(3 * delta)
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=device)
-    g = torch.exp(-x.pow(2) / (2 * delta ** 2))
-    return g / g.sum()
-
-
-def smooth_boundaries(boundaries: torch.Tensor, delta: float) -> torch.Tensor:
-    """Gaussian-smoothed (N, K, H, W) boundary maps, scaled so a long straight line peaks at 1, in [0, 1]."""
-    if delta <= 0:
-        raise ValueError(f"the Gaussian bandwidth must be positive, got {delta}")
-    n, k, h, w = boundaries.shape
-    g = _gaussian_1d(delta, boundaries.device)
-    radius = (len(g) - 1) // 2
-    maps = boundaries.float().reshape(n * k, 1, h, w)
-    maps = F.conv2d(maps, g.view(1, 1, -1, 1), padding=(radius, 0))
-    maps = F.conv2d(maps, g.view(1, 1, 1, -1), padding=(0, radius))
-    # the unit-sum 2-D Gaussian across a straight line gives 1 / (sqrt(2 pi) delta) on it
-    return (maps * (math.sqrt(2 * math.pi) * delta)).clamp_(0.0, 1.0).reshape(n, k, h, w)
-
-
-def difficulty_weights(target: torch.Tensor, num_classes: int, mu0: float = 1.0, mu: float = 25.0,
-                       delta2: float = 8.0) -> torch.Tensor:
-    """The difficulty-guided weight map of eq. 4, mu0 + mu * sum_k SB_k, as (N, H, W) float."""
-    smoothed = smooth_boundaries(organ_boundaries(target, num_classes), delta2)
-    return mu0 + mu * smoothed.sum(dim=1)
-
-
-def contour_target(target: torch.Tensor, num_classes: int, delta: float = 2.0) -> torch.Tensor:
-    """The contour regression target: per voxel the largest smoothed organ boundary, (N, 1, H, W) in [0, 1]."""
-    smoothed = smooth_boundaries(organ_boundaries(target, num_classes), delta)
-    return smoothed.amax(dim=1, keepdim=True)
-
-
-def _weighted_ce(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    return (weights * F.cross_entropy(logits.float(), target, reduction="none")).mean()
-
-
-def hmedn_loss(output: HMEDNOutput, target: torch.Tensor, mu0: float = 1.0, mu: float = 25.0, delta: float = 2.0,
-               delta2: float = 8.0, alpha: float = 1.0, hr_weight: float = 1.0) -> dict:
-    """Eq. 6 without the weight decay: seg + hr_weight * hr + alpha * contour, with each term for logging."""
-    target = target.long()
-    num_classes = output.logits.shape[1]
-    with torch.no_grad():
-        weights = difficulty_weights(target, num_classes, mu0, mu, delta2)
-        contour = contour_target(target, num_classes, delta)
-    terms = {
-        "seg": _weighted_ce(output.logits, target, weights),
-        "hr": _weighted_ce(output.hr_logits, target, weights),
-        "contour": F.mse_loss(output.contour.float(), contour),
-    }
-    terms["total"] = terms["seg"] + hr_weight * terms["hr"] + alpha * terms["contour"]
-    return terms

@@ -14,9 +14,10 @@ The network of the HMR-Net paper, written here in plain PyTorch:
   regression network (two convolutions, fully connected layers, maxout final
   layer) that predicts p boundary points per detected organ, in coordinates
   normalised to the ROI box (centre 0, box edges at +-0.5);
-- losses: class cross-entropy, box smooth-L1, shape loss (eq. 10) and the
-  manifold regularisation tr(Z^T L_norm Z) over a kNN heat-kernel graph of the
-  target shapes (eqs. 2-6).
+- training (``training/losses/hmrnet.py``, no parameters, never in a package):
+  RPN objectness and box, class cross-entropy, box smooth-L1, shape loss
+  (eq. 10) and the manifold regularisation tr(Z^T L_norm Z) over a kNN
+  heat-kernel graph of the target shapes (eqs. 2-6).
 
 torchvision does not install beside the CPU torch used here, so ROIAlign, NMS,
 anchors and box coding are written in vectorised PyTorch below.
@@ -29,8 +30,9 @@ Choices where the paper is silent, or where it had to be read:
   last hidden layer of each head (two pieces), followed by linear outputs;
 - shapes are class-specific (one set of p points per class, the predicted
   class's set is used), as masks are in Mask R-CNN;
-- eq. 10's ||q||^2 term is kept with its own weight (`shape_norm_weight`,
-  default 1e-3): at weight 1 its optimum would be half the true contour;
+- eq. 10's ||q||^2 term is kept with its own weight (the loss's
+  `shape_norm_weight`, default 1e-3): at weight 1 its optimum would be half the
+  true contour;
 - widths are configurable: the paper's 256-channel pathway and 100/500-filter,
   1024-wide shape head are the defaults; the bundled demo model is narrower.
 """
@@ -479,161 +481,3 @@ def points_to_pixels(normalised: torch.Tensor, boxes: torch.Tensor) -> torch.Ten
     centre = 0.5 * (boxes[:, None, :2] + boxes[:, None, 2:])
     size = boxes[:, None, 2:] - boxes[:, None, :2]
     return normalised * size + centre
-
-
-# --------------------------------------------------------------------------- training losses
-
-
-@dataclass
-class LossConfig:
-    """Weights and sampling of the multitask loss (eq. 7; the L2 term is the optimiser's weight decay)."""
-
-    class_weight: float = 1.0          # lambda_c (RPN objectness and LRN class)
-    box_weight: float = 1.0            # lambda_b (RPN and LRN boxes)
-    shape_weight: float = 1.0          # lambda_s
-    manifold_weight: float = 0.1       # lambda_m
-    shape_norm_weight: float = 1e-3    # weight of eq. 10's ||q||^2 term
-    neighbours: int = 5                # k of the kNN graph (eq. 2)
-    rpn_positive_iou: float = 0.7
-    rpn_negative_iou: float = 0.3
-    rpn_batch: int = 256               # anchors sampled per image
-    rpn_positive_fraction: float = 0.5
-    rpn_train_post_nms: int = 300
-    roi_positive_iou: float = 0.5
-    roi_batch: int = 64                # ROIs sampled per image
-    roi_positive_fraction: float = 0.25
-
-
-def smooth_l1(x: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
-    """Eq. 9 (with the usual beta; 1 gives the paper's form), summed over the last axis."""
-    a = x.abs()
-    return torch.where(a < beta, 0.5 * a ** 2 / beta, a - 0.5 * beta).sum(dim=-1)
-
-
-def shape_loss(predicted: torch.Tensor, target: torch.Tensor, norm_weight: float) -> torch.Tensor:
-    """Eq. 10: mean over ROIs of the squared point error, plus ``norm_weight`` * ||q||^2."""
-    if predicted.shape[0] == 0:
-        return predicted.sum() * 0
-    error = ((target - predicted) ** 2).flatten(1).sum(1)
-    return (error + norm_weight * (predicted ** 2).flatten(1).sum(1)).mean()
-
-
-def similarity_matrix(targets: torch.Tensor, neighbours: int) -> torch.Tensor:
-    """Eq. 2: heat-kernel weights between each target shape and its k nearest neighbours, made symmetric.
-
-    sigma is the mean pairwise distance between the shapes (the paper's expression)."""
-    n = targets.shape[0]
-    y = targets.flatten(1)
-    distance = torch.cdist(y, y)
-    sigma = distance.sum() / max(n * (n - 1), 1)
-    k = min(neighbours, n - 1)
-    masked = distance + torch.diag(torch.full((n,), float("inf"), device=y.device))
-    nearest = torch.topk(masked, k, dim=1, largest=False).indices
-    s = torch.zeros_like(distance)
-    weights = torch.exp(-distance.gather(1, nearest) ** 2 / (2 * sigma.clamp(min=1e-6) ** 2))
-    s.scatter_(1, nearest, weights)
-    return torch.maximum(s, s.T)
-
-
-def manifold_loss(latent: torch.Tensor, targets: torch.Tensor, neighbours: int) -> torch.Tensor:
-    """Eqs. 5-6: 2 / (number of edges) * tr(Z^T L_norm Z), L_norm = D^-1/2 (D - S) D^-1/2."""
-    if latent.shape[0] < 3:
-        return latent.sum() * 0
-    s = similarity_matrix(targets.detach(), neighbours)
-    degree = s.sum(1)
-    inv_sqrt = torch.where(degree > 0, degree.clamp(min=1e-12).rsqrt(), torch.zeros_like(degree))
-    laplacian = torch.diag(degree) - s
-    normalised = inv_sqrt[:, None] * laplacian * inv_sqrt[None, :]
-    edges = (s > 0).sum().clamp(min=1)
-    return 2.0 / edges * torch.trace(latent.T @ normalised @ latent)
-
-
-def _sample(positive: torch.Tensor, negative: torch.Tensor, total: int, fraction: float, generator):
-    pos = torch.nonzero(positive).flatten()
-    neg = torch.nonzero(negative).flatten()
-    n_pos = min(pos.numel(), int(total * fraction))
-    pos = pos[torch.randperm(pos.numel(), generator=generator)[:n_pos].to(pos.device)]
-    n_neg = min(neg.numel(), total - n_pos)
-    neg = neg[torch.randperm(neg.numel(), generator=generator)[:n_neg].to(neg.device)]
-    return pos, neg
-
-
-def hmrnet_loss(network: HMRNet, images: torch.Tensor, targets: list[dict], config: LossConfig | None = None,
-                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """All loss terms for a batch. ``targets`` per image: ``boxes`` (n, 4) and ``points`` (n, p, 2) in input
-    pixels, ``labels`` (n,) as class indices 1..K. Returns the terms and their weighted ``total``."""
-    config = config or LossConfig()
-    device = images.device
-    image_hw = images.shape[-2:]
-    pyramid, h_a, h_b = network.features(images)
-    logits, deltas, anchors = network.rpn(pyramid)
-
-    # RPN: anchors labelled by IoU with the organs' boxes, a balanced sample of them scored.
-    rpn_cls, rpn_box = [], []
-    for i, target in enumerate(targets):
-        gt = target["boxes"].to(device)
-        if gt.shape[0] == 0:
-            positive = torch.zeros(anchors.shape[0], dtype=torch.bool, device=device)
-            negative = ~positive
-            matched = None
-        else:
-            iou = box_iou(anchors, gt)
-            best, matched = iou.max(dim=1)
-            positive = best >= config.rpn_positive_iou
-            positive[iou.argmax(dim=0)] = True  # every organ gets at least its best anchor
-            negative = (best < config.rpn_negative_iou) & ~positive
-        pos, neg = _sample(positive, negative, config.rpn_batch, config.rpn_positive_fraction, generator)
-        chosen = torch.cat([pos, neg])
-        labels = torch.cat([torch.ones_like(pos), torch.zeros_like(neg)]).float()
-        rpn_cls.append(F.binary_cross_entropy_with_logits(logits[i, chosen], labels, reduction="sum")
-                       / max(chosen.numel(), 1))
-        if pos.numel():
-            wanted = encode_boxes(anchors[pos], gt[matched[pos]])
-            rpn_box.append(smooth_l1(deltas[i, pos] - wanted, beta=1 / 9).sum() / max(chosen.numel(), 1))
-    rpn_class_loss = torch.stack(rpn_cls).mean()
-    rpn_box_loss = torch.stack(rpn_box).sum() / len(targets) if rpn_box else deltas.sum() * 0
-
-    # Second stage: proposals plus the true boxes, a balanced sample matched to organs.
-    proposals = network.proposals(logits, deltas, anchors, image_hw, config.rpn_train_post_nms)
-    rois, roi_labels, roi_boxes, roi_points = [], [], [], []
-    for i, (boxes, target) in enumerate(zip(proposals, targets)):
-        gt = target["boxes"].to(device)
-        candidates = torch.cat([boxes, gt])
-        if gt.shape[0]:
-            best, matched = box_iou(candidates, gt).max(dim=1)
-        else:
-            best = torch.zeros(candidates.shape[0], device=device)
-            matched = torch.zeros(candidates.shape[0], dtype=torch.long, device=device)
-        pos, neg = _sample(best >= config.roi_positive_iou, best < config.roi_positive_iou, config.roi_batch,
-                           config.roi_positive_fraction, generator)
-        chosen = torch.cat([pos, neg])
-        rois.append(torch.cat([torch.full((chosen.numel(), 1), float(i), device=device), candidates[chosen]], 1))
-        label = torch.zeros(chosen.numel(), dtype=torch.long, device=device)
-        if pos.numel():
-            label[: pos.numel()] = target["labels"].to(device)[matched[pos]]
-        roi_labels.append(label)
-        roi_boxes.append(gt[matched[chosen]] if gt.shape[0] else candidates[chosen])
-        roi_points.append(target["points"].to(device)[matched[chosen]] if gt.shape[0]
-                          else candidates.new_zeros((chosen.numel(), network.points, 2)))
-    rois, roi_labels = torch.cat(rois), torch.cat(roi_labels)
-    roi_boxes, roi_points = torch.cat(roi_boxes), torch.cat(roi_points)
-
-    hidden = network.box_features(h_a, rois)
-    class_loss = F.cross_entropy(network.class_logits(hidden), roi_labels)
-    positive = torch.nonzero(roi_labels > 0).flatten()
-    if positive.numel():
-        predicted = network.box_deltas(hidden).view(-1, network.num_classes + 1, 4)[positive, roi_labels[positive]]
-        wanted = encode_boxes(rois[positive, 1:], roi_boxes[positive], BOX_WEIGHTS)
-        box_loss = smooth_l1(predicted - wanted).sum() / max(rois.shape[0], 1)
-        latent = network.shape_features(h_b, rois[positive])
-        points = network.class_points(latent, roi_labels[positive])
-        wanted_points = points_to_box(roi_points[positive], rois[positive, 1:])
-        shape = shape_loss(points, wanted_points, config.shape_norm_weight)
-        manifold = manifold_loss(latent, wanted_points, config.neighbours)
-    else:
-        box_loss = shape = manifold = hidden.sum() * 0
-    terms = {"rpn_class": rpn_class_loss, "rpn_box": rpn_box_loss, "class": class_loss, "box": box_loss,
-             "shape": shape, "manifold": manifold}
-    terms["total"] = (config.class_weight * (rpn_class_loss + class_loss) + config.box_weight * (rpn_box_loss + box_loss)
-                      + config.shape_weight * shape + config.manifold_weight * manifold)
-    return terms

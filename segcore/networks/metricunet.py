@@ -1,33 +1,24 @@
-"""Stage 2: MetricUNet (Table I of the MetricUNet paper) and its voxel-metric learning loss.
+"""Stage 2: MetricUNet (Table I of the MetricUNet paper).
 
 The network is a 2-D U-Net on 3 stacked slices with three down- and three
-up-sampling blocks; the voxel-metric module works on the features of the last
-decoder convolution and exists only in training (`VoxelMetricLoss` has no
-parameters and is never part of an exported package).
+up-sampling blocks. Its voxel-metric learning loss works on the features of the
+last decoder convolution (``forward(x, return_features=True)``) and exists only
+in training: `VoxelMetricLoss` and `metricunet_loss` live in
+``training/losses/metricunet.py``, have no parameters and never enter an
+exported package.
 
-Choices where the paper is silent or inconsistent:
-- Table I lists ``sega`` as 3x3 but its parameter count (66 K for 256 -> 256)
-  is that of a 1x1 convolution; we use 1x1, which matches the 3.28 M total.
-- Voxel features are L2-normalised before distances are taken, so the triplet
-  margin (0.7) and pair threshold (0.01) have a fixed scale.
-- The positive-pair term is a hinge, max(0, d(a, p) - epsilon): pairs closer
-  than epsilon cost nothing, as "epsilon is the maximum distance of positive
-  pairs" implies; the paper's eq. 2 prints it without the hinge.
-- The losses are summed over tuples and images as in eq. 2, then weighted by
-  lambda in the total (eq. 4).
+A choice where the paper is inconsistent (the loss's own choices are listed in
+training/losses/metricunet.py): Table I lists ``sega`` as 3x3 but its parameter
+count (66 K for 256 -> 256) is that of a 1x1 convolution; we use 1x1, which
+matches the 3.28 M total.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from .unet import conv_bn_relu, double_conv, encode_decode
-
-STRATEGIES = ("random", "hard", "contour")
+from .unet import conv_bn_relu, decoder_blocks, encode_decode, encoder_blocks
 
 
 class MetricUNet(nn.Module):
@@ -48,18 +39,9 @@ class MetricUNet(nn.Module):
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.feature_channels = decoder[-1]
-        self.down = nn.ModuleList()
-        channels = in_channels
-        for width in encoder:
-            self.down.append(double_conv(channels, width))
-            channels = width
-        self.upsample = nn.ModuleList()
-        self.up = nn.ModuleList()
-        for width, skip in zip(decoder, reversed(encoder[:-1])):
-            self.upsample.append(nn.ConvTranspose2d(channels, width, 2, stride=2))
-            self.up.append(double_conv(width + skip, width))
-            channels = width
-        self.head = nn.Sequential(conv_bn_relu(channels, head, kernel=1), nn.Conv2d(head, num_classes, 1))
+        self.down = encoder_blocks(in_channels, encoder)
+        self.upsample, self.up = decoder_blocks(encoder[-1], reversed(encoder[:-1]), decoder)
+        self.head = nn.Sequential(conv_bn_relu(decoder[-1], head, kernel=1), nn.Conv2d(head, num_classes, 1))
 
     @property
     def divisor(self) -> int:
@@ -69,109 +51,3 @@ class MetricUNet(nn.Module):
         features = encode_decode(x, self.down, self.upsample, self.up)
         logits = self.head(features)
         return (logits, features) if return_features else logits
-
-
-def contour_map(target: torch.Tensor) -> torch.Tensor:
-    """Foreground voxels with a background 4-neighbour (the inner boundary), for (N, H, W) masks."""
-    fg = target.bool()
-    padded = F.pad((~fg).float().unsqueeze(1), (1, 1, 1, 1), mode="replicate")
-    cross = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0], [0.0, 1.0, 0.0]], device=target.device)
-    touches_background = F.conv2d(padded, cross.view(1, 1, 3, 3)).squeeze(1) > 0
-    return fg & touches_background
-
-
-def anchor_candidates(strategy: str, probabilities: torch.Tensor, target: torch.Tensor, tau: float) -> torch.Tensor:
-    """Where anchors may be drawn for one strategy: a boolean (N, H, W) map inside the foreground.
-
-    random: any foreground voxel. hard (focal hard negative): foreground voxels
-    whose predicted foreground probability is off by more than ``tau`` (eq. 1,
-    intersected with the positive map). contour: foreground voxels on the
-    organ boundary.
-    """
-    fg = target.bool()
-    if strategy == "random":
-        return fg
-    if strategy == "hard":
-        return fg & ((probabilities - target.float()).abs() > tau)
-    if strategy == "contour":
-        return contour_map(target)
-    raise ValueError(f"unknown sampling strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
-
-
-def _pick(mask: torch.Tensor, count: int, generator: torch.Generator | None) -> torch.Tensor:
-    """``count`` flat indices drawn uniformly (with replacement) from the True entries of a 1-D mask."""
-    where = mask.nonzero(as_tuple=True)[0]
-    choice = torch.randint(len(where), (count,), generator=generator, device="cpu").to(where.device)
-    return where[choice]
-
-
-@dataclass
-class MetricLossConfig:
-    """Hyper-parameters of the voxel-metric module; defaults are the paper's HCP configuration."""
-
-    strategies: tuple = ("hard", "contour")
-    anchors: int = 20          # k anchors per image and strategy
-    samples: int = 1           # m positives and m negatives per anchor
-    tau: float = 0.1           # focal hard negative threshold
-    margin: float = 0.7        # triplet margin sigma
-    pair_epsilon: float = 0.01
-    beta: float = 0.1          # weight of the positive-pair term
-    pair_loss: bool = True
-    weight: float = 0.01       # lambda in the total loss
-
-    def __post_init__(self):
-        self.strategies = tuple(self.strategies)
-        unknown = [s for s in self.strategies if s not in STRATEGIES]
-        if unknown:
-            raise ValueError(f"unknown sampling strategies {unknown}; choose from {', '.join(STRATEGIES)}")
-
-
-class VoxelMetricLoss(nn.Module):
-    """Online voxel-wise tuple sampling with triplet and positive-pair losses (eq. 2). Training only."""
-
-    def __init__(self, config: MetricLossConfig | None = None, **overrides):
-        super().__init__()
-        self.config = config or MetricLossConfig(**overrides)
-
-    def forward(self, features: torch.Tensor, logits: torch.Tensor, target: torch.Tensor,
-                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Loss per strategy (summed over images and tuples), e.g. ``{"hard": ..., "contour": ...}``."""
-        cfg = self.config
-        n, d = features.shape[:2]
-        embedding = F.normalize(features.float(), dim=1).permute(0, 2, 3, 1).reshape(n, -1, d)
-        probabilities = torch.softmax(logits.detach().float(), dim=1)[:, 1]
-        flat_target = target.reshape(n, -1).bool()
-        losses = {}
-        for strategy in cfg.strategies:
-            candidates = anchor_candidates(strategy, probabilities, target, cfg.tau).reshape(n, -1)
-            total = embedding.new_zeros(())
-            for i in range(n):
-                positives, negatives = flat_target[i], ~flat_target[i]
-                if not candidates[i].any() or not negatives.any():
-                    continue
-                anchors = _pick(candidates[i], cfg.anchors, generator)
-                pos = _pick(positives, cfg.anchors * cfg.samples, generator).view(cfg.anchors, cfg.samples)
-                neg = _pick(negatives, cfg.anchors * cfg.samples, generator).view(cfg.anchors, cfg.samples)
-                a = embedding[i, anchors].unsqueeze(1)                           # (k, 1, d)
-                d_ap = (a - embedding[i, pos]).pow(2).sum(-1)                    # (k, m)
-                d_an = (a - embedding[i, neg]).pow(2).sum(-1)                    # (k, m)
-                # every positive against every negative of the same anchor
-                triplet = F.relu(d_ap.unsqueeze(2) - d_an.unsqueeze(1) + cfg.margin)
-                total = total + triplet.sum()
-                if cfg.pair_loss:
-                    total = total + cfg.beta * F.relu(d_ap - cfg.pair_epsilon).sum()
-            losses[strategy] = total
-        return losses
-
-
-def metricunet_loss(logits: torch.Tensor, features: torch.Tensor, target: torch.Tensor,
-                    metric: VoxelMetricLoss | None, generator: torch.Generator | None = None) -> dict:
-    """The total loss of eq. 4, CE + lambda * sum of metric losses, with each term for logging."""
-    terms = {"ce": F.cross_entropy(logits.float(), target.long())}
-    total = terms["ce"]
-    if metric is not None:
-        for strategy, value in metric(features, logits, target, generator).items():
-            terms[f"metric_{strategy}"] = value
-            total = total + metric.config.weight * value
-    terms["total"] = total
-    return terms

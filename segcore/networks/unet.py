@@ -23,6 +23,35 @@ def double_conv(in_channels: int, out_channels: int) -> nn.Sequential:
     return nn.Sequential(conv_bn_relu(in_channels, out_channels), conv_bn_relu(out_channels, out_channels))
 
 
+def encoder_blocks(in_channels: int, widths) -> nn.ModuleList:
+    """The encoder of a U-Net: one double convolution per level, ``widths`` channels each."""
+    blocks = nn.ModuleList()
+    channels = in_channels
+    for width in widths:
+        blocks.append(double_conv(channels, width))
+        channels = width
+    return blocks
+
+
+def decoder_blocks(bottom: int, skips, widths=None) -> tuple[nn.ModuleList, nn.ModuleList]:
+    """The decoder of a U-Net, from the bottom level up: per level a 2x transposed convolution to the
+    level's width and a double convolution of it concatenated with the skip of that level.
+
+    ``bottom`` is the channels of the bottom block, ``skips`` those of the skips from the deepest one up;
+    ``widths`` gives each decoder level's channels (default: those of its skip, the classic U-Net).
+    Returns the up-sampling steps and the blocks, built level by level in that order.
+    """
+    skips = list(skips)
+    widths = skips if widths is None else list(widths)
+    upsample, up = nn.ModuleList(), nn.ModuleList()
+    channels = bottom
+    for width, skip in zip(widths, skips):
+        upsample.append(nn.ConvTranspose2d(channels, width, 2, stride=2))
+        up.append(double_conv(width + skip, width))
+        channels = width
+    return upsample, up
+
+
 def encode_decode(x: torch.Tensor, down, upsample, up) -> torch.Tensor:
     """The U-Net pass shared by every U-shaped network here: encoder blocks with 2x max-pooling between
     them, then per level an up-sampling, a concatenation with the skip of that level and a block."""
@@ -51,18 +80,9 @@ class UNet2p5D(nn.Module):
             raise ValueError("a U-Net needs at least two levels")
         self.in_channels = in_channels
         self.num_classes = num_classes
-        self.down = nn.ModuleList()
-        channels = in_channels
-        for width in widths:
-            self.down.append(double_conv(channels, width))
-            channels = width
-        self.upsample = nn.ModuleList()
-        self.up = nn.ModuleList()
-        for skip in reversed(widths[:-1]):
-            self.upsample.append(nn.ConvTranspose2d(channels, skip, 2, stride=2))
-            self.up.append(double_conv(2 * skip, skip))
-            channels = skip
-        self.head = nn.Conv2d(channels, num_classes, 1)
+        self.down = encoder_blocks(in_channels, widths)
+        self.upsample, self.up = decoder_blocks(widths[-1], reversed(widths[:-1]))
+        self.head = nn.Conv2d(widths[0], num_classes, 1)
 
     @property
     def divisor(self) -> int:

@@ -1,20 +1,21 @@
-"""The networks: shapes, the paper's parameter count, the voxel-metric loss and its samplers."""
+"""MetricUNet and the 2.5-D U-Net: shapes, the paper's parameter count, the voxel-metric loss and its samplers,
+the network registry and weight loading."""
 
 import pytest
 import torch
 
 from segcore import networks
 from segcore.errors import ModelPackageError
-from segcore.networks.metricunet import (
+from segcore.networks.metricunet import MetricUNet
+from segcore.networks.unet import UNet2p5D
+from training.losses.boundaries import contour_map
+from training.losses.metricunet import (
     MetricLossConfig,
-    MetricUNet,
     VoxelMetricLoss,
     _pick,
     anchor_candidates,
-    contour_map,
     metricunet_loss,
 )
-from segcore.networks.unet import UNet2p5D
 
 
 def count(module):

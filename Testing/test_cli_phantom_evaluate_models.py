@@ -85,7 +85,7 @@ def test_user_errors_are_one_line_without_traceback(tmp_path, capsys, monkeypatc
 
 def test_models_lifecycle(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("PROSTATESEG_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(packages, "bundled_models_dir", lambda: tmp_path / "bundled")
+    monkeypatch.setattr(packages.registry, "bundled_models_dir", lambda: tmp_path / "bundled")
     folder = tmp_path / "build" / "tiny-prostate"
     make(folder)
     archive = packages.zip_package(folder)

@@ -1,16 +1,22 @@
-"""The training kit: patch sampling, augmentation, a tiny real training run, resume, export, install, use."""
+"""The training kit: patch sampling, augmentation, a tiny real training run, resume, export, install, use;
+configuration overrides and checkpoints."""
 
 import json
+import math
 import zipfile
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 from safetensors.torch import load_file
+from training_runs import run_args
 
 from segcore import packages
 from segcore.cli import main as cli
-from training import data
+from segcore.errors import SegcoreError
+from segcore.networks.unet import UNet2p5D
+from training import data, runs
 from training import train_prostate as tp
 
 TINY = [
@@ -23,10 +29,7 @@ TINY = [
 
 
 def tiny_args(tmp_path, *extra):
-    args = ["--output", str(tmp_path / "run"), "--set", f"cache={tmp_path.parent / 'training-cache'}"]
-    for item in TINY + list(extra):
-        args += ["--set", item]
-    return args
+    return run_args(tmp_path, TINY + list(extra))
 
 
 def test_patches_are_centred_where_asked():
@@ -163,3 +166,44 @@ def test_cut_scans_end_inside_the_prostate():
     uncut = data.PatchSpec(size=8, slices=5, foreground_fraction=0.5, jitter=2, z_margin=100)
     images, _, _ = data.sample_patches(ct, target, target, 200, uncut, np.random.default_rng(0))
     assert (images[:, :, 4, 4].min(axis=1) // 10).min() < 8
+
+
+def test_configuration_is_defaults_then_file_then_overrides(tmp_path):
+    defaults = {"seed": 0, "stage": {"epochs": 1, "lr": 0.1}, "arguments": {"widths": [8]}}
+    path = tmp_path / "run.yaml"
+    path.write_text("stage:\n  epochs: 5\n")
+    config = runs.load_config(str(path), ["stage.lr=0.5", "arguments.depth=3", "seed=7"], defaults, "x.py")
+    assert config == {"seed": 7, "stage": {"epochs": 5, "lr": 0.5}, "arguments": {"widths": [8], "depth": 3}}
+    assert defaults == {"seed": 0, "stage": {"epochs": 1, "lr": 0.1}, "arguments": {"widths": [8]}}
+    # Keys are checked, except in the free-form sections that their constructors check.
+    with pytest.raises(SegcoreError, match=r"unknown configuration keys: stage\.epoch, speed \(see DEFAULTS in x\.py"):
+        runs.load_config(None, ["stage.epoch=3", "speed=2"], defaults, "x.py")
+    with pytest.raises(SegcoreError, match="--set needs KEY=VALUE"):
+        runs.load_config(None, ["seed"], defaults, "x.py")
+
+
+def test_checkpoints_round_trip_network_optimiser_and_state(tmp_path):
+    def make():
+        network = UNet2p5D(in_channels=1, widths=(4, 8))
+        return network, torch.optim.SGD(network.parameters(), lr=0.1, momentum=0.9)
+
+    torch.manual_seed(0)
+    network, optimizer = make()
+    network(torch.randn(2, 1, 8, 8)).sum().backward()
+    optimizer.step()
+    state = {"epoch": 3, "history": [{"validation": {"dsc": 0.5, "hd95": float("nan")}}]}
+    runs.save_checkpoint(tmp_path, "last", network, optimizer, state)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.json", "last.safetensors"]   # nothing half-written
+    other, other_optimizer = make()
+    loaded = runs.load_checkpoint(tmp_path, "last", other, other_optimizer)
+    assert loaded["epoch"] == 3 and math.isnan(loaded["history"][0]["validation"]["hd95"])
+    ours, theirs = network.state_dict(), other.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    ours, theirs = optimizer.state_dict()["state"], other_optimizer.state_dict()["state"]
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[i]["momentum_buffer"], theirs[i]["momentum_buffer"]) for i in ours)
+    # A fresh run over it is refused; a resumed one gets its state, a restarted one none.
+    with pytest.raises(SegcoreError, match="already holds a stage1 run"):
+        runs.resume_checkpoint(tmp_path, other, other_optimizer, False, False, "stage1 run")
+    assert runs.resume_checkpoint(tmp_path, other, other_optimizer, True, False, "stage1 run")["epoch"] == 3
+    assert runs.resume_checkpoint(tmp_path, other, other_optimizer, False, True, "stage1 run") is None
