@@ -55,7 +55,7 @@ def test_write_json_is_atomic_and_refuses_nan(tmp_path):
     assert json.loads(target.read_text(encoding="utf-8")) == {"dsc": 0.9, "organ": "Prostata ü"}
     with pytest.raises(OutputExistsError):
         files.write_json(target, {"dsc": 0.1})
-    with pytest.raises(ValueError):
+    with pytest.raises(SegcoreError, match="NaN"):
         files.write_json(target, {"dsc": float("nan")}, overwrite=True)
     assert json.loads(target.read_text(encoding="utf-8"))["dsc"] == 0.9  # the old file survived
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]

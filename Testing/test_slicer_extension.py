@@ -84,7 +84,7 @@ def test_top_level_cmake_is_an_extension_shipping_segcore_and_models():
     models = [str(p.relative_to(ROOT)) for p in (ROOT / "segcore" / "models").rglob("*") if p.is_file()]
     schema = "segcore/packages/model_package.schema.json"
     assert (ROOT / schema).is_file()
-    assert sorted(cmake_list(text, "BUNDLED_MODEL_FILES")) == sorted([*models, schema])
+    assert sorted(cmake_list(text, "SEGCORE_DATA_FILES")) == sorted([*models, schema])
     assert (ROOT / "Resources" / "Icons" / "ProstateSegExtension.png").is_file()
     assert (ROOT / "LICENSE").is_file()
 

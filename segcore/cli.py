@@ -123,8 +123,8 @@ def _models(args) -> int:
             if e.shadowed:
                 state += " (hidden by the bundled package of the same name)"
             print(f"{e.name:28s} {e.version or '?':10s} {e.task or '?':9s} {e.where:8s} {state}")
-        print(f"\nbundled: {packages.bundled_models_dir()}\nuser:    {packages.user_models_dir()}"
-              f"  (set {packages.HOME_ENV} to move it)")
+        (bundled, bundled_dir), (user, user_dir) = packages.search_path()
+        print(f"\n{bundled}: {bundled_dir}\n{user}:    {user_dir}  (set {packages.HOME_ENV} to move it)")
         return 0 if all(e.ok for e in entries) else 1
     if args.action == "info":
         print(packages.open_package(args.name).describe())

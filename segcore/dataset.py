@@ -1,8 +1,8 @@
 """The training-case layout: one folder of ``<name>_ct.<ext>`` files, each with
 ``<name>_labels.<ext>`` beside it on the same voxel grid.
 
-`training/` reads it, and `prostateseg phantom`, Slicer's *Save as training
-case* and the DICOM RT import write it, so the names are decided here alone.
+`training/` reads it, and `prostateseg phantom` and Slicer's *Save as training
+case* write it, so the names are decided here alone.
 """
 
 from __future__ import annotations

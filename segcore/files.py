@@ -55,10 +55,11 @@ def atomic_output(path, overwrite: bool = False) -> Iterator[Path]:
             tmp.unlink()
 
 
-def write_text(path, text: str, overwrite: bool = False, sync: bool = False) -> Path:
-    """Write a text file atomically (UTF-8); with `sync`, flushed to disk before the rename."""
+def write_text(path, text: str, overwrite: bool = False, sync: bool = False, newline: str | None = None) -> Path:
+    """Write a text file atomically (UTF-8); with `sync`, flushed to disk before the rename. `newline` as
+    for `open` ("" writes line ends exactly as given, e.g. CSV's CRLF)."""
     path = Path(path)
-    with atomic_output(path, overwrite=overwrite) as tmp, open(tmp, "w", encoding="utf-8") as stream:
+    with atomic_output(path, overwrite=overwrite) as tmp, open(tmp, "w", encoding="utf-8", newline=newline) as stream:
         stream.write(text)
         if sync:
             stream.flush()
@@ -68,7 +69,10 @@ def write_text(path, text: str, overwrite: bool = False, sync: bool = False) -> 
 
 def write_json(path, data, overwrite: bool = False, indent: int = 2, sync: bool = False, **dumps_options) -> Path:
     """Write `data` as JSON atomically; NaN and infinity are refused (they are not JSON)."""
-    text = json.dumps(data, indent=indent, ensure_ascii=False, allow_nan=False, **dumps_options) + "\n"
+    try:
+        text = json.dumps(data, indent=indent, ensure_ascii=False, allow_nan=False, **dumps_options) + "\n"
+    except ValueError as error:
+        raise SegcoreError(f"cannot write {path} as JSON: {error} (NaN and infinity have no JSON form)") from None
     return write_text(path, text, overwrite=overwrite, sync=sync)
 
 

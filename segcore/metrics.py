@@ -46,13 +46,13 @@ import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
 from segcore import anatomy
 from segcore.errors import GeometryError, UnsupportedImageError
+from segcore.files import write_text
 
 HD95_PERCENTILE = 95.0
 
@@ -386,13 +386,6 @@ def centroids(label_image) -> dict[int, tuple[float, ...]]:
 # --------------------------------------------------------------------------- output
 
 
-def _write_text(path, text: str, overwrite: bool) -> None:
-    from segcore.files import atomic_output
-
-    with atomic_output(Path(path), overwrite=overwrite) as temporary:
-        temporary.write_text(text, encoding="utf-8", newline="")
-
-
 def results_to_json(results: Sequence[LabelMetrics], meta: dict | None = None) -> str:
     """JSON text: ``{"schema", "meta", "labels": [LabelMetrics.to_dict(), ...]}``."""
     doc = {"schema": JSON_SCHEMA, "meta": dict(meta or {}), "labels": [r.to_dict() for r in results]}
@@ -402,7 +395,7 @@ def results_to_json(results: Sequence[LabelMetrics], meta: dict | None = None) -
 
 def write_json(results: Sequence[LabelMetrics], path, meta: dict | None = None, overwrite: bool = True) -> None:
     """Write the results (and optional ``meta``, e.g. input paths) as JSON."""
-    _write_text(path, results_to_json(results, meta), overwrite)
+    write_text(path, results_to_json(results, meta), overwrite=overwrite, newline="")
 
 
 def read_json(path) -> list[LabelMetrics]:
@@ -434,7 +427,7 @@ def results_to_csv(results: Sequence[LabelMetrics]) -> str:
 
 def write_csv(results: Sequence[LabelMetrics], path, overwrite: bool = True) -> None:
     """Write the results as CSV (header = :data:`FIELD_NAMES`)."""
-    _write_text(path, results_to_csv(results), overwrite)
+    write_text(path, results_to_csv(results), overwrite=overwrite, newline="")
 
 
 def read_csv(path) -> list[LabelMetrics]:

@@ -23,11 +23,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import SimpleITK as sitk
 
-from . import anatomy
+from . import anatomy, pipeline
 from . import image as imageio
 from .errors import ModelPackageError, SegcoreError
 from .pipeline import Progress, Segmenter, labelmap_like, normalise, settings_from_package
-from .pipeline import open_model as open_package_for
 from .postprocess import polygon_mask
 from .result import Result, SegmentResult
 
@@ -193,7 +192,7 @@ def rasterise(track: OrganTrack, reference: sitk.Image, factor: int) -> sitk.Ima
 
 def open_model(model=None):
     """The multi-organ model package: by name, by folder path, an open package, or the default."""
-    return open_package_for(model, OrganSegmenter.TASK, DEFAULT_MODEL, OrganSegmenter.STAGES, OrganSegmenter.KIND)
+    return pipeline.open_model(model, OrganSegmenter.TASK, DEFAULT_MODEL, OrganSegmenter.STAGES, OrganSegmenter.KIND)
 
 
 def offered_organs(model=None) -> list[str]:

@@ -93,3 +93,26 @@ def ensureDependencies(askConfirmation=True):
     if still:
         raise DependencyError("installing failed for: " + ", ".join(still)
                               + ". See the Python console for pip's messages.")
+
+
+def ensureRequirements(askConfirmation=True):
+    """Install the small packages of requirements.txt (not torch), after asking; raise DependencyError if
+    declined or failed. Offered when a panel opens: reading and checking model packages needs them
+    (jsonschema), running a model also needs torch, which the first Segment installs."""
+    import slicer
+
+    missing = missingRequirements()
+    if not missing:
+        return
+    if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+            "ProstateSeg reads and checks its model packages with these Python packages, which are not "
+            "installed yet:\n\n  " + "\n  ".join(missing) + "\n\nInstall them now? This downloads a few MB; "
+            "Slicer's own packages are not changed. (PyTorch is installed on the first Segment.)",
+            windowTitle="ProstateSeg: install packages"):
+        raise DependencyError("the packages ProstateSeg needs were not installed: " + ", ".join(missing))
+    slicer.util.pip_install(missing)
+    still = missingRequirements()
+    if still:
+        raise DependencyError("installing failed for: " + ", ".join(still)
+                              + ". See the Python console for pip's messages.")
+

@@ -77,9 +77,20 @@ class SegmentationWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.editButton.enabled = False
         self.ui.saveCaseButton.enabled = False
 
+        self.offerRequirements()
         self.refreshModels()
         self.refreshDevices()
         self.initializeParameterNode()
+
+    def offerRequirements(self):
+        """Model packages are checked against their JSON Schema, which needs a package Slicer does not ship:
+        offer to install the small requirements now, so that every model can be listed."""
+        if not dependencies.missingRequirements():
+            return
+        try:
+            dependencies.ensureRequirements(askConfirmation=not slicer.app.testingEnabled())
+        except Exception as error:  # noqa: BLE001  declined, offline or pip failed: Segment offers again
+            logger.warning(f"ProstateSeg's Python packages were not installed now: {error}")
 
     def cleanup(self):
         self.removeObservers()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from segcore import anatomy
 from segcore.errors import ModelPackageError, OutputExistsError
-from segcore.files import atomic_folder, atomic_output, exists_message, write_json
+from segcore.files import atomic_folder, atomic_output, write_json
 from segcore.packages.manifest import MANIFEST_NAME, SCHEMA_VERSION, _file_name_problems, validate_manifest
 from segcore.packages.registry import _CHUNK, ModelPackage, sha256_file, verify_package
 
@@ -30,8 +30,8 @@ def create_package(folder: str | Path, manifest: dict, weights: dict, *, overwri
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    if folder.exists() and not overwrite:
-        raise OutputExistsError(exists_message([folder]))
+    if folder.exists() and not overwrite:  # worded for API and Slicer users, who have no --overwrite
+        raise OutputExistsError(f"{folder} exists; choose another folder or ask to overwrite it.")
     data = dict(manifest)
     data.setdefault("schema_version", SCHEMA_VERSION)
     data["labels"] = [s.to_json() if isinstance(s, anatomy.Structure) else s for s in data.get("labels", [])]
@@ -75,6 +75,8 @@ def zip_package(folder: str | Path, archive: str | Path | None = None, *, overwr
         raise ModelPackageError(f"refusing to zip a damaged package:\n{report}")
     package = ModelPackage.load(folder)
     archive = Path(archive) if archive is not None else package.path.parent / f"{package.name}-{package.version}.zip"
+    if archive.exists() and not overwrite:
+        raise OutputExistsError(f"{archive} exists; choose another name or ask to overwrite it.")
     with atomic_output(archive, overwrite=overwrite) as tmp, \
             zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for fname in [MANIFEST_NAME, *sorted(package.files)]:
