@@ -64,7 +64,7 @@ def main(argv=None) -> int:
         return 0
 
     sys.path.insert(0, str(HERE))
-    from bench_segment import make_ct
+    from bench_common import make_ct
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     ct = make_ct(args.workdir, args.seed)
