@@ -1,4 +1,5 @@
-"""segcore's modules import each other without cycles, and the shipped core never imports training code.
+"""The shipped core's layout: segcore's modules import each other without cycles, never import training
+code, and keep their functions short.
 
 Imports inside functions count too: a lazy import that closes a cycle still
 means two modules that cannot be understood (or tested) one without the other.
@@ -112,3 +113,19 @@ def test_files_uses_the_standard_library_only():
 def test_the_shipped_core_never_imports_training_code():
     for name, path in segcore_modules().items():
         assert not top_level_imports(path) & {"training", "Testing", "bench"}, name
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def test_no_function_in_the_shipped_core_is_longer_than_80_lines():
+    """Long functions hide their parts; split them where their own comments already do."""
+    long = []
+    for name, path in segcore_modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{name}.{node.name}: {lines} lines")
+    assert not long, "split these functions: " + "; ".join(long)
+
