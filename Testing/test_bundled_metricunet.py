@@ -8,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 
 from segcore import packages, segment_prostate
-from segcore.errors import ChecksumError, NotCTError
+from segcore.errors import ModelPackageError, NotCTError
 from segcore.metrics import mask_metrics
 from segcore.phantom import make_phantom
 from segcore.prostate import DEFAULT_MODEL, PROSTATE, ProstateSegmenter
@@ -102,9 +102,10 @@ def test_damaged_package_is_named(tmp_path, case):
     data = bytearray(weights.read_bytes())
     data[-100] ^= 0xFF
     weights.write_bytes(bytes(data))
-    with pytest.raises(ChecksumError) as error:
+    with pytest.raises(ModelPackageError) as error:  # found when the package is opened, before any work
         segment_prostate(case.ct, model=copy, device="cpu")
     assert DEFAULT_MODEL in str(error.value) and "stage2.safetensors" in str(error.value)
+    assert "sha256" in str(error.value)
 
 
 def test_real_pelvic_ct_prostate_is_where_a_prostate_is(segmenter, pelvis_ct_path, pelvis_labels_path):

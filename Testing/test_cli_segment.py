@@ -72,6 +72,8 @@ def test_batch_goes_on_past_bad_inputs_and_says_so(package, inputs, tmp_path, ca
         assert (out / f"{stem}.seg.nrrd").is_file() and (out / f"{stem}.nii.gz").is_file()
         report = json.loads((out / f"{stem}.json").read_text())
         assert report["model"] == "prostate-random" and "timings_s" in report
+        # the package gives the prostate its own colour: still one prostate, not two
+        assert [s["name"] for s in report["segments"]] in ([], ["prostate"])
     assert not list(out.glob("a_labels*"))
     b = sitk.ReadImage(str(out / "b_ct_seg.nii.gz"))
     original = sitk.ReadImage(str(inputs / "b_ct.nrrd"))

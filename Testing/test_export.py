@@ -318,3 +318,31 @@ def test_export_labelmap_rejects_bad_names_and_structures(tmp_path):
     unknown = sitk.GetImageFromArray(np.full((3, 3, 3), 200, np.uint8))
     with pytest.raises(SegcoreError, match="200"):
         export.export_labelmap(unknown, None, tmp_path, "c")
+
+
+def test_export_labelmap_that_fails_midway_leaves_no_partial_set(tmp_path, monkeypatch):
+    from segcore import surfaces
+
+    (tmp_path / "c.nii.gz").write_text("old")
+
+    def full_disk(mesh, path, marker):
+        path.write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(surfaces, "_write_stl", full_disk)
+    with pytest.raises(SegcoreError, match="No space left on device"):
+        export.export_labelmap(make_labelmap(), STRUCTURES, tmp_path, "c", formats=["seg.nrrd", "nii.gz", "stl"],
+                               overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["c.nii.gz"] and (tmp_path / "c.nii.gz").read_text() == "old"
+
+
+def test_export_labelmap_skips_a_structure_too_small_for_a_surface(tmp_path, capfd):
+    array = np.zeros((8, 8, 8), np.uint8)
+    array[2:6, 2:6, 2:6] = BLADDER.value
+    array[7, 7, 7] = PROSTATE.value  # one voxel: nothing left after decimation
+    image = sitk.GetImageFromArray(array)
+    paths = export.export_labelmap(image, [PROSTATE, BLADDER], tmp_path, "c", formats=["nii.gz", "stl"],
+                                   decimation=0.9)
+    assert sorted(p.name for p in paths) == ["c.nii.gz", "c_bladder.stl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.nii.gz", "c_bladder.stl"]
+    assert capfd.readouterr().err == ""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from segcore.errors import ModelPackageError
 from segcore.networks import build
 from segcore.networks.hmrnet import (
     HMRNet,
@@ -163,7 +164,7 @@ def test_network_shapes_and_registry():
         assert float(d.boxes.min()) >= 0 and float(d.boxes.max()) <= 64
     # The CoordConv channels are added inside: the first convolutions see 1 + 2 channels.
     assert network.net_a.stem[0].in_channels == 3 and network.net_b.stem[0].in_channels == 3
-    with pytest.raises(ValueError, match="depth"):
+    with pytest.raises(ModelPackageError, match="depth must be one of"):
         build("hmrnet", {**SMALL, "depth": 20})
 
 

@@ -102,7 +102,7 @@ def test_2d_4d_and_vector_images_are_refused(tmp_path):
 
 
 def test_mr_like_intensities_are_refused(tmp_path):
-    mr = sitk.Cast(sitk.RescaleIntensity(ct_like(), 0, 1200), sitk.sitkInt16)
+    mr = sitk.Cast(sitk.RescaleIntensity(ct_like(size=(60, 60, 20)), 0, 1200), sitk.sitkInt16)
     sitk.WriteImage(mr, str(tmp_path / "t2.nii.gz"))
     with pytest.raises(errors.NotCTError, match="Hounsfield"):
         read_image(tmp_path / "t2.nii.gz")

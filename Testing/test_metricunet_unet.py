@@ -150,7 +150,7 @@ def test_unknown_strategy_and_architecture_are_refused():
         MetricLossConfig(strategies=("nearest",))
     with pytest.raises(ModelPackageError, match="unknown network architecture 'vnet'"):
         networks.build("vnet", {})
-    with pytest.raises(ModelPackageError, match="cannot build 'metricunet'"):
+    with pytest.raises(ModelPackageError, match="cannot build network 'metricunet'"):
         networks.build("metricunet", {"depth": 3})
 
 
@@ -159,5 +159,9 @@ def test_mismatched_weights_name_what_differs():
     state = UNet2p5D(widths=(8, 32)).state_dict()
     with pytest.raises(ModelPackageError, match="stage1: the weights do not fit.*wrong shape"):
         networks.load_state(small, state, "stage1")
-    networks.load_state(small, {k: v.half() for k, v in UNet2p5D(widths=(8, 16)).state_dict().items()}, "fp16")
+    # fp16 weights, as the bundled packages store them (integer buffers stay integers)
+    networks.load_state(small, {k: v.half() if v.is_floating_point() else v
+                                for k, v in UNet2p5D(widths=(8, 16)).state_dict().items()}, "fp16")
     assert small.head.weight.dtype == torch.float32
+    with pytest.raises(ModelPackageError, match="wrong type"):  # a count stored as a float is damage
+        networks.load_state(small, {k: v.half() for k, v in UNet2p5D(widths=(8, 16)).state_dict().items()}, "x")

@@ -17,8 +17,12 @@ from typing import ClassVar
 import pytest
 import torch
 
-from segcore import anatomy, packages
+from segcore import anatomy, networks, packages
 from segcore.errors import ChecksumError, InputNotFoundError, ModelPackageError, OutputExistsError
+
+# Two tiny real networks, so that verify and install (which build and test-run every stage) accept the package.
+COARSE = {"architecture": "unet2p5d", "arguments": {"in_channels": 5, "widths": [2, 4]}}
+FINE = {"architecture": "hfunet", "arguments": {"in_channels": 3, "widths": [2, 4], "tcl_blocks": 1}}
 
 
 def manifest(name="tiny-prostate", version="1.0", **changes) -> dict:
@@ -28,10 +32,8 @@ def manifest(name="tiny-prostate", version="1.0", **changes) -> dict:
         "task": "prostate",
         "description": "demo weights: trained on synthetic phantoms, not validated on patient data",
         "stages": [
-            {"name": "coarse", "architecture": "unet", "arguments": {"channels": 2},
-             "weights": "coarse.safetensors"},
-            {"name": "fine", "architecture": "hfunet", "arguments": {"channels": 3},
-             "weights": "fine.safetensors"},
+            {"name": "coarse", **COARSE, "weights": "coarse.safetensors"},
+            {"name": "fine", **FINE, "weights": "fine.safetensors"},
         ],
         "input": {"spacing_mm": [1.0, 1.0, 1.0], "intensity_window": [-200, 300], "normalisation": "window"},
         "labels": [anatomy.structure("prostate"), anatomy.structure("bladder")],
@@ -44,11 +46,13 @@ def manifest(name="tiny-prostate", version="1.0", **changes) -> dict:
 
 
 def tensors(seed=0) -> dict:
-    gen = torch.Generator().manual_seed(seed)
+    """Freshly initialised weights of the two stages (the fine stage stored as float16)."""
+    torch.manual_seed(seed)
+    coarse = networks.build(COARSE["architecture"], COARSE["arguments"]).state_dict()
+    fine = networks.build(FINE["architecture"], FINE["arguments"]).state_dict()
     return {
-        "coarse.safetensors": {"conv.weight": torch.randn(2, 1, 3, 3, 3, generator=gen),
-                               "conv.bias": torch.zeros(2)},
-        "fine.safetensors": {"conv.weight": torch.randn(3, 2, 3, 3, 3, generator=gen).half()},
+        "coarse.safetensors": coarse,
+        "fine.safetensors": {k: v.half() if v.is_floating_point() else v for k, v in fine.items()},
     }
 
 
@@ -107,7 +111,7 @@ def test_create_load_round_trip(tmp_path):
     assert loaded.name == "tiny-prostate" and loaded.version == "1.0" and loaded.task == "prostate"
     assert list(loaded.stages) == ["coarse", "fine"]
     assert loaded.stages["fine"].architecture == "hfunet"
-    assert loaded.stages["fine"].arguments == {"channels": 3}
+    assert loaded.stages["fine"].arguments == FINE["arguments"]
     assert loaded.input.spacing_mm == (1.0, 1.0, 1.0)
     assert loaded.input.intensity_window == (-200.0, 300.0)
     assert loaded.labels == [anatomy.structure("prostate"), anatomy.structure("bladder")]
@@ -115,11 +119,12 @@ def test_create_load_round_trip(tmp_path):
     for fname in weights:
         assert loaded.files[fname] == sha(tmp_path / "pkg" / fname)
     fine = loaded.load_weights("fine")
-    assert fine.keys() == {"conv.weight"}
-    assert fine["conv.weight"].dtype == torch.float16
-    assert torch.equal(fine["conv.weight"], weights["fine.safetensors"]["conv.weight"])
+    key = "seg.down.0.0.0.weight"
+    assert fine.keys() == weights["fine.safetensors"].keys()
+    assert fine[key].dtype == torch.float16
+    assert torch.equal(fine[key], weights["fine.safetensors"][key])
     coarse = packages.load_stage_weights(package, "coarse")
-    assert torch.equal(coarse["conv.weight"], weights["coarse.safetensors"]["conv.weight"])
+    assert torch.equal(coarse["head.bias"], weights["coarse.safetensors"]["head.bias"])
     with pytest.raises(ModelPackageError, match="coarse, fine"):
         loaded.load_weights()  # two stages: which one must be said
     assert "hfunet" in loaded.describe() and "prostate" in loaded.describe()
@@ -244,7 +249,8 @@ def test_a_schema_violation_is_one_sentence_naming_the_field(changes, location, 
     assert "\n" not in problem and ". " not in problem.replace("e.g. ", "").replace("...", "")  # one sentence
     with pytest.raises(ModelPackageError) as error:
         packages.validate_manifest(manifest_json(**changes), source="x/model.json")
-    assert f"  - {problem}\n" in str(error.value) and "Fix model.json" in str(error.value)
+    assert f": {problem}. " in str(error.value) and "Fix model.json" in str(error.value)
+    assert "\n" not in str(error.value)  # one line, as every error a user can cause
 
 
 def test_strict_json_values_are_refused():
@@ -411,7 +417,7 @@ def test_install_list_info_verify_remove(home, archive):
     assert packages.open_package(installed.path).where == "path"
     assert packages.verify_package("tiny-prostate").ok
     assert "tiny-prostate 1.0" in found.describe()
-    assert torch.equal(found.load_weights("coarse")["conv.bias"], torch.zeros(2))
+    assert torch.equal(found.load_weights("coarse")["head.bias"], tensors()["coarse.safetensors"]["head.bias"])
 
     assert packages.remove_package("tiny-prostate") == installed.path
     assert packages.list_packages() == [] and models_dir_contents(home) == []

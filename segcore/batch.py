@@ -1,20 +1,28 @@
 """Segmenting many files into an output folder: what `prostateseg segment` and Slicer's console API share.
 
-Each input gets ``<stem>.<format>`` files and a ``<stem>.json`` report. A bad
-input (missing, unreadable, not CT) is recorded and the batch goes on; only
-`Cancelled` stops it. Outputs are written atomically, and existing ones are
-refused unless `overwrite`.
+Each input gets ``<stem>.<format>`` files and a ``<stem>.json`` report: its
+result set. A bad input (missing, unreadable, not CT) is recorded and the batch
+goes on; `Cancelled` and a failure to write (full disk, read-only folder) stop
+it. Formats, the output folder and existing outputs are checked before anything
+is segmented (`plan_batch`); existing outputs are refused unless `overwrite`.
+A result set is one transaction: staged in a hidden folder inside the output
+folder, then swapped in as a whole with the report last, the previous set's
+other files removed, and SIGINT/SIGTERM held back during the swap. So an
+interrupted batch leaves each input's set complete-old, complete-new or absent,
+and the next run clears what an interrupted one left (`segcore.files.StagedSet`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from segcore.anatomy import Structure
-from segcore.errors import SegcoreError
+from segcore.errors import OutputExistsError, SegcoreError
+from segcore.files import exists_message
 from segcore.result import Result
 
 # progress(done_inputs + fraction_of_current, total_inputs, input_name, message)
@@ -78,6 +86,125 @@ def output_stem(path: Path) -> str:
     return f"{name}_seg"
 
 
+@dataclass
+class BatchPlan:
+    """What a batch will do, checked before any model is loaded: inputs (with their problems), output
+    names, formats, and the output folder."""
+
+    inputs: list[tuple[Path, str | None]]
+    stems: list[str]
+    formats: list[str]
+    output_dir: Path
+    overwrite: bool
+
+    def previous_names(self, stem: str, structure_names: Sequence[str] = ()) -> list[str]:
+        """The files of an earlier result set of `stem`: what its report lists, and any name we could
+        have written (so that a set from another model or other formats is replaced as a whole)."""
+        from segcore import anatomy
+        from segcore.export import possible_names
+
+        report = self.output_dir / f"{stem}.json"
+        listed = []
+        try:
+            outputs = json.loads(report.read_text(encoding="utf-8")).get("outputs", [])
+            listed = [n for n in outputs if isinstance(n, str) and n.startswith(stem) and Path(n).name == n]
+        except (OSError, ValueError, AttributeError):
+            pass
+        structure_names = dict.fromkeys([*structure_names, *(s.name for s in anatomy.STRUCTURES)])
+        names = possible_names(stem, structure_names) + listed + [report.name]
+        return list(dict.fromkeys(names))
+
+    def existing(self) -> list[Path]:
+        return [self.output_dir / name for (_, problem), stem in zip(self.inputs, self.stems) if not problem
+                for name in self.previous_names(stem) if (self.output_dir / name).exists()]
+
+
+def plan_batch(paths, output_dir, formats: Sequence[str] = ("seg.nrrd",), *, overwrite: bool = False) -> BatchPlan:
+    """Check a batch before the work: formats, the output folder, clashing names and, without
+    `overwrite`, existing outputs. Creates nothing."""
+    from segcore.export import normalise_formats
+    from segcore.files import check_output_folder
+
+    formats = normalise_formats(formats)
+    output_dir = check_output_folder(output_dir)
+    inputs = expand_inputs(paths)
+    stems = [output_stem(p) for p, _ in inputs]
+    clashes = sorted({s for (_, problem), s in zip(inputs, stems) if not problem and stems.count(s) > 1})
+    if clashes:
+        raise SegcoreError(f"several inputs would write the same output names ({', '.join(clashes)}); "
+                           "segment them into different output folders.")
+    plan = BatchPlan(inputs, stems, formats, output_dir, overwrite)
+    if not overwrite:
+        existing = plan.existing()
+        if existing:
+            raise OutputExistsError(exists_message(existing))
+    return plan
+
+
+def write_case(plan: BatchPlan, stem: str, path: Path, result: Result, structures) -> list[Path]:
+    """Write one input's result set (label maps, meshes, the report last) as one transaction."""
+    from segcore.export import export_labelmap
+    from segcore.files import StagedSet, write_text
+
+    report = f"{stem}.json"
+    previous = plan.previous_names(stem, [s.name for s in structures])
+    staged = None
+    try:
+        with signals_deferred():  # made and named at once, so that `finally` always knows what to remove
+            staged = StagedSet(plan.output_dir, report, previous, overwrite=plan.overwrite)
+        written = export_labelmap(result.labelmap, list(structures), staged.staging, stem, plan.formats)
+        text = json.dumps({"input": str(path), **result.to_json(), "outputs": [p.name for p in written]},
+                          indent=1, allow_nan=False)
+        write_text(staged.staging / report, text + "\n")
+        with signals_deferred():
+            return staged.commit()
+    finally:
+        if staged is not None:
+            with signals_deferred():  # an interrupted clean-up would leave half the staging folder
+                staged.discard()
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold back SIGINT and SIGTERM (delivered right after) while a result set is being swapped in, so
+    that Ctrl-C or a kill never leaves a half-replaced set. Only the main thread can do this."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    numbers = [signal.SIGINT] + ([signal.SIGTERM] if hasattr(signal, "SIGTERM") else [])
+    # A handler set outside Python (getsignal gives None) could not be put back: leave that signal alone.
+    previous = {n: signal.signal(n, lambda number, frame: received.append(number)) for n in numbers
+                if signal.getsignal(n) is not None}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in dict.fromkeys(received):
+            signal.raise_signal(number)
+
+
+def _write_failure(error: Exception, plan: BatchPlan, path: Path) -> Exception | None:
+    """The batch-stopping error for a failure to write (full disk, read-only folder), else None."""
+    from segcore.errors import OutputWriteError
+    from segcore.files import low_on_space, write_error
+
+    cause = error if isinstance(error, OSError) else error.__cause__
+    if isinstance(cause, OSError) and isinstance(error, (OSError, OutputWriteError)):
+        reason = write_error(plan.output_dir, cause)
+    elif isinstance(error, OutputWriteError):
+        reason = error
+    elif isinstance(error, RuntimeError) and low_on_space(plan.output_dir):  # a library's vague write error
+        reason = write_error(plan.output_dir, OSError(28, "No space left on device"))
+    else:
+        return None
+    return OutputWriteError(f"{path.name}: {reason}; the batch stopped")
+
+
 def segment_files(segment: Callable[..., Result], structures: Sequence[Structure], paths, output_dir,
                   formats: Sequence[str] = ("seg.nrrd",), *, overwrite: bool = False,
                   progress: BatchProgress | None = None,
@@ -86,43 +213,56 @@ def segment_files(segment: Callable[..., Result], structures: Sequence[Structure
 
     `structures` are the labels written to every output (also when nothing was
     found, so each input gets its files). `on_item` sees each finished item.
+    Everything that can be checked before segmenting is (`plan_batch`); each
+    input's outputs replace its previous ones as a whole; a failure to write
+    (full disk, read-only folder) stops the batch with an OutputWriteError.
     """
-    from segcore.export import export_labelmap
-    from segcore.files import atomic_output
+    from segcore.files import make_folder, recover_staging, remove_empty_folders, remove_temporary_leftovers
 
-    inputs = expand_inputs(paths)
-    stems = [output_stem(p) for p, _ in inputs]
-    clashes = sorted({s for (_, problem), s in zip(inputs, stems) if not problem and stems.count(s) > 1})
-    if clashes:
-        raise SegcoreError(f"several inputs would write the same output names ({', '.join(clashes)}); "
-                           "segment them into different output folders.")
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    plan = plan_batch(paths, output_dir, formats, overwrite=overwrite)
+    created = [] if all(problem for _, problem in plan.inputs) else make_folder(plan.output_dir)
+    if plan.output_dir.is_dir():  # clear what an interrupted run left
+        recover_staging(plan.output_dir)
+        remove_temporary_leftovers(plan.output_dir, [name for stem in plan.stems
+                                                     for name in plan.previous_names(stem)])
     report = progress or (lambda done, total, name, message: None)
-    items = []
-    for n, ((path, problem), stem) in enumerate(zip(inputs, stems)):
-        item = BatchItem(path)
-        try:
-            if problem:
-                raise SegcoreError(problem)
-            report_path = output_dir / f"{stem}.json"
-            if report_path.exists() and not overwrite:
-                raise SegcoreError(f"{report_path} exists; use --overwrite to replace the outputs")
-            item.result = segment(path, lambda fraction, message, n=n, name=path.name:
-                                  report(n + fraction, len(inputs), name, message))
-            item.outputs = export_labelmap(item.result.labelmap, list(structures), output_dir, stem, formats,
-                                           overwrite=overwrite)
-            with atomic_output(report_path, overwrite=overwrite) as tmp:
-                tmp.write_text(json.dumps({"input": str(path), **item.result.to_json(),
-                                           "outputs": [p.name for p in item.outputs]}, indent=1))
-            item.outputs.append(report_path)
-        except SegcoreError as error:
-            item.error = str(error)
-        except (OSError, RuntimeError, MemoryError, ValueError) as error:
-            # Disk full, out of memory, a library failing on odd data: this input fails, the batch goes on.
-            item.error = f"could not be processed: {type(error).__name__}: {error}"
-        items.append(item)
-        report(n + 1, len(inputs), path.name, "done" if item.ok else "failed")
-        if on_item is not None:
-            on_item(item)
+    items: list[BatchItem] = []
+    try:
+        for n, ((path, problem), stem) in enumerate(zip(plan.inputs, plan.stems)):
+            item = _segment_one(segment, structures, plan, path, problem, stem,
+                                lambda fraction, message, n=n, name=path.name:
+                                report(n + fraction, len(plan.inputs), name, message))
+            items.append(item)
+            report(n + 1, len(plan.inputs), path.name, "done" if item.ok else "failed")
+            if on_item is not None:
+                on_item(item)
+    finally:
+        remove_empty_folders(created)
     return items
+
+
+def _segment_one(segment, structures, plan: BatchPlan, path: Path, problem: str | None, stem: str,
+                 progress) -> BatchItem:
+    item = BatchItem(path)
+    try:
+        if problem:
+            raise SegcoreError(problem)
+        if not plan.overwrite and (plan.output_dir / f"{stem}.json").exists():  # appeared meanwhile
+            raise OutputExistsError(exists_message([plan.output_dir / f"{stem}.json"]))
+        item.result = segment(path, progress)
+    except SegcoreError as error:
+        item.error = str(error)
+        return item
+    except (OSError, RuntimeError, MemoryError, ValueError) as error:
+        # Out of memory, a library failing on odd data: this input fails, the batch goes on.
+        item.error = f"could not be processed: {type(error).__name__}: {error}"
+        return item
+    try:
+        item.outputs = write_case(plan, stem, path, item.result, structures)
+    except (SegcoreError, OSError, RuntimeError, MemoryError, ValueError) as error:
+        stop = _write_failure(error, plan, path)
+        if stop is not None:
+            raise stop from error
+        item.error = str(error) if isinstance(error, SegcoreError) else \
+            f"could not be written: {type(error).__name__}: {error}"
+    return item

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from segcore import __version__
@@ -33,10 +36,12 @@ Run `prostateseg COMMAND --help` for the options of each command.
 def _phantom(args) -> int:
     from tqdm import tqdm
 
+    from segcore.files import check_output_folder
     from segcore.phantom import ORIENTATIONS, write_phantoms
 
     if args.orientation not in ("random", *ORIENTATIONS):
         raise SegcoreError(f"--orientation must be 'random' or one of {', '.join(ORIENTATIONS)}")
+    check_output_folder(args.outdir)
     implant = {"random": None, "yes": True, "no": False}[args.implant]
     with tqdm(total=args.n, desc="phantoms", unit="case", file=sys.stderr, disable=args.quiet) as bar:
         written = write_phantoms(
@@ -59,6 +64,11 @@ def _evaluate(args) -> int:
             labels = [int(v) for v in args.labels.split(",") if v.strip()]
         except ValueError:
             raise SegcoreError(f"--labels takes label values separated by commas (e.g. 1,2), not {args.labels!r}")
+    from segcore.files import check_output_file
+
+    for target in (args.json, args.csv):  # before the work: a folder, a file in the way, an existing file
+        if target:
+            check_output_file(target, overwrite=args.overwrite)
     pred = read_image(args.pred, kind="labels")
     ref = read_image(args.ref, kind="labels")
     results = metrics.evaluate(pred, ref, labels)
@@ -72,15 +82,47 @@ def _evaluate(args) -> int:
 
 
 def _segment(args) -> int:
+    _check_batch(args)
     from segcore.prostate import ProstateSegmenter
 
     return _run_batch(ProstateSegmenter(args.model, args.device), args)
 
 
 def _organs(args) -> int:
+    _check_batch(args)
     from segcore.organs import OrganSegmenter
 
     return _run_batch(OrganSegmenter(args.model, args.device, args.organs), args)
+
+
+def _formats(args) -> list[str]:
+    return [f.strip().lower().lstrip(".") for f in args.formats.split(",") if f.strip()]
+
+
+def _check_batch(args) -> None:
+    """Formats, the output folder and existing outputs, before a model is loaded or anything segmented."""
+    from segcore.batch import plan_batch
+
+    plan_batch(args.inputs, args.output, _formats(args), overwrite=args.overwrite)
+
+
+# Library warnings about things we handle (they would only break into the progress on stderr); any other
+# warning still shows.
+KNOWN_LIBRARY_WARNINGS = (
+    # torch.from_numpy on a read-only view of an image: the tensor is only read
+    (UserWarning, r"The given NumPy array is not writ"),
+    # a GPU driver torch cannot use: --device auto then runs on the CPU, --device cuda says so itself
+    (UserWarning, r"CUDA initialization"),
+    (UserWarning, r"Can't initialize NVML"),
+)
+
+
+@contextmanager
+def _known_warnings_silenced():
+    with warnings.catch_warnings():
+        for category, message in KNOWN_LIBRARY_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        yield
 
 
 def _run_batch(segmenter, args) -> int:
@@ -89,8 +131,8 @@ def _run_batch(segmenter, args) -> int:
 
     from segcore.batch import segment_files
 
-    formats = [f.strip().lower().lstrip(".") for f in args.formats.split(",") if f.strip()]
-    with tqdm(total=100, file=sys.stderr, disable=args.quiet, unit="%",
+    formats = _formats(args)
+    with _known_warnings_silenced(), tqdm(total=100, file=sys.stderr, disable=args.quiet, unit="%",
               bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}") as bar:
         def progress(done, total, name, message):
             bar.set_description_str(f"[{min(int(done) + 1, total)}/{total}] {name}: {message}")
@@ -271,6 +313,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: partial outputs are cleaned up on the way out."""
+
+
+def _terminate(number, frame):
+    raise Terminated()
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """Turn SIGTERM into `Terminated` while a command runs (main thread only), so that `finally`
+    clauses remove staging folders and temporary files as they do for Ctrl-C."""
+    previous = None
+    if hasattr(signal, "SIGTERM"):
+        try:
+            previous = signal.signal(signal.SIGTERM, _terminate)
+        except ValueError:  # not the main thread
+            previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -280,10 +347,18 @@ def main(argv=None) -> int:
     log.addHandler(handler)
     log.setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
-        return args.run(args)
+        with _sigterm_as_interrupt():
+            return args.run(args)
     except SegcoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # the file system said no (full, read-only, gone): its words, on one line
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -33,6 +33,10 @@ class OutputExistsError(SegcoreError):
     """An output file exists and overwriting was not asked for."""
 
 
+class OutputWriteError(SegcoreError):
+    """An output could not be written: full disk, read-only file system, no permission, a file in the way."""
+
+
 class ModelPackageError(SegcoreError):
     """A model package is missing, damaged, of another schema or unsafe."""
 

@@ -16,7 +16,9 @@ DICOM SEG and RT Structure Sets are written elsewhere.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +34,7 @@ from segcore.errors import (
     UnreadableImageError,
     UnsupportedImageError,
 )
-from segcore.files import atomic_output, exists_message
+from segcore.files import StagedSet, atomic_output, exists_message, make_folder
 from segcore.image import as_labelmap, ijk_to_lps_matrix, image_from_ijk_to_lps, write_image
 
 LABELMAP_FORMATS = ("seg.nrrd", "nii.gz", "nii", "nrrd")
@@ -40,6 +42,8 @@ SURFACE_FORMATS = ("stl", "obj", "vtp", "ply")
 SUPPORTED_FORMATS = LABELMAP_FORMATS + SURFACE_FORMATS
 
 _LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd")
+
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------ geometry
@@ -204,7 +208,8 @@ def read_seg_nrrd(path) -> tuple[sitk.Image, list[Segment]]:
 # --------------------------------------------------------------------- entry point
 
 
-def _normalise_formats(formats: Iterable[str]) -> list[str]:
+def normalise_formats(formats: Iterable[str]) -> list[str]:
+    """The formats as export keys (``".NII.GZ"`` -> ``"nii.gz"``), checked before any work."""
     if isinstance(formats, str):
         formats = [formats]
     result = []
@@ -221,6 +226,47 @@ def _normalise_formats(formats: Iterable[str]) -> list[str]:
     return result
 
 
+_normalise_formats = normalise_formats
+
+
+def possible_names(stem: str, structure_names: Iterable[str]) -> list[str]:
+    """Every file name an export of `stem` can write, in any format, for these structures."""
+    names = [f"{stem}.{fmt}" for fmt in LABELMAP_FORMATS]
+    return names + [f"{stem}_{name}.{fmt}" for name in structure_names for fmt in SURFACE_FORMATS]
+
+
+@contextmanager
+def quiet_writers(surfaces: bool) -> Iterator[None]:
+    """Keep ITK's and VTK's warnings off stderr while we write: what they would say (an empty or
+    degenerate surface, an odd direction matrix) is checked here and goes to the debug log."""
+    display = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    window = previous = None
+    if surfaces:
+        from vtkmodules.vtkCommonCore import vtkOutputWindow, vtkStringOutputWindow
+
+        previous, window = vtkOutputWindow.GetInstance(), vtkStringOutputWindow()
+        vtkOutputWindow.SetInstance(window)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(display)
+        if window is not None:
+            vtkOutputWindow.SetInstance(previous)
+            if window.GetOutput().strip():
+                log.debug("VTK while writing surfaces: %s", window.GetOutput().strip())
+
+
+def _plan(fmts, structures, present, stem) -> list[tuple[str, str, Structure | None]]:
+    plan: list[tuple[str, str, Structure | None]] = []
+    for fmt in fmts:
+        if fmt in SURFACE_FORMATS:
+            plan += [(fmt, f"{stem}_{s.name}.{fmt}", s) for s in structures if s.value in present]
+        else:
+            plan.append((fmt, f"{stem}.{fmt}", None))
+    return plan
+
+
 def export_labelmap(
     labelmap: sitk.Image,
     structures: Sequence[Structure] | None,
@@ -235,11 +281,13 @@ def export_labelmap(
 
     Label map formats give ``<stem>.<format>``; surface formats (stl, obj, vtp,
     ply) give one ``<stem>_<structure name>.<format>`` per structure present in the
-    image. `structures` names the labels to export (default: every catalogued
-    label present); other voxel values are written as background. All targets are
-    checked before anything is written, so a refused export leaves no partial set.
+    image (none for a structure too small to give a surface). `structures` names
+    the labels to export (default: every catalogued label present); other voxel
+    values are written as background. All targets are checked before anything is
+    written, and the files are staged and moved in together: a failed export
+    leaves no partial set.
     """
-    fmts = _normalise_formats(formats)
+    fmts = normalise_formats(formats)
     if not stem or Path(stem).name != stem or stem in (".", ".."):
         raise SegcoreError(f"the output name stem must be a plain file name, got {stem!r}")
     labelmap = _checked_labelmap(labelmap)
@@ -253,16 +301,9 @@ def export_labelmap(
     structures = _check_structures(structures)
 
     outdir = Path(outdir)
-    plan: list[tuple[str, Path, Structure | None]] = []
-    for fmt in fmts:
-        if fmt in SURFACE_FORMATS:
-            for s in structures:
-                if s.value in present:
-                    plan.append((fmt, outdir / f"{stem}_{s.name}.{fmt}", s))
-        else:
-            plan.append((fmt, outdir / f"{stem}.{fmt}", None))
+    plan = _plan(fmts, structures, present, stem)
     if not overwrite:
-        existing = [p for _, p, _ in plan if p.exists()]
+        existing = [outdir / name for _, name, _ in plan if (outdir / name).exists()]
         if existing:
             raise OutputExistsError(exists_message(existing))
 
@@ -273,21 +314,32 @@ def export_labelmap(
         only_listed.CopyInformation(labelmap)
         labelmap = only_listed
 
+    make_folder(outdir)
+    staged = StagedSet(outdir, overwrite=overwrite)
+    try:
+        with quiet_writers(surfaces=any(fmt in SURFACE_FORMATS for fmt in fmts)):
+            _write_plan(labelmap, structures, plan, staged.staging, smoothing, decimation)
+        return staged.commit()
+    finally:
+        staged.discard()
+
+
+def _write_plan(labelmap, structures, plan, folder: Path, smoothing: float, decimation: float) -> None:
     surfaces = {}
-    if any(fmt in SURFACE_FORMATS for fmt in fmts):
+    if any(fmt in SURFACE_FORMATS for fmt, _, _ in plan):
         from segcore import surfaces as surface_module  # vtk is loaded only when meshes are asked for
 
         surfaces = surface_module.labelmap_to_surfaces(
             labelmap, labels=[s.value for s in structures], smoothing=smoothing, decimation=decimation
         )
-
-    written: list[Path] = []
-    for fmt, target, structure in plan:
+    for fmt, name, structure in plan:
         if fmt == "seg.nrrd":
-            write_seg_nrrd(labelmap, structures, target, overwrite=overwrite)
+            write_seg_nrrd(labelmap, structures, folder / name)
         elif fmt in SURFACE_FORMATS:
-            surface_module.write_surface(surfaces[structure.value], target, overwrite=overwrite)
+            mesh = surfaces.get(structure.value)
+            if mesh is None or mesh.GetNumberOfPoints() == 0:
+                log.info("%s: too small for a surface; no %s written", structure.name, name)
+                continue
+            surface_module.write_surface(mesh, folder / name)
         else:
-            write_labelmap(labelmap, target, overwrite=overwrite)
-        written.append(target)
-    return written
+            write_labelmap(labelmap, folder / name)

@@ -5,7 +5,13 @@ millimetres, and an image's grid is its size, spacing, origin and direction.
 
 - `read_image` reads NIfTI, NRRD/NHDR, MHA/MHD, a DICOM series folder or a
   single DICOM file, checks that the result is a sane 3-D scalar volume (and,
-  for CT, that it holds Hounsfield units) and raises a `SegcoreError` otherwise.
+  for CT, that it holds Hounsfield units) and raises a `SegcoreError` otherwise:
+  incomplete or damaged files (NIfTI data shorter than its header says, a gzip
+  stream cut short or failing its CRC), NaN voxels, a physical extent no scanner
+  has, DICOM series that mix stacks, scouts or damaged files. Library messages
+  (ITK, GDCM, MetaIO) are kept off stderr while reading; our errors say it.
+- `centred_grid` / `axis_aligned_grid` make every grid we resample onto, and
+  refuse (GeometryError) one too large before anything is allocated.
 - `canonicalize` permutes and flips the voxel axes (no interpolation) so that
   i, j, k run as close as possible to L, P, S; `restore_orientation` undoes it
   exactly, voxel for voxel.
@@ -15,8 +21,15 @@ millimetres, and an image's grid is its size, spacing, origin and direction.
 
 from __future__ import annotations
 
+import gzip
 import itertools
 import logging
+import os
+import struct
+import tempfile
+import warnings
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +54,14 @@ AIR_HU = -1024.0
 MIN_SPACING_MM, MAX_SPACING_MM = 0.05, 20.0
 MIN_VOXELS_PER_AXIS, MAX_VOXELS_PER_AXIS = 4, 8192
 MAX_VOXELS = 2_000_000_000
+# Physical extent (LPS box) of an input: no scanner bore is 1 m wide, and a whole-body CT is under 2.5 m
+# long. A larger box means a header in other units (e.g. 20 mm voxels that are really 0.8 mm), and
+# resampling it would take minutes and gigabytes.
+MAX_EXTENT_MM = (1000.0, 1000.0, 2500.0)
+# Every grid we resample onto (stage grids, crops) stays within these.
+MAX_GRID_VOXELS = 300_000_000
+MAX_GRID_EXTENT_MM = 3000.0
+_COMPLEX_PIXEL_IDS = (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64)
 
 
 def is_volume_file(path: Path) -> bool:
@@ -72,6 +93,8 @@ def read_image(path: str | Path, kind: str = "ct") -> sitk.Image:
     path = Path(path)
     if not path.exists():
         raise InputNotFoundError(f"{path}: no such file or folder. Check the path (and the current folder).")
+    if kind == "ct" and path.is_file() and _is_slicer_segmentation(path):
+        raise UnsupportedImageError(_slicer_segmentation_message(path))
     if path.is_dir():
         image = _read_dicom_folder(path)
     elif is_dicom_file(path):
@@ -80,6 +103,8 @@ def read_image(path: str | Path, kind: str = "ct") -> sitk.Image:
         image = _read_volume_file(path)
     check_volume(image, str(path))
     if kind == "ct":
+        check_not_tiny(image, str(path))
+        check_finite(image, str(path))
         check_not_blank(image, str(path))
         check_ct_like(image, str(path))
     elif kind == "labels":
@@ -87,29 +112,189 @@ def read_image(path: str | Path, kind: str = "ct") -> sitk.Image:
     return image
 
 
-def _read_volume_file(path: Path) -> sitk.Image:
+@contextmanager
+def quiet_libraries():
+    """Keep ITK, GDCM, MetaIO and pydicom from printing on stderr while we read: we check what they
+    complain about ourselves and say it in our own words. Yields a list that receives what they printed
+    (one string), for our messages and the debug log."""
+    printed: list[str] = []
+    warning_display = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
-        return sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        if is_volume_file(path):
-            what = "it is damaged or not what its name says"
-        else:
-            what = "its format is not one we read (NIfTI, NRRD, MHA/MHD or DICOM)"
-        raise UnreadableImageError(f"{path}: cannot read this image: {what}. ({_first_line(exc)})") from None
+        with warnings.catch_warnings(), tempfile.TemporaryFile() as sink:
+            warnings.simplefilter("ignore")
+            try:  # the C++ libraries write to file descriptor 2 themselves
+                saved = os.dup(2)
+            except OSError:
+                saved = None
+            if saved is not None:
+                os.dup2(sink.fileno(), 2)
+            try:
+                yield printed
+            finally:
+                if saved is not None:
+                    os.dup2(saved, 2)
+                    os.close(saved)
+                    sink.seek(0)
+                    text = sink.read().decode("utf-8", "replace").strip()
+                    if text:
+                        printed.append(text)
+                        log.debug("library output while reading: %s", text)
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warning_display)
+
+
+# What NRRD (teem) and MetaImage readers say when a file holds less data than its header promises.
+_INCOMPLETE_SIGNS = ("bytes but received", "fread got only", "not read completely", "unexpected end of file",
+                     "premature end", "truncated")
+
+
+def _read_volume_file(path: Path) -> sitk.Image:
+    with quiet_libraries() as printed:
+        try:
+            image = sitk.ReadImage(str(path))
+            error = None
+        except RuntimeError as exc:
+            image, error = None, exc
+    if error is None or path.name.lower().endswith((".nii", ".nii.gz")):
+        _check_file_data(path)  # also explains why ITK failed on a truncated or damaged gzip stream
+    if error is None:
+        return image
+    said = " ".join([str(error), *printed]).lower()
+    if any(sign in said for sign in _INCOMPLETE_SIGNS):
+        raise UnreadableImageError(
+            f"{path}: the file is incomplete: it holds less image data than its header promises "
+            "(an interrupted copy, download or export). Copy or export it again.") from None
+    if is_volume_file(path):
+        what = "it is damaged or not what its name says"
+    else:
+        what = "its format is not one we read (NIfTI, NRRD, MHA/MHD or DICOM)"
+    raise UnreadableImageError(f"{path}: cannot read this image: {what}. ({_first_line(error)})") from None
+
+
+# NIfTI data types whose voxels can be NaN: {datatype code: numpy type}
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+
+
+def _nifti_layout(head: bytes):
+    """(data offset, data bytes, float numpy dtype or None) from a NIfTI-1 or -2 header, or None."""
+    for order in ("<", ">"):
+        if len(head) >= 348 and struct.unpack(order + "i", head[:4])[0] == 348:
+            dims = struct.unpack(order + "8h", head[40:56])
+            datatype, bitpix = struct.unpack(order + "2h", head[70:74])
+            offset = int(struct.unpack(order + "f", head[108:112])[0])
+            break
+        if len(head) >= 540 and struct.unpack(order + "i", head[:4])[0] == 540:
+            datatype, bitpix = struct.unpack(order + "2h", head[12:16])
+            dims = struct.unpack(order + "8q", head[16:80])
+            offset = struct.unpack(order + "q", head[168:176])[0]
+            break
+    else:
+        return None
+    if not 1 <= dims[0] <= 7 or min(dims[1:dims[0] + 1]) < 1 or bitpix <= 0 or bitpix % 8:
+        return None  # a header we cannot size: ITK's own checks are all we have
+    count = int(np.prod([int(d) for d in dims[1:dims[0] + 1]], dtype=np.int64))
+    dtype = np.dtype(order + _NIFTI_FLOATS[datatype]) if datatype in _NIFTI_FLOATS else None
+    return max(offset, 348), count * bitpix // 8, dtype
+
+
+def _nifti_chunks(path: Path, chunk_bytes: int = 1 << 22):
+    """The bytes of a NIfTI file (decompressed when gzip-compressed) in chunks, read to the end."""
+    with open(path, "rb") as stream:
+        compressed = stream.read(2) == b"\x1f\x8b"
+    if compressed:
+        try:
+            with gzip.open(path, "rb") as stream:
+                while chunk := stream.read(chunk_bytes):
+                    yield chunk
+        except (EOFError, OSError, zlib.error) as exc:  # truncated stream, CRC or length mismatch
+            raise UnreadableImageError(
+                f"{path}: the compressed file is incomplete or damaged ({_first_line(exc)}): an interrupted "
+                "copy, download or export. Copy or export it again.") from None
+    else:
+        with open(path, "rb") as stream:
+            while chunk := stream.read(chunk_bytes):
+                yield chunk
+
+
+def _check_file_data(path: Path) -> None:
+    """What ITK's NIfTI reader lets pass: too little data (missing voxels read as 0) and NaN voxels
+    (read as 0). Both are refused; NRRD and MetaImage readers refuse short data themselves."""
+    name = path.name.lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return
+    chunks = _nifti_chunks(path)
+    head = b""
+    for chunk in chunks:
+        head += chunk
+        if len(head) >= 540:
+            break
+    layout = _nifti_layout(head)
+    if layout is None:
+        for _ in chunks:  # still read a compressed stream to its end: it checks the CRC
+            pass
+        return
+    offset, data_bytes, float_type = layout
+    total, nonfinite, pending = 0, 0, b""
+    for chunk in itertools.chain([head], chunks):
+        start = max(0, offset - total)
+        stop = max(0, min(len(chunk), offset + data_bytes - total))
+        total += len(chunk)
+        if float_type is not None and stop > start:
+            pending += chunk[start:stop]
+            usable = len(pending) - len(pending) % float_type.itemsize
+            values = np.frombuffer(pending[:usable], dtype=float_type)
+            nonfinite += int(values.size - np.count_nonzero(np.isfinite(values)))
+            pending = pending[usable:]
+    if total < offset + data_bytes:
+        raise UnreadableImageError(
+            f"{path}: the file is incomplete: it holds {max(0, total - offset)} of the {data_bytes} bytes of "
+            f"image data its header promises ({100 * max(0, total - offset) / data_bytes:.0f}%), so voxels "
+            "are missing (an interrupted copy, download or export). Copy or export it again.")
+    if nonfinite:
+        raise UnreadableImageError(_nan_message(str(path), nonfinite))
+
+
+def _nan_message(where: str, count: int) -> str:
+    return (f"{where}: {count} voxel(s) hold NaN or infinity (not a number) instead of Hounsfield units: "
+            "the image is damaged or marks missing data that way. Replace them (e.g. with -1024 HU, air) "
+            "or export the CT again.")
+
+
+def _is_slicer_segmentation(path: Path) -> bool:
+    if path.name.lower().endswith(".seg.nrrd"):
+        return True
+    if not path.name.lower().endswith((".nrrd", ".nhdr")):
+        return False
+    try:
+        with open(path, "rb") as f:
+            header = f.read(65536).split(b"\n\n", 1)[0]
+    except OSError:
+        return False
+    return b"Segment0_ID:=" in header or b"Segmentation_MasterRepresentation:=" in header
+
+
+def _slicer_segmentation_message(path) -> str:
+    return (f"{path}: a Slicer segmentation (.seg.nrrd: segments, not intensities), not a CT. "
+            "Give the CT volume it was made on.")
 
 
 def _read_dicom_folder(folder: Path) -> sitk.Image:
     entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
     if not entries:
         raise UnreadableImageError(f"{folder}: the folder is empty. Give a DICOM series folder or an image file.")
-    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    with quiet_libraries():
+        series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+        series = {sid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series_ids}
     if not series_ids:
         volumes = sorted(p.name for p in entries if p.is_file() and is_volume_file(p))
         hint = f" It holds image files ({', '.join(volumes[:3])}...): give one of them instead." if volumes else ""
+        damaged = _damaged_dicom_files(entries, set())
+        if damaged and not volumes:
+            hint = f" Damaged DICOM files: {', '.join(damaged[:3])}."
         raise UnreadableImageError(f"{folder}: no DICOM series in this folder.{hint}")
     candidates = []
-    for sid in series_ids:
-        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid)
+    for sid, files in series.items():
         info = _dicom_header(files[0])
         candidates.append((sid, files, info.get("0008|0060", "").strip(), info.get("0008|103e", "").strip()))
     ct = [c for c in candidates if c[2] == "CT"]
@@ -122,48 +307,178 @@ def _read_dicom_folder(folder: Path) -> sitk.Image:
             "%s: %d series found; using the CT series %s (%d slices%s)",
             folder, len(candidates), sid, len(files), f", '{description}'" if description else "",
         )
-    return _read_dicom_series(files, str(folder))
+    listed = {Path(f).resolve() for files_ in series.values() for f in files_}
+    return _read_dicom_series(files, str(folder), _damaged_dicom_files(entries, listed))
+
+
+def _damaged_dicom_files(entries, listed) -> list[str]:
+    """Names of the DICOM files (by their 'DICM' mark) in a folder that GDCM left out of every series."""
+    damaged = []
+    for entry in sorted(entries):
+        if entry.is_file() and entry.resolve() not in listed and is_dicom_file(entry):
+            try:
+                _dicom_header(str(entry))
+            except UnreadableImageError:
+                damaged.append(entry.name)
+    return damaged
 
 
 def _read_dicom_file(path: Path) -> sitk.Image:
     """A single DICOM file: the whole series it belongs to if its folder holds it, else the file."""
     folder = str(path.parent)
-    for sid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder):
-        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, sid)
+    with quiet_libraries():
+        series = [sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, sid)
+                  for sid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)]
+    for files in series:
         if len(files) > 1 and any(Path(f).resolve() == path.resolve() for f in files):
             log.info("%s is one slice of a series of %d: reading the whole series", path.name, len(files))
             return _read_dicom_series(files, str(path))
-    try:
-        return sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        raise UnreadableImageError(f"{path}: cannot read this DICOM file ({_first_line(exc)}).") from None
+    with quiet_libraries():
+        try:
+            return sitk.ReadImage(str(path))
+        except RuntimeError as exc:
+            error = _first_line(exc)
+    raise UnreadableImageError(f"{path}: cannot read this DICOM file: it is damaged ({error}).")
 
 
 def _dicom_header(file_name: str) -> dict[str, str]:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(file_name))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as exc:
-        raise UnreadableImageError(f"{file_name}: damaged DICOM file ({_first_line(exc)}).") from None
+    with quiet_libraries():
+        try:
+            reader.ReadImageInformation()
+            error = None
+        except RuntimeError as exc:
+            error = _first_line(exc)
+    if error:
+        raise UnreadableImageError(f"{file_name}: damaged DICOM file ({error}).")
     return {key: reader.GetMetaData(key) for key in reader.GetMetaDataKeys()}
 
 
-def _read_dicom_series(files, where: str) -> sitk.Image:
+# Per-slice tags we check: position, orientation, study, frame of reference, image type, instance number.
+_SLICE_TAGS = ("0020|0032", "0020|0037", "0020|000d", "0020|0052", "0008|0008", "0020|0013")
+
+
+def _read_dicom_series(files, where: str, damaged=()) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()  # keep each slice's header: positions are checked below
-    try:
-        image = reader.Execute()
-    except RuntimeError as exc:
-        raise UnreadableImageError(f"{where}: cannot read the DICOM series ({_first_line(exc)}).") from None
-    headers = [{key: reader.GetMetaData(n, key) for key in ("0020|0032", "0020|0037")
+    with quiet_libraries():
+        try:
+            image, error = reader.Execute(), None
+        except RuntimeError as exc:
+            image, error = None, exc
+    if error is not None:
+        _find_bad_slice(files, where)
+        raise UnreadableImageError(f"{where}: cannot read the DICOM series ({_first_line(error)}).") from None
+    headers = [{key: reader.GetMetaData(n, key).strip() for key in _SLICE_TAGS
                 if reader.HasMetaDataKey(n, key)} for n in range(len(files))]
-    _check_slice_positions(headers, where)
+    _check_one_stack(headers, files, where)
+    _check_slice_positions(headers, where, damaged)
+    _check_not_interleaved(image, where)
     return image
 
 
-def _check_slice_positions(headers, where: str) -> None:
+def _check_not_interleaved(image: sitk.Image, where: str) -> None:
+    """Refuse a volume whose odd and even slices are two different scans (two stacks merged by position,
+    with nothing in their headers to tell them apart). In any real scan a slice is closer to its
+    neighbour than to the slice after next; in two interleaved scans it is the other way round."""
+    array = sitk.GetArrayViewFromImage(image)
+    if array.shape[0] < 6:
+        return
+    step = max(1, min(array.shape[1:]) // 64)
+    sample = np.asarray(array[:, ::step, ::step], dtype=np.float32)
+    next_ = float(np.mean(np.abs(sample[1:] - sample[:-1])))
+    after_next = float(np.mean(np.abs(sample[2:] - sample[:-2])))
+    if next_ > 2.0 * after_next + 1.0:
+        raise GeometryError(
+            f"{where}: every other slice looks like another scan (neighbouring slices differ more than slices "
+            "two apart): two stacks were merged into one series. Put each series in its own folder "
+            "(or give each its own SeriesInstanceUID).")
+
+
+def _localizer_message(where: str, name: str) -> str:
+    return (f"{where}: {name} is a scout (localizer) image, not a slice of the CT volume. Remove it from "
+            "the folder (or export the CT series alone).")
+
+
+def _find_bad_slice(files, where: str) -> None:
+    """After the series reader failed: name the damaged file or the odd one out (a scout, another size)."""
+    shapes = {}
+    for name in files:
+        header = _dicom_header(name)  # names a damaged file
+        if "LOCALIZER" in header.get("0008|0008", "").upper():
+            raise GeometryError(_localizer_message(where, Path(name).name))
+        shapes.setdefault((header.get("0028|0010"), header.get("0028|0011")), []).append(Path(name).name)
+        with quiet_libraries():
+            try:
+                sitk.ReadImage(str(name))
+                error = None
+            except RuntimeError as exc:
+                error = _first_line(exc)
+        if error:
+            raise UnreadableImageError(f"{where}: the DICOM file {Path(name).name} is damaged ({error}). "
+                                       "Export the series again (or remove that file).")
+    if len(shapes) > 1:
+        odd = min(shapes.values(), key=len)
+        raise GeometryError(f"{where}: the slices differ in size ({', '.join(odd[:3])} differ from the rest): "
+                            "the folder mixes images of several series. Export the CT series alone.")
+
+
+def _check_one_stack(headers, files, where: str) -> None:
+    """Refuse slices that are not one stack of one scan: scouts, and stacks of other studies, frames of
+    reference or orientations merged into one series (e.g. files with no or the same SeriesInstanceUID)."""
+    for header, name in zip(headers, files):
+        if "LOCALIZER" in header.get("0008|0008", "").upper():
+            raise GeometryError(_localizer_message(where, Path(name).name))
+    for tag, what in (("0020|000d", "studies (StudyInstanceUID)"), ("0020|0052", "frames of reference"),
+                      ("0020|0037", "orientations"), ("0020|0013", None)):
+        groups: dict[str, list[str]] = {}
+        for n, (header, name) in enumerate(zip(headers, files)):
+            if header.get(tag):
+                value = header[tag] if tag != "0020|0037" else _rounded(header[tag])
+                groups.setdefault(value, []).append((n, Path(name).name))
+        if what is None:  # instance numbers: each slice of one stack has its own
+            repeated = [[name for _, name in slices] for slices in groups.values() if len(slices) > 1]
+            if repeated and _numbering_stacks_overlap(headers, groups):
+                raise GeometryError(
+                    f"{where}: several slices carry the same instance number ({', '.join(repeated[0][:2])}): "
+                    "the series holds two or more stacks merged into one. Put each series in its own folder "
+                    "(or give each its own SeriesInstanceUID).")
+        elif len(groups) > 1:
+            examples = ", ".join(slices[0][1] for slices in groups.values())
+            raise GeometryError(
+                f"{where}: the slices come from {len(groups)} different {what} (e.g. {examples}), merged into "
+                "one series (no or the same SeriesInstanceUID). Put each series in its own folder.")
+
+
+def _numbering_stacks_overlap(headers, groups) -> bool:
+    """Whether the slices that repeat instance numbers lie among the others (two interleaved stacks)
+    rather than after them (one series acquired in parts, numbering restarted for each)."""
+    try:
+        row_col = [float(v) for v in headers[0]["0020|0037"].split("\\")]
+        normal = np.cross(row_col[:3], row_col[3:])
+        along = [float(np.dot([float(v) for v in header["0020|0032"].split("\\")], normal)) for header in headers]
+    except (KeyError, ValueError):
+        return True  # no positions to tell: repeated numbers are all we know
+    stacks: list[list[float]] = []
+    for slices in groups.values():
+        for occurrence, (n, _) in enumerate(slices):
+            if occurrence == len(stacks):
+                stacks.append([])
+            stacks[occurrence].append(along[n])
+    first, second = stacks[0], stacks[1]
+    return max(min(first), min(second)) < min(max(first), max(second))
+
+
+def _rounded(values: str) -> str:
+    try:
+        return ",".join(f"{float(v):.3f}" for v in values.split("\\"))
+    except ValueError:
+        return values
+
+
+def _check_slice_positions(headers, where: str, damaged=()) -> None:
     """Refuse series whose slices are not evenly spaced along one normal (gaps,
     duplicates, gantry tilt): one spacing per axis cannot describe them."""
     if len(headers) < 3:
@@ -181,6 +496,10 @@ def _check_slice_positions(headers, where: str) -> None:
     steps = np.diff(along)
     median = float(np.median(steps))
     if median <= 0 or np.any(np.abs(steps - median) > 0.1 * median + 1e-3):
+        if damaged:
+            raise UnreadableImageError(
+                f"{where}: damaged DICOM file(s) {', '.join(damaged[:3])} cannot be read, and the series has a "
+                "gap where they belong. Export the series again (or replace those files).")
         raise GeometryError(
             f"{where}: the slices are not evenly spaced (steps from {steps.min():.2f} to {steps.max():.2f} mm): "
             "the series has gaps, duplicates or several stacks. Export a complete, single-stack CT series."
@@ -191,6 +510,9 @@ def _check_slice_positions(headers, where: str) -> None:
             f"{where}: the slices are shifted against each other (gantry tilt?). "
             "Resample the series to a regular grid first (e.g. Slicer's 'Acquisition Transform Correction')."
         )
+    if damaged:
+        log.warning("%s: damaged DICOM file(s) left out (not part of the series read): %s",
+                    where, ", ".join(damaged[:5]))
 
 
 def _first_line(exc: Exception) -> str:
@@ -204,6 +526,11 @@ def _first_line(exc: Exception) -> str:
 def check_volume(image: sitk.Image, where: str = "image") -> None:
     """Raise unless `image` is a sane 3-D scalar volume."""
     dim = image.GetDimension()
+    if image.GetPixelID() in _COMPLEX_PIXEL_IDS:
+        raise UnsupportedImageError(
+            f"{where}: a complex-valued image (e.g. raw MR or Fourier data); a CT holds real Hounsfield units. "
+            "Give the CT volume itself."
+        )
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise UnsupportedImageError(
             f"{where}: a vector/colour image ({image.GetNumberOfComponentsPerPixel()} components per voxel); "
@@ -229,8 +556,51 @@ def check_volume(image: sitk.Image, where: str = "image") -> None:
             f"(expected {MIN_SPACING_MM}-{MAX_SPACING_MM} mm): the header is probably in other units. Fix the header."
         )
     direction = np.asarray(image.GetDirection()).reshape(3, 3)
-    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-3):
+    if not np.all(np.isfinite(direction)) or not np.allclose(direction.T @ direction, np.eye(3), atol=1e-3):
         raise GeometryError(f"{where}: the direction matrix is not orthonormal (sheared or damaged header).")
+    check_extent(image, where)
+
+
+def check_extent(image: sitk.Image, where: str = "image") -> None:
+    """Refuse an image whose physical box (LPS) is larger than any scanner's: a header in other units."""
+    if not np.all(np.isfinite(image.GetOrigin())):
+        raise GeometryError(f"{where}: the origin {image.GetOrigin()} is not a number (damaged header).")
+    low, high = physical_bounds(image)
+    extent = high - low
+    if np.any(extent > np.asarray(MAX_EXTENT_MM)):
+        raise GeometryError(
+            f"{where}: the image covers {' x '.join(f'{v:.0f}' for v in extent)} mm (left-right x "
+            f"front-back x head-foot; size {image.GetSize()} voxels of "
+            f"{' x '.join(f'{v:g}' for v in image.GetSpacing())} mm), larger than any CT "
+            f"(at most {' x '.join(f'{v:.0f}' for v in MAX_EXTENT_MM)} mm): the voxel spacing in the header "
+            "is probably wrong (other units?). Fix the header's spacing."
+        )
+
+
+def check_finite(image: sitk.Image, where: str = "image") -> None:
+    """Refuse NaN or infinite voxels (only floating-point images can hold them)."""
+    array = sitk.GetArrayViewFromImage(image)
+    if array.dtype.kind in "fc":
+        count = int(array.size - np.count_nonzero(np.isfinite(array)))
+        if count:
+            raise UnreadableImageError(_nan_message(where, count))
+
+
+def left_handed_note(image: sitk.Image) -> str | None:
+    """A note when the voxel grid is left-handed (direction determinant -1), else None.
+
+    Warned about, not refused: such grids are legitimate and common (NIfTI in FSL's radiological order,
+    slices stored from head to feet), and the pipelines handle them exactly. But a header whose
+    direction was flipped without reordering the voxels (an editing or conversion mistake) gives one
+    too, and then the anatomy is mirrored: the segmentation may look confident yet lie on the wrong
+    side. Only the person who knows where the file came from can tell the two apart.
+    """
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    if np.linalg.det(direction) > 0:
+        return None
+    return ("the image's voxel grid is left-handed (its direction matrix is mirrored, determinant -1): "
+            "fine if the file came so from the scanner or converter, but if its header was edited or "
+            "flipped the anatomy is mirrored; check left and right on the result.")
 
 
 def check_not_blank(image: sitk.Image, where: str = "image") -> None:
@@ -254,10 +624,39 @@ def check_ct_like(image: sitk.Image, where: str = "image") -> None:
     values = _sample(image)
     low, median, high = np.percentile(values, [0.1, 50, 99.9])
     if low > -400 or not (-1100 <= median <= 1500) or high > 30000:
+        _refuse_what_is_not_ct(image, values, where)
         raise NotCTError(
             f"{where}: intensities {low:.0f} to {high:.0f} (median {median:.0f}) do not look like CT in "
             "Hounsfield units (air about -1000, soft tissue 0-80). Is this MR, or CT saved without its "
             "rescale slope/intercept? ProstateSeg needs CT in HU."
+        )
+
+
+# Smaller than this along an axis (mm) or in voxels, an image is no CT of a pelvis.
+MIN_CT_EXTENT_MM, MIN_CT_VOXELS = 40.0, 16
+
+
+def _refuse_what_is_not_ct(image: sitk.Image, values: np.ndarray, where: str) -> None:
+    """For an image that fails the HU check: say what it is when we can tell (too small, a label map)."""
+    if np.all(np.mod(values, 1) == 0) and values.min() >= 0 and values.max() <= 1000:
+        labels = np.unique(values)
+        if labels.size <= 64:
+            raise NotCTError(
+                f"{where}: every voxel holds one of {labels.size} whole numbers "
+                f"({', '.join(f'{v:g}' for v in labels[:8])}{'...' if labels.size > 8 else ''}): a label map "
+                "(a segmentation), not a CT in Hounsfield units. Give the CT volume it was made on."
+            )
+    check_not_tiny(image, where, MIN_CT_VOXELS, MIN_CT_EXTENT_MM)
+
+
+def check_not_tiny(image: sitk.Image, where: str = "image", min_voxels: int = 8, min_extent_mm: float = 0.0) -> None:
+    """Refuse (NotCTError) an image too small along an axis to show a pelvis."""
+    extent = np.asarray(image.GetSize()) * np.asarray(image.GetSpacing())
+    if extent.min() < min_extent_mm or min(image.GetSize()) < min_voxels:
+        raise NotCTError(
+            f"{where}: {' x '.join(str(n) for n in image.GetSize())} voxels "
+            f"({' x '.join(f'{v:.0f}' for v in extent)} mm) is too small to be a CT of the pelvis: "
+            "give the whole CT volume."
         )
 
 
@@ -463,20 +862,45 @@ def physical_bounds(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
     return corners.min(axis=0), corners.max(axis=0)
 
 
+def check_grid(spacing_mm, size) -> None:
+    """Raise GeometryError unless a grid of `size` voxels of `spacing_mm` is one we can resample onto."""
+    spacing = np.broadcast_to(np.asarray(spacing_mm, dtype=float), (3,))
+    size = np.broadcast_to(np.asarray(size, dtype=float), (3,))
+    extent = size * spacing
+    problem = None
+    if not (np.all(np.isfinite(extent)) and np.all(spacing > 0) and np.all(size >= 1)):
+        problem = "its spacing or size is not a positive number"
+    elif float(np.prod(size)) > MAX_GRID_VOXELS:
+        problem = f"{float(np.prod(size)):.3g} voxels, more than the {MAX_GRID_VOXELS:.3g} we allow"
+    elif extent.max() > MAX_GRID_EXTENT_MM:
+        problem = f"{extent.max():.0f} mm along an axis, more than the {MAX_GRID_EXTENT_MM:.0f} mm we allow"
+    if problem:
+        raise GeometryError(
+            f"cannot resample onto a grid of {' x '.join(f'{v:g}' for v in size)} voxels of "
+            f"{' x '.join(f'{v:g}' for v in spacing)} mm: {problem}. Either the image's header has a wrong "
+            "voxel spacing (check it), or the model package asks for an absurd region (its pipeline "
+            "crop_mm or spacing settings): use another package."
+        )
+
+
 def axis_aligned_grid(image: sitk.Image, spacing_mm) -> sitk.Image:
     """An empty reference image with identity direction and the given spacing
     that covers `image`'s physical extent."""
     spacing = np.broadcast_to(np.asarray(spacing_mm, dtype=float), (3,))
     low, high = physical_bounds(image)
-    size = np.maximum(1, np.ceil((high - low) / spacing - 1e-6)).astype(int)
+    size = np.maximum(1, np.ceil((high - low) / spacing - 1e-6))
+    check_grid(spacing, size)  # before casting: an absurd size may not even fit an int
+    size = size.astype(int)
     # Centred on the old extent so that neither side is favoured.
     return centred_grid((low + high) / 2, spacing, size)
 
 
 def centred_grid(centre_lps, spacing_mm, size) -> sitk.Image:
     """An empty axis-aligned LPS reference image (UInt8) of `size` voxels of `spacing_mm` whose voxel
-    centres are centred on `centre_lps`."""
+    centres are centred on `centre_lps`. Refuses (GeometryError) a grid too large to resample onto,
+    before allocating anything."""
     spacing = np.broadcast_to(np.asarray(spacing_mm, dtype=float), (3,))
+    check_grid(spacing, size)
     size = np.asarray(size, dtype=int)
     origin = np.asarray(centre_lps, dtype=float) - (size - 1) / 2 * spacing
     reference = sitk.Image([int(s) for s in size], sitk.sitkUInt8)

@@ -38,13 +38,17 @@ def _silent(fraction: float, message: str) -> None:
 def read_input(image_or_path) -> sitk.Image:
     """A CT from a path (file, DICOM file or folder) or an image, checked to be a CT volume."""
     if isinstance(image_or_path, (str, Path)):
-        return imageio.read_image(image_or_path, kind="ct")
-    if isinstance(image_or_path, sitk.Image):
-        imageio.check_volume(image_or_path)
-        imageio.check_not_blank(image_or_path)
-        imageio.check_ct_like(image_or_path)
-        return image_or_path
-    raise SegcoreError(f"expected a path or a SimpleITK image, got {type(image_or_path).__name__}")
+        image = imageio.read_image(image_or_path, kind="ct")
+    elif isinstance(image_or_path, sitk.Image):
+        image = image_or_path
+        imageio.check_volume(image)
+        imageio.check_not_tiny(image)
+        imageio.check_finite(image)
+        imageio.check_not_blank(image)
+        imageio.check_ct_like(image)
+    else:
+        raise SegcoreError(f"expected a path or a SimpleITK image, got {type(image_or_path).__name__}")
+    return image
 
 
 def normalise(hu: np.ndarray, window) -> np.ndarray:
@@ -186,6 +190,9 @@ class Segmenter:
         ct = read_input(image_or_path)
         timings["read"] = time.perf_counter() - started
         result = self.segment(ct, report, timings)
+        note = imageio.left_handed_note(ct)
+        if note:  # in the result, so that the report (and a DICOM node's log) keeps it beside the contours
+            result.messages.append(note)
         timings["total"] = time.perf_counter() - started
         report(1.0, "done")
         return result

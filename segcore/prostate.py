@@ -354,7 +354,7 @@ class ProstateSegmenter(Segmenter):
             segments.append(SegmentResult(PROSTATE, volume_cc, confidence))
         for k, organ in enumerate(self.organs, start=1):
             organ_cc = label_volume_cc(labelmap, organ.value)
-            if organ == PROSTATE or organ_cc == 0:
+            if organ.name == PROSTATE.name or organ_cc == 0:  # by name: a package may give its own colour
                 continue
             segments.append(SegmentResult(organ, organ_cc, where.mean_probability
                                           * soft_agreement(probabilities[k], settings.threshold)))

@@ -8,8 +8,15 @@ pickle or code file is refused.
 
 - `manifest`: ``model.json``, its JSON Schema (``model_package.schema.json``) and validation;
 - `registry`: the search path (bundled ``segcore/models/`` first, then
-  ``<PROSTATESEG_HOME>/models/``), listing, opening, verifying, loading weights;
-- `install`: install from a ``.zip`` or an ``https://`` URL (sha256, safe extraction), remove;
+  ``<PROSTATESEG_HOME>/models/``), listing, opening, verifying, loading weights.
+  `verify_package` is the one judge: manifest and setting ranges, sha256, no unlisted
+  files, and each network built (arguments bounded first), loaded strictly (finite
+  weights) and test-run on a small zero image. `list_packages` and `open_package` give
+  the same verdict (remembered per state of the files), so a damaged package is never
+  listed as ok and never reaches segmentation;
+- `install`: install from a ``.zip`` or an ``https://`` URL (sha256, safe extraction, the
+  package verified before it is moved into place), remove; both work in locked staging
+  folders that are cleaned up on errors and signals, and stale ones are cleared later;
 - `build`: create a package from weights, zip it reproducibly.
 
 Everything public is available from ``segcore.packages`` itself; the search
@@ -51,6 +58,7 @@ from segcore.packages.registry import (
     PackageEntry,
     VerifyReport,
     bundled_models_dir,
+    clear_stale_staging,
     default_home,
     find_package,
     list_packages,
@@ -83,6 +91,7 @@ __all__ = [
     "VerifyReport",
     "build",
     "bundled_models_dir",
+    "clear_stale_staging",
     "create_package",
     "default_home",
     "find_package",

@@ -47,7 +47,7 @@ def create_package(folder: str | Path, manifest: dict, weights: dict, *, overwri
         elif not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
             problems.append(f"weights[{fname!r}] must map tensor names (texts) to torch tensors")
     if problems:
-        raise ModelPackageError("cannot create the model package:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise ModelPackageError(f"cannot create the model package: {'; '.join(problems)}.")
     # Placeholder hashes let the manifest be checked before anything is written.
     data["files"] = {fname: "0" * 64 for fname in weights}
     validate_manifest(data, source=f"manifest for {folder}")
@@ -72,7 +72,7 @@ def zip_package(folder: str | Path, archive: str | Path | None = None, *, overwr
     """
     report = verify_package(folder)
     if not report.ok:
-        raise ModelPackageError(f"refusing to zip a damaged package:\n{report}")
+        raise ModelPackageError(f"refusing to zip the damaged package {report.path}: {'; '.join(report.problems)}")
     package = ModelPackage.load(folder)
     archive = Path(archive) if archive is not None else package.path.parent / f"{package.name}-{package.version}.zip"
     if archive.exists() and not overwrite:

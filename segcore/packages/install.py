@@ -3,9 +3,13 @@
 Installing a package whose name is bundled is refused (the bundled one would
 always win); replacing a user package needs ``force=True``. The archive's sha256
 is checked before anything is extracted, every entry is checked before it is
-written, and nothing is left behind when anything fails. Nothing touches the
-network unless an install from a URL is asked for; urllib and tqdm are imported
-only then.
+written, and nothing is left behind when anything fails: the work happens in a
+locked staging folder that is removed on errors, Ctrl-C, SIGTERM and SIGHUP alike,
+and one left by a killed process is removed by the next install, remove or list.
+A package is installed only if `verify_package` finds nothing wrong with it (which
+includes building and test-running its networks, and no unlisted files). Nothing
+touches the network unless an install from a URL is asked for; urllib and tqdm
+are imported only then.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ import re
 import shutil
 import stat
 import sys
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
@@ -27,14 +30,18 @@ from segcore.packages import registry
 from segcore.packages.manifest import _SHA256_PATTERN, MANIFEST_NAME
 from segcore.packages.registry import (
     _CHUNK,
+    HOME_ENV,
     ModelPackage,
     _available,
     _check_name,
     _load_registered,
     _manifest_or_empty,
+    clear_stale_staging,
+    remember_verified,
     sha256_file,
+    signals_interrupt,
+    staging_folder,
     user_models_dir,
-    verify_package,
 )
 
 # Archives and downloads are capped so a hostile or broken source cannot fill the disk.
@@ -75,22 +82,49 @@ def install_package(
     Nothing is left behind when anything fails.
     """
     expected = normalise_sha256(sha256)
-    text = str(source)
-    if "://" in text:
-        return _install_from_url(text, expected, force=force, progress=progress, timeout=timeout,
-                                 max_bytes=max_bytes)
-    archive = Path(text).expanduser()
+    with signals_interrupt():
+        text = str(source)
+        if "://" in text:
+            return _install_from_url(text, expected, force=force, progress=progress, timeout=timeout,
+                                     max_bytes=max_bytes)
+        return _install_from_file(Path(text).expanduser(), expected, force=force, max_bytes=max_bytes)
+
+
+def _install_from_file(archive: Path, expected: str, *, force: bool, max_bytes: int) -> ModelPackage:
     if not archive.exists():
         raise InputNotFoundError(f"model package archive {archive} does not exist.")
     if not archive.is_file():
         raise ModelPackageError(f"{archive} is not a file: give the package's .zip archive.")
-    got = sha256_file(archive)
+    try:
+        got = sha256_file(archive)
+    except OSError as error:
+        raise ModelPackageError(f"cannot read {archive} ({error.strerror or error}): check its permissions.") \
+            from None
     if got != expected:
         raise ChecksumError(
             f"{archive} does not have the promised sha256: expected {expected}, got {got}. "
             "The archive is damaged, incomplete or not the one published; download it again."
         )
-    return _install_verified_zip(archive, force=force, max_bytes=max_bytes)
+    models = _models_folder()
+    with staging_folder(models, "install") as staging:
+        return _install_verified_zip(archive, staging, force=force, max_bytes=max_bytes)
+
+
+def _models_folder() -> Path:
+    """The user's models folder, created if needed and cleared of stale staging folders (clear errors)."""
+    models = user_models_dir()
+    try:
+        models.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ModelPackageError(
+            f"cannot create the model folder {models} ({error.strerror or error}): set {HOME_ENV} to a folder "
+            "you can write to."
+        ) from None
+    if not models.is_dir():
+        raise ModelPackageError(f"the model folder {models} is not a folder: set {HOME_ENV} to a folder you can "
+                                "write to.")
+    clear_stale_staging(models)
+    return models
 
 
 def remove_package(name: str) -> Path:
@@ -105,40 +139,42 @@ def remove_package(name: str) -> Path:
             )
         raise ModelPackageError(f"no installed model package named {name!r} ({_available()}).")
     # Rename first so a failed delete never leaves something that looks like a package.
-    graveyard = Path(tempfile.mkdtemp(prefix=f".{name}.remove-", dir=folder.parent))
-    os.rename(folder, graveyard / name)
-    shutil.rmtree(graveyard, ignore_errors=True)
+    with signals_interrupt(), staging_folder(_models_folder(), "remove") as graveyard:
+        try:
+            os.rename(folder, graveyard / name)
+        except OSError as error:
+            raise ModelPackageError(f"cannot remove {folder} ({error.strerror or error}): check the permissions of "
+                                    f"{folder.parent}.") from None
     return folder
 
 
-def _install_verified_zip(archive: Path, *, force: bool, max_bytes: int) -> ModelPackage:
-    models = user_models_dir()
-    models.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".install-", dir=models))
+def _install_verified_zip(archive: Path, staging: Path, *, force: bool, max_bytes: int) -> ModelPackage:
+    """Extract, verify and move a package into place; `staging` is removed by the caller."""
+    models = staging.parent
+    root = _safe_extract(archive, staging / "x", max_bytes=max_bytes)
+    report = registry._verify(root, "path", remember=False)
+    if not report.ok:
+        raise ModelPackageError(f"the archive {archive.name} holds a damaged or unsafe package, so nothing was "
+                                f"installed: {'; '.join(p.rstrip('.') for p in report.problems)}. Ask its maker "
+                                "for a sound one.")
+    package = ModelPackage.load(root)
+    if (registry.bundled_models_dir() / package.name).exists():
+        raise ModelPackageError(
+            f"a model package named {package.name!r} is bundled with ProstateSeg, and a user package "
+            "of that name would never be used. Give the package another name in model.json and re-export it."
+        )
+    target = models / package.name
+    if target.exists() and not force:
+        installed = _manifest_or_empty(target).get("version", "?")
+        raise ModelPackageError(
+            f"model package {package.name!r} (version {installed}) is already installed at {target}; "
+            "remove it first or install with --force to replace it."
+        )
     try:
-        root = _safe_extract(archive, staging / "x", max_bytes=max_bytes)
-        report = verify_package(root)
-        if not report.ok:
-            raise ModelPackageError(f"the archive {archive.name} holds a damaged or unsafe package:\n{report}")
-        package = ModelPackage.load(root)
-        if (registry.bundled_models_dir() / package.name).exists():
-            raise ModelPackageError(
-                f"a model package named {package.name!r} is bundled with ProstateSeg, and a user package "
-                "of that name would never be used. Give the package another name in model.json and re-export it."
-            )
-        target = models / package.name
-        if target.exists() and not force:
-            installed = _manifest_or_empty(target).get("version", "?")
-            raise ModelPackageError(
-                f"model package {package.name!r} (version {installed}) is already installed at {target}; "
-                "remove it first or install with --force to replace it."
-            )
-        try:
-            move_into_place(root, target, replace=force)
-        except OSError as error:  # e.g. another install of the same name finished first
-            raise ModelPackageError(f"could not move the package into {target}: {error}. Try again.") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        move_into_place(root, target, replace=force)
+    except OSError as error:  # e.g. another install of the same name finished first
+        raise ModelPackageError(f"could not move the package into {target}: {error}. Try again.") from None
+    remember_verified(target)
     return _load_registered(target, "user")
 
 
@@ -242,22 +278,21 @@ def _install_from_url(url: str, expected: str, *, force: bool, progress: bool, t
             f"only https:// URLs can be installed from, not {scheme}:// ({url}). "
             "Use the https address, or download the .zip yourself and install the file."
         )
-    models = user_models_dir()
-    models.mkdir(parents=True, exist_ok=True)
-    # A scratch file, deleted whatever happens: the archive itself is never kept.
-    fd, tmp_name = tempfile.mkstemp(prefix=".download-", suffix=".zip", dir=models)
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            got = _download(url, stream, timeout=timeout, max_bytes=max_bytes, progress=progress)
+    # The download goes into the staging folder, removed whatever happens: the archive itself is never kept.
+    with staging_folder(_models_folder(), "install") as staging:
+        download = staging / "download.zip"
+        try:
+            with open(download, "xb") as stream:
+                got = _download(url, stream, timeout=timeout, max_bytes=max_bytes, progress=progress)
+        except OSError as error:
+            raise ModelPackageError(f"cannot save the download from {url} in {staging.parent} "
+                                    f"({error.strerror or error}): free some space and try again.") from None
         if got != expected:
             raise ChecksumError(
                 f"the download from {url} does not have the promised sha256: expected {expected}, got {got}. "
                 "Check the sha256 and the URL with the package's publisher."
             )
-        return _install_verified_zip(Path(tmp_name), force=force, max_bytes=max_bytes)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+        return _install_verified_zip(download, staging, force=force, max_bytes=max_bytes)
 
 
 def _download(url: str, stream, *, timeout: float, max_bytes: int, progress: bool) -> str:

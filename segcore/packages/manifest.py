@@ -29,8 +29,11 @@ TASKS = ("prostate", "organs")
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 SCHEMA_FILE = Path(__file__).with_name("model_package.schema.json")
 
-# A manifest is a small text file.
+# A manifest is a small text file, and a shallow one.
 MAX_MANIFEST_BYTES = 1 << 20
+MAX_MANIFEST_DEPTH = 32
+# The stage-2 crop of the prostate pipeline, in voxels (crop_mm / input.spacing_mm): 64 M is 256 MB of float32.
+MAX_CROP_VOXELS = 1 << 26
 
 # Files that can carry executable content (pickles, native code, scripts).
 UNSAFE_SUFFIXES = frozenset(
@@ -77,19 +80,52 @@ def read_manifest(folder: str | Path) -> dict:
             f"{folder} holds no {MANIFEST_NAME}: it is not a model package, or it is damaged. "
             "Reinstall it from its archive."
         )
-    if manifest.stat().st_size > MAX_MANIFEST_BYTES:
-        raise ModelPackageError(f"{manifest} is larger than {MAX_MANIFEST_BYTES} bytes: not a model manifest.")
     try:
-        data = json.loads(manifest.read_text(encoding="utf-8"))
+        if manifest.stat().st_size > MAX_MANIFEST_BYTES:
+            raise ModelPackageError(f"{manifest} is larger than {MAX_MANIFEST_BYTES} bytes: not a model manifest.")
+        text = manifest.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise ModelPackageError(f"{manifest} is not UTF-8 text ({error}).") from None
+    except OSError as error:
+        raise ModelPackageError(f"cannot read {manifest} ({error.strerror or error}): check its permissions, "
+                                "or reinstall the package.") from None
+    data = _parse_json(text, manifest)
+    if not isinstance(data, dict):
+        raise ModelPackageError(f"{manifest} must hold a JSON object, not {type(data).__name__}.")
+    return data
+
+
+def _parse_json(text: str, manifest: Path):
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as error:
         raise ModelPackageError(
             f"{manifest} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}."
         ) from None
-    if not isinstance(data, dict):
-        raise ModelPackageError(f"{manifest} must hold a JSON object, not {type(data).__name__}.")
+    except RecursionError:
+        data = None
+    except ValueError as error:  # e.g. an integer of more digits than Python converts
+        raise ModelPackageError(f"{manifest} holds a value Python cannot read ({error}): not a model manifest.") \
+            from None
+    if data is None or _depth(data) > MAX_MANIFEST_DEPTH:
+        raise ModelPackageError(f"{manifest} nests lists or objects more than {MAX_MANIFEST_DEPTH} levels deep: "
+                                "it is not a model manifest, or it is damaged. Reinstall the package.")
     return data
+
+
+def _depth(value) -> int:
+    """How deeply lists and objects nest in a JSON value (0 for a plain value), without recursion."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, level = todo.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, level)
+        if deepest > MAX_MANIFEST_DEPTH:
+            break
+        todo.extend((child, level + 1) for child in children)
+    return deepest
 
 
 # --------------------------------------------------------------------------- validation
@@ -103,11 +139,10 @@ def manifest_schema() -> dict:
 def validate_manifest(data: dict, source: str = MANIFEST_NAME) -> None:
     """Raise ModelPackageError listing every problem of a manifest; return if it is valid."""
     problems = manifest_problems(data)
-    if problems:
+    if problems:  # one line, as every error a user can cause
         raise ModelPackageError(
-            f"{source} is not a valid model manifest:\n"
-            + "\n".join(f"  - {p}" for p in problems)
-            + "\nFix model.json, or re-export the package with the training kit."
+            f"{source} is not a valid model manifest: {'; '.join(problems)}. "
+            "Fix model.json, or re-export the package with the training kit."
         )
 
 
@@ -116,7 +151,10 @@ def manifest_problems(data: dict) -> list[str]:
     if not isinstance(data, dict):
         return [f"the manifest must be a JSON object, not {type(data).__name__}"]
     _check_schema_version(data.get("schema_version"))
-    return _schema_problems(data) + _window_problems(data) + _stages_problems(data) + _labels_problems(data)
+    if _depth(data) > MAX_MANIFEST_DEPTH:
+        return [f"the manifest nests lists or objects more than {MAX_MANIFEST_DEPTH} levels deep"]
+    return (_schema_problems(data) + _window_problems(data) + _pipeline_problems(data) + _stages_problems(data)
+            + _labels_problems(data))
 
 
 def _file_name_problems(fname, where: str) -> list[str]:
@@ -248,9 +286,30 @@ def _location(path: tuple) -> str:
 def _window_problems(data: dict) -> list[str]:
     spec = data.get("input")
     window = spec.get("intensity_window") if isinstance(spec, dict) else None
-    if _numbers(window, 2) and not window[0] < window[1]:
+    if _numbers(window, 2) and not window[1] - window[0] >= 1:  # at least 1 HU wide
         return [f"input.intensity_window is {_show(window)} but must be [low, high] in HU with low < high"]
     return []
+
+
+def _pipeline_problems(data: dict) -> list[str]:
+    """Settings that are each in range but absurd together (the crop's size in voxels, a range's order)."""
+    pipeline = data.get("pipeline")
+    spec = data.get("input")
+    if data.get("task") != "prostate" or not isinstance(pipeline, dict):
+        return []
+    problems = []
+    plausible = pipeline.get("plausible_cc")
+    if _numbers(plausible, 2) and not plausible[0] < plausible[1]:
+        problems.append(f"pipeline.plausible_cc is {_show(plausible)} but must be [low, high] in cc with low < high")
+    crop = pipeline.get("crop_mm")
+    spacing = spec.get("spacing_mm") if isinstance(spec, dict) else None
+    if _numbers(crop, 3) and _numbers(spacing, 3) and all(v > 0 for v in spacing):
+        voxels = math.prod(max(1.0, c / s) for c, s in zip(crop, spacing))
+        if voxels > MAX_CROP_VOXELS:
+            problems.append(f"pipeline.crop_mm {_show(crop)} at input.spacing_mm {_show(spacing)} is a crop of "
+                            f"{voxels:.3g} voxels, more than {MAX_CROP_VOXELS:,}: make the crop smaller or the "
+                            "spacing coarser")
+    return problems
 
 
 def _stage_items(stages) -> list[tuple[str, object]]:
