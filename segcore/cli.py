@@ -145,6 +145,8 @@ def _run_batch(segmenter, args) -> int:
         items = segment_files(segmenter, segmenter.structures, args.inputs, args.output, formats,
                               overwrite=args.overwrite, progress=progress, on_item=show)
     failures = [item for item in items if not item.ok]
+    if failures and len(items) == 1:
+        return 1  # its one error line has been shown
     if failures:
         print(f"{len(failures)} of {len(items)} input(s) failed:", file=sys.stderr)
         for item in failures:
