@@ -9,6 +9,19 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_prostateseg_home(tmp_path_factory):
+    """The tests' own PROSTATESEG_HOME: installs and the package-check cache never touch the user's folder
+    (subprocesses inherit it). Tests that need another home set it themselves."""
+    previous = os.environ.get("PROSTATESEG_HOME")
+    os.environ["PROSTATESEG_HOME"] = str(tmp_path_factory.mktemp("prostateseg-home"))
+    yield
+    if previous is None:
+        os.environ.pop("PROSTATESEG_HOME", None)
+    else:
+        os.environ["PROSTATESEG_HOME"] = previous
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data: skipped when absent, a failure when PROSTATESEG_REQUIRE_SHARED_DATA=1 (CI)."""
