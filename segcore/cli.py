@@ -319,25 +319,40 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, handled like Ctrl-C: partial outputs are cleaned up on the way out."""
 
 
-def _terminate(number, frame):
-    raise Terminated()
+_received: list[int] = []  # the stop signals that arrived while the current command ran
+
+
+def _stop(number, frame):
+    _received.append(number)
+    if number == getattr(signal, "SIGTERM", None):
+        raise Terminated()
+    raise KeyboardInterrupt()
 
 
 @contextmanager
 def _sigterm_as_interrupt():
-    """Turn SIGTERM into `Terminated` while a command runs (main thread only), so that `finally`
-    clauses remove staging folders and temporary files as they do for Ctrl-C."""
-    previous = None
-    if hasattr(signal, "SIGTERM"):
-        try:
-            previous = signal.signal(signal.SIGTERM, _terminate)
-        except ValueError:  # not the main thread
-            previous = None
+    """Turn SIGTERM into `Terminated` (and keep SIGINT a KeyboardInterrupt) while a command runs (main
+    thread only), so that `finally` clauses remove staging folders and temporary files, and remember
+    that a stop was asked for."""
+    _received.clear()
+    previous = {}
+    for name in ("SIGTERM", "SIGINT"):
+        if hasattr(signal, name):
+            try:
+                previous[name] = signal.signal(getattr(signal, name), _stop)
+            except ValueError:  # not the main thread
+                pass
     try:
         yield
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
+
+
+def _stopped() -> int:
+    terminated = getattr(signal, "SIGTERM", None) in _received
+    print("terminated" if terminated else "interrupted", file=sys.stderr)
+    return 143 if terminated else 130
 
 
 def main(argv=None) -> int:
@@ -364,6 +379,12 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        # An interrupt that lands inside a library can surface as that library's own error (tqdm's
+        # "cannot release un-acquired lock"): the stop asked for is what happened, not a bug to show.
+        if not _received:
+            raise
+        return _stopped()
     finally:
         log.removeHandler(handler)
 
