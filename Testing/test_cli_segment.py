@@ -126,3 +126,19 @@ def test_bad_model_and_device_are_clear(package, inputs, tmp_path, capsys):
     organs = random_package(tmp_path / "organs", name="organs-random", task="organs")
     assert cli(["segment", str(inputs / "a_ct.nii.gz"), "-o", str(out), "--model", str(organs.path)]) == 1
     assert "not 'prostate'" in capsys.readouterr().err
+
+
+def test_files_we_did_not_write_are_never_touched(package, inputs, tmp_path, capsys):
+    """A user's own files named like our outputs (ground truth as `<case>_seg.nii.gz` is common) are
+    neither replaced nor removed, with or without --overwrite, when this run does not write those names."""
+    out = tmp_path / "out"
+    out.mkdir()
+    own = {out / "a_ct_seg.nii.gz": b"the user's reference", out / "a_ct_seg_prostate.stl": b"the user's mesh"}
+    for path, data in own.items():
+        path.write_bytes(data)
+    args = ["segment", str(inputs / "a_ct.nii.gz"), "-o", str(out), "--formats", "seg.nrrd",
+            "--model", str(package.path), "--device", "cpu"]
+    assert cli(args) == 0
+    assert cli([*args, "--overwrite"]) == 0
+    assert all(path.read_bytes() == data for path, data in own.items())
+    assert (out / "a_ct_seg.seg.nrrd").is_file() and (out / "a_ct_seg.json").is_file()

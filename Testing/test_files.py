@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 
 import pytest
 
@@ -205,3 +206,24 @@ def test_make_folder_reports_what_it_created_and_cleans_up(tmp_path, monkeypatch
     with pytest.raises(files.OutputWriteError, match="Read-only file system"):
         files.make_folder(tmp_path / "a" / "b")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_staging_folder_from_another_machine_is_left_until_it_is_long_stale(tmp_path):
+    """A shared output folder (network file system) or another container: its pid means nothing here."""
+    foreign = tmp_path / f"{files.STAGING_PREFIX}123@some-other-host-x"
+    foreign.mkdir()
+    (foreign / "c.nii.gz").write_text("being written elsewhere")
+    assert files.recover_staging(tmp_path) == [] and foreign.is_dir()
+    old = time.time() - files.FOREIGN_STALE_AFTER_S - 60
+    for path in (foreign / "c.nii.gz", foreign):
+        os.utime(path, (old, old))
+    assert files.recover_staging(tmp_path) == [foreign] and not foreign.exists()
+
+
+def test_our_staging_folders_name_their_process_and_host(tmp_path):
+    staged = files.StagedSet(tmp_path, "c.json", [], overwrite=False)
+    try:
+        assert staged.staging.name.startswith(f"{files.STAGING_PREFIX}{os.getpid()}@")
+        assert files.recover_staging(tmp_path) == []  # ours, alive: left alone
+    finally:
+        staged.discard()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
+import shutil
 import ssl
 import stat
 import sys
@@ -699,3 +700,15 @@ def test_import_is_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_file_manager_droppings_do_not_damage_a_package(tmp_path):
+    """Finder and Explorer write these into any folder they show; a pickle stays refused whatever its name."""
+    folder = tmp_path / "pk"
+    shutil.copytree(packages.bundled_models_dir() / "prostate-metricunet-demo", folder)
+    for name in (".DS_Store", "Thumbs.db", "desktop.ini", "._model.json"):
+        (folder / name).write_bytes(b"\0")
+    assert packages.verify_package(folder).ok
+    assert packages.open_package(folder).name == "prostate-metricunet-demo"
+    (folder / "._weights.pt").write_bytes(b"\0")
+    assert not packages.verify_package(folder).ok

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from segcore import anatomy
 from segcore.anatomy import Structure
 from segcore.errors import OutputExistsError, SegcoreError
 from segcore.files import exists_message
@@ -97,12 +98,10 @@ class BatchPlan:
     output_dir: Path
     overwrite: bool
 
-    def previous_names(self, stem: str, structure_names: Sequence[str] = ()) -> list[str]:
-        """The files of an earlier result set of `stem`: what its report lists, and any name we could
-        have written (so that a set from another model or other formats is replaced as a whole)."""
-        from segcore import anatomy
-        from segcore.export import possible_names
-
+    def previous_names(self, stem: str) -> list[str]:
+        """The files of an earlier result set of `stem`: its report and what the report lists. Only these
+        are removed when a new set replaces it; a file we did not write is never touched, even when it is
+        named like one of ours (a user's own `<case>_seg.nii.gz`)."""
         report = self.output_dir / f"{stem}.json"
         listed = []
         try:
@@ -110,13 +109,21 @@ class BatchPlan:
             listed = [n for n in outputs if isinstance(n, str) and n.startswith(stem) and Path(n).name == n]
         except (OSError, ValueError, AttributeError):
             pass
-        structure_names = dict.fromkeys([*structure_names, *(s.name for s in anatomy.STRUCTURES)])
-        names = possible_names(stem, structure_names) + listed + [report.name]
-        return list(dict.fromkeys(names))
+        return list(dict.fromkeys([*listed, report.name]))
+
+    def planned_names(self, stem: str, structure_names: Sequence[str] = anatomy.TARGET_NAMES) -> list[str]:
+        """The files the new set of `stem` may write in the asked formats (surfaces: one per structure)."""
+        from segcore.export import LABELMAP_FORMATS
+
+        return [f"{stem}.{fmt}" if fmt in LABELMAP_FORMATS else f"{stem}_{name}.{fmt}"
+                for fmt in self.formats for name in ([None] if fmt in LABELMAP_FORMATS else structure_names)]
 
     def existing(self) -> list[Path]:
+        """Outputs in the way of this batch: an earlier set of one of its inputs, or a file of a name it
+        would write."""
         return [self.output_dir / name for (_, problem), stem in zip(self.inputs, self.stems) if not problem
-                for name in self.previous_names(stem) if (self.output_dir / name).exists()]
+                for name in dict.fromkeys([*self.previous_names(stem), *self.planned_names(stem)])
+                if (self.output_dir / name).exists()]
 
 
 def plan_batch(paths, output_dir, formats: Sequence[str] = ("seg.nrrd",), *, overwrite: bool = False) -> BatchPlan:
@@ -147,7 +154,7 @@ def write_case(plan: BatchPlan, stem: str, path: Path, result: Result, structure
     from segcore.files import StagedSet, write_text
 
     report = f"{stem}.json"
-    previous = plan.previous_names(stem, [s.name for s in structures])
+    previous = plan.previous_names(stem)
     staged = None
     try:
         with signals_deferred():  # made and named at once, so that `finally` always knows what to remove
@@ -223,8 +230,12 @@ def segment_files(segment: Callable[..., Result], structures: Sequence[Structure
     created = [] if all(problem for _, problem in plan.inputs) else make_folder(plan.output_dir)
     if plan.output_dir.is_dir():  # clear what an interrupted run left
         recover_staging(plan.output_dir)
-        remove_temporary_leftovers(plan.output_dir, [name for stem in plan.stems
-                                                     for name in plan.previous_names(stem)])
+        from segcore.export import possible_names
+
+        # Only our own `.tmp-<random>-NAME` files are matched, so every name we could ever write is safe here.
+        remove_temporary_leftovers(plan.output_dir, [
+            name for stem in plan.stems
+            for name in [*possible_names(stem, [s.name for s in anatomy.STRUCTURES]), *plan.previous_names(stem)]])
     report = progress or (lambda done, total, name, message: None)
     items: list[BatchItem] = []
     try:

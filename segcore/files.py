@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -241,7 +244,7 @@ class StagedSet:
             if existing:
                 raise OutputExistsError(exists_message(existing))
         try:
-            self.staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=self.folder))
+            self.staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{_owner_tag()}-", dir=self.folder))
         except OSError as error:
             raise write_error(self.folder, error) from error
 
@@ -300,12 +303,36 @@ def _unlink(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+# A staging folder made on another machine (a shared output folder on a network file system) or in another
+# container cannot be checked by process id: it is left alone until nothing in it has changed for this long.
+FOREIGN_STALE_AFTER_S = 3600.0
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:64] or "host"
+
+
+def _owner_tag() -> str:
+    """``<pid>@<host>``: who is writing a staging folder."""
+    return f"{os.getpid()}@{_host()}"
+
+
+def _last_change(folder: Path) -> float:
+    try:
+        return max([folder.lstat().st_mtime, *(p.lstat().st_mtime for p in folder.rglob("*"))])
+    except OSError:
+        return 0.0
+
+
 def _owner_alive(staging: Path) -> bool:
     """Whether the process that made a staging folder may still be writing it."""
+    pid_text, _, host = staging.name[len(STAGING_PREFIX):].split("-")[0].partition("@")
     try:
-        pid = int(staging.name[len(STAGING_PREFIX):].split("-")[0])
+        pid = int(pid_text)
     except ValueError:
         return False
+    if host and host != _host():
+        return time.time() - _last_change(staging) < FOREIGN_STALE_AFTER_S
     if pid == os.getpid():
         return True
     if os.name == "nt":  # os.kill would end the process there; leave others' folders alone

@@ -127,11 +127,15 @@ class SegmentationLogicBase:
         """Segment image files or DICOM folders into `outputDir`, as `prostateseg segment` does.
 
         Returns one segcore BatchItem per input (its outputs, or its error); a bad
-        input does not stop the batch. `progress(fraction, message)` covers the whole batch.
+        input does not stop the batch. What can be checked before any work is, before
+        the model is loaded: the formats, the output folder, and (without `overwrite`)
+        outputs already there, each a SegcoreError. A failure to write (full disk)
+        stops the batch. `progress(fraction, message)` covers the whole batch.
         """
-        from segcore.batch import segment_files
+        from segcore.batch import plan_batch, segment_files
 
         self.cancelRequested = False
+        plan_batch(paths, outputDir, formats, overwrite=overwrite)
         segmenter = self.segmenter(model, device)
         report = self._watched(progress)
 

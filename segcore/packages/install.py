@@ -50,7 +50,7 @@ MAX_ARCHIVE_ENTRIES = 10_000
 DEFAULT_TIMEOUT_S = 60.0
 
 # Clutter that archivers add; silently skipped on extraction.
-_ARCHIVE_JUNK = ("__MACOSX", ".DS_Store", "Thumbs.db")
+_ARCHIVE_JUNK = ("__MACOSX", *registry.OS_JUNK_NAMES)
 
 
 def normalise_sha256(value) -> str:

@@ -423,6 +423,15 @@ def _verify(folder: Path, where: str, *, remember: bool = True) -> VerifyReport:
     return report
 
 
+# What file managers drop into any folder they show (macOS Finder, Windows Explorer): never part of a package,
+# never read, and no reason to call a package damaged.
+OS_JUNK_NAMES = (".DS_Store", "Thumbs.db", "desktop.ini")
+
+
+def is_os_junk(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink() and (path.name in OS_JUNK_NAMES or path.name.startswith("._"))
+
+
 def _check_files(folder: Path, data: dict, report: VerifyReport) -> None:
     """Every listed weights file present with its sha256; nothing unlisted, linked or able to hold code."""
     files = data.get("files") if isinstance(data.get("files"), dict) else {}
@@ -453,7 +462,7 @@ def _check_files(folder: Path, data: dict, report: VerifyReport) -> None:
                 f"{name} may hold a pickle or code; packages may hold only "
                 "safetensors weights and model.json. Remove it."
             )
-        elif name not in listed:
+        elif name not in listed and not is_os_junk(path):
             what = "folder" if path.is_dir() else f"file of {_size(path)}"
             report.problems.append(f"{name} ({what}) is not listed in model.json; a package holds only model.json "
                                    "and the weights files it lists. Remove it, or reinstall the package.")
@@ -539,7 +548,8 @@ def _signature(folder: Path) -> str | None:
     import segcore
 
     try:
-        stats = [(p.relative_to(folder).as_posix(), p.lstat()) for p in sorted(folder.rglob("*"))]
+        stats = [(p.relative_to(folder).as_posix(), p.lstat()) for p in sorted(folder.rglob("*"))
+                 if not is_os_junk(p)]
         root = folder.resolve()
     except OSError:
         return None
