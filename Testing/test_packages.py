@@ -399,7 +399,7 @@ def test_home_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("PROSTATESEG_HOME", str(tmp_path / "h"))
     assert packages.user_models_dir() == tmp_path / "h" / "models"
     assert packages.search_path()[0][0] == "bundled"
-    assert packages.bundled_models_dir().parts[-2:] == ("segcore", "models")
+    assert packages.bundled_models_dir().parts[-2:] == ("Resources", "Models")  # a checkout
 
 
 def test_install_list_info_verify_remove(home, archive):

@@ -81,7 +81,7 @@ def test_top_level_cmake_is_an_extension_shipping_segcore_and_models():
     assert re.findall(r"add_subdirectory\((\w+)\)", text) == MODULES
     segcore = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "segcore").rglob("*.py") if "__pycache__" not in p.parts)
     assert sorted(cmake_list(text, "SEGCORE_PYTHON_SCRIPTS")) == segcore
-    models = [str(p.relative_to(ROOT)) for p in (ROOT / "segcore" / "models").rglob("*") if p.is_file()]
+    models = [str(p.relative_to(ROOT)) for p in (ROOT / "Resources" / "Models").rglob("*") if p.is_file()]
     schema = "segcore/packages/model_package.schema.json"
     assert (ROOT / schema).is_file()
     assert sorted(cmake_list(text, "SEGCORE_DATA_FILES")) == sorted([*models, schema])

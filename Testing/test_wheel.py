@@ -34,11 +34,12 @@ def test_wheel_carries_the_models_and_runs_from_its_install(tmp_path):
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy2(ROOT / name, source / name)
     shutil.copytree(ROOT / "segcore", source / "segcore", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(ROOT / "Resources" / "Models", source / "Resources" / "Models")  # -> segcore/models
 
     pip("wheel", source, "--no-deps", "--no-build-isolation", "--no-index", "-w", tmp_path / "dist", cwd=tmp_path)
     (wheel,) = (tmp_path / "dist").glob("prostateseg-*.whl")
     assert wheel.name.startswith(f"prostateseg-{segcore.__version__}-")  # the version is segcore's
-    models = ROOT / "segcore" / "models"
+    models = ROOT / "Resources" / "Models"
     expected = {f"segcore/models/{p.relative_to(models).as_posix()}" for p in models.rglob("*") if p.is_file()}
     assert {f"segcore/models/{name}/model.json" for name in BUNDLED} <= expected
     with zipfile.ZipFile(wheel) as zf:

@@ -1,7 +1,7 @@
 """Train HMR-Net (multi-organ detection and contour regression on axial slices) and export a model package.
 
     python -m training.train_hmrnet --config training/configs/hmrnet_demo.yaml \\
-        --export segcore/models/organs-hmrnet-demo
+        --export Resources/Models/organs-hmrnet-demo
     python -m training.train_hmrnet --config ... --resume        # continue an interrupted run
 
 Cases (phantoms or a folder of ``<name>_ct`` / ``<name>_labels`` pairs) are
@@ -527,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m training.train_hmrnet",
         description="Train HMR-Net for multi-organ segmentation and export a model package.",
         epilog="Example: python -m training.train_hmrnet --config training/configs/hmrnet_demo.yaml "
-               "--export segcore/models/organs-hmrnet-demo",
+               "--export Resources/Models/organs-hmrnet-demo",
     )
     runs.add_run_options(parser, "iterations=100")
     parser.add_argument("--max-iterations", type=int, metavar="N",

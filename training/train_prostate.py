@@ -479,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m training.train_prostate",
         description="Train the two-stage prostate networks and export a model package.",
         epilog="Example: python -m training.train_prostate --config training/configs/metricunet_demo.yaml "
-               "--export segcore/models/prostate-metricunet-demo",
+               "--export Resources/Models/prostate-metricunet-demo",
     )
     runs.add_run_options(parser, "stage2.epochs=2")
     parser.add_argument("--stages", default="stage1,stage2", help="which stages to train (default both)")

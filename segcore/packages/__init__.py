@@ -7,7 +7,7 @@ code: weights are never unpickled, and a package that references or carries a
 pickle or code file is refused.
 
 - `manifest`: ``model.json``, its JSON Schema (``model_package.schema.json``) and validation;
-- `registry`: the search path (bundled ``segcore/models/`` first, then
+- `registry`: the search path (bundled ``Resources/Models/``, in a wheel ``segcore/models/``, first, then
   ``<PROSTATESEG_HOME>/models/``), listing, opening, verifying, loading weights.
   `verify_package` is the one judge: manifest and setting ranges, sha256, no unlisted
   files, and each network built (arguments bounded first), loaded strictly (finite

@@ -1,7 +1,7 @@
 """Where packages are found and how they are opened: the search path, listing, lookup by
 name, verification and loading a stage's weights.
 
-Packages are looked up in the bundled folder ``segcore/models/`` first, then in the
+Packages are looked up in the bundled folder (``Resources/Models/``; ``segcore/models/`` in a wheel) first, then in the
 user's folder ``<PROSTATESEG_HOME>/models/``.
 
 `verify_package` is the one judge of a package: manifest (schema and ranges), sha256
@@ -216,8 +216,11 @@ class VerifyReport:
 
 
 def bundled_models_dir() -> Path:
-    """``segcore/models``: the packages shipped with ProstateSeg (in a checkout, a wheel and Slicer alike)."""
-    return Path(__file__).parent.parent / "models"
+    """The packages shipped with ProstateSeg: ``segcore/models`` in an installed wheel, else the
+    checkout's (and the Slicer extension's) ``Resources/Models`` beside ``segcore``."""
+    segcore_dir = Path(__file__).resolve().parent.parent
+    installed = segcore_dir / "models"
+    return installed if installed.is_dir() else segcore_dir.parent / "Resources" / "Models"
 
 
 def default_home(platform: str | None = None, environ=None) -> Path:
