@@ -26,14 +26,15 @@ STAGES = {
 }
 
 
-def random_package(folder, name="prostate-random", **changes):
+def random_package(folder, name="prostate-random", stages=STAGES, **changes):
+    """A small prostate package with seeded random weights (also used by the fault-injection tests)."""
     torch.manual_seed(0)
     weights = {spec["weights"]: build(spec["architecture"], spec["arguments"]).state_dict()
-               for spec in STAGES.values()}
+               for spec in stages.values()}
     settings = PipelineSettings()
     manifest = {
         "name": name, "version": "0", "task": "prostate", "licence": "Apache-2.0",
-        "description": "random weights for tests", "stages": STAGES,
+        "description": "random weights for tests", "stages": stages,
         "input": {"spacing_mm": [1, 1, 1], "intensity_window": list(settings.window), "normalisation": "unit"},
         "labels": [{"value": 1, "name": "prostate", "color": [216, 101, 79]}],
         "training": {"data": None, "seed": None, "commit": None, "epochs": None}, "validation": {},

@@ -23,38 +23,20 @@ import pytest
 import SimpleITK as sitk
 import torch
 from safetensors.torch import load_file, save_file
+from test_cli_segment import STAGES, random_package
 
-from segcore import networks, packages
+from segcore import packages
 from segcore.cli import main
 from segcore.errors import ModelPackageError
 from segcore.packages import registry
 
 BUNDLED = packages.bundled_models_dir() / "prostate-metricunet-demo"
 NAME = "broken-pkg"
-STAGES = {
-    "stage1": {"architecture": "unet2p5d", "arguments": {"in_channels": 5, "widths": [4, 8]},
-               "weights": "stage1.safetensors"},
-    "stage2": {"architecture": "metricunet",
-               "arguments": {"in_channels": 3, "encoder": [4, 8, 8, 8], "decoder": [8, 8, 8], "head": 8},
-               "weights": "stage2.safetensors"},
-}
-
-
 # --------------------------------------------------------------------------- making packages
 
 
 def tiny_package(folder: Path, name: str = NAME, stages=STAGES, **changes) -> Path:
-    torch.manual_seed(0)
-    weights = {s["weights"]: networks.build(s["architecture"], s["arguments"]).state_dict() for s in stages.values()}
-    manifest = {
-        "name": name, "version": "1", "task": "prostate", "licence": "Apache-2.0",
-        "description": "a tiny package for fault injection", "stages": stages,
-        "input": {"spacing_mm": [1, 1, 1], "intensity_window": [-200, 300], "normalisation": "unit"},
-        "labels": [{"value": 1, "name": "prostate", "color": [216, 101, 79]}],
-        "training": {"data": None, "seed": None, "commit": None, "epochs": None}, "validation": {},
-        **changes,
-    }
-    return packages.create_package(folder, manifest, weights).path
+    return random_package(folder, name=name, stages=stages, **changes).path
 
 
 def bundled_copy(folder: Path, name: str = NAME) -> Path:
