@@ -35,7 +35,7 @@ from segcore.errors import (
     UnsupportedImageError,
 )
 from segcore.files import StagedSet, atomic_output, exists_message, make_folder
-from segcore.image import as_labelmap, ijk_to_lps_matrix, image_from_ijk_to_lps, write_image
+from segcore.image import as_labelmap, ijk_to_lps_matrix, image_from_ijk_to_lps, quiet_libraries, write_image
 
 LABELMAP_FORMATS = ("seg.nrrd", "nii.gz", "nii", "nrrd")
 SURFACE_FORMATS = ("stl", "obj", "vtp", "ply")
@@ -238,20 +238,19 @@ def possible_names(stem: str, structure_names: Iterable[str]) -> list[str]:
 @contextmanager
 def quiet_writers(surfaces: bool) -> Iterator[None]:
     """Keep ITK's and VTK's warnings off stderr while we write: what they would say (an empty or
-    degenerate surface, an odd direction matrix) is checked here and goes to the debug log."""
-    display = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    window = previous = None
-    if surfaces:
+    degenerate surface, an odd direction matrix) is checked here and goes to the debug log. ITK's side is
+    the readers' (`segcore.image.quiet_libraries`); VTK reports through its own output window."""
+    with quiet_libraries():
+        if not surfaces:
+            yield
+            return
         from vtkmodules.vtkCommonCore import vtkOutputWindow, vtkStringOutputWindow
 
         previous, window = vtkOutputWindow.GetInstance(), vtkStringOutputWindow()
         vtkOutputWindow.SetInstance(window)
-    try:
-        yield
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(display)
-        if window is not None:
+        try:
+            yield
+        finally:
             vtkOutputWindow.SetInstance(previous)
             if window.GetOutput().strip():
                 log.debug("VTK while writing surfaces: %s", window.GetOutput().strip())
