@@ -97,6 +97,7 @@ class BatchPlan:
     formats: list[str]
     output_dir: Path
     overwrite: bool
+    roi_names: dict[str, str] | None = None  # structure (ours or TG-263) -> the clinic's ROI name
 
     def previous_names(self, stem: str) -> list[str]:
         """The files of an earlier result set of `stem`: its report and what the report lists. Only these
@@ -113,10 +114,10 @@ class BatchPlan:
 
     def planned_names(self, stem: str, structure_names: Sequence[str] = anatomy.TARGET_NAMES) -> list[str]:
         """The files the new set of `stem` may write in the asked formats (surfaces: one per structure)."""
-        from segcore.export import LABELMAP_FORMATS
+        from segcore.export import SURFACE_FORMATS, output_name
 
-        return [f"{stem}.{fmt}" if fmt in LABELMAP_FORMATS else f"{stem}_{name}.{fmt}"
-                for fmt in self.formats for name in ([None] if fmt in LABELMAP_FORMATS else structure_names)]
+        return [output_name(stem, fmt, name)
+                for fmt in self.formats for name in (structure_names if fmt in SURFACE_FORMATS else [None])]
 
     def existing(self) -> list[Path]:
         """Outputs in the way of this batch: an earlier set of one of its inputs, or a file of a name it
@@ -126,21 +127,26 @@ class BatchPlan:
                 if (self.output_dir / name).exists()]
 
 
-def plan_batch(paths, output_dir, formats: Sequence[str] = ("seg.nrrd",), *, overwrite: bool = False) -> BatchPlan:
-    """Check a batch before the work: formats, the output folder, clashing names and, without
-    `overwrite`, existing outputs. Creates nothing."""
-    from segcore.export import normalise_formats
+def plan_batch(paths, output_dir, formats: Sequence[str] = ("seg.nrrd",), *, overwrite: bool = False,
+               roi_names: dict[str, str] | None = None) -> BatchPlan:
+    """Check a batch before the work: formats, the output folder, clashing names, inputs that cannot give
+    the DICOM formats, the ROI name map and, without `overwrite`, existing outputs. Creates nothing."""
+    from segcore.export import dicom_input_problem, normalise_formats
     from segcore.files import check_output_folder
 
     formats = normalise_formats(formats)
     output_dir = check_output_folder(output_dir)
-    inputs = expand_inputs(paths)
+    if roi_names:
+        from segcore.dicom.names import roi_names as check_names
+
+        check_names(anatomy.STRUCTURES, roi_names)
+    inputs = [(path, problem or dicom_input_problem(path, formats)) for path, problem in expand_inputs(paths)]
     stems = [output_stem(p) for p, _ in inputs]
     clashes = sorted({s for (_, problem), s in zip(inputs, stems) if not problem and stems.count(s) > 1})
     if clashes:
         raise SegcoreError(f"several inputs would write the same output names ({', '.join(clashes)}); "
                            "segment them into different output folders.")
-    plan = BatchPlan(inputs, stems, formats, output_dir, overwrite)
+    plan = BatchPlan(inputs, stems, formats, output_dir, overwrite, roi_names)
     if not overwrite:
         existing = plan.existing()
         if existing:
@@ -159,7 +165,8 @@ def write_case(plan: BatchPlan, stem: str, path: Path, result: Result, structure
     try:
         with signals_deferred():  # made and named at once, so that `finally` always knows what to remove
             staged = StagedSet(plan.output_dir, report, previous, overwrite=plan.overwrite)
-        written = export_labelmap(result.labelmap, list(structures), staged.staging, stem, plan.formats)
+        written = export_labelmap(result.labelmap, list(structures), staged.staging, stem, plan.formats,
+                                  source=path, roi_names=plan.roi_names, algorithm=_algorithm(result))
         text = json.dumps({"input": str(path), **result.to_json(), "outputs": [p.name for p in written]},
                           indent=1, allow_nan=False)
         write_text(staged.staging / report, text + "\n")
@@ -169,6 +176,12 @@ def write_case(plan: BatchPlan, stem: str, path: Path, result: Result, structure
         if staged is not None:
             with signals_deferred():  # an interrupted clean-up would leave half the staging folder
                 staged.discard()
+
+
+def _algorithm(result: Result):
+    from segcore.dicom.ct import Algorithm
+
+    return Algorithm(result.model, result.model_version)
 
 
 @contextmanager
@@ -214,19 +227,20 @@ def _write_failure(error: Exception, plan: BatchPlan, path: Path) -> Exception |
 
 def segment_files(segment: Callable[..., Result], structures: Sequence[Structure], paths, output_dir,
                   formats: Sequence[str] = ("seg.nrrd",), *, overwrite: bool = False,
-                  progress: BatchProgress | None = None,
+                  roi_names: dict[str, str] | None = None, progress: BatchProgress | None = None,
                   on_item: Callable[[BatchItem], None] | None = None) -> list[BatchItem]:
     """Run ``segment(path, progress)`` on every input and write its outputs into `output_dir`.
 
     `structures` are the labels written to every output (also when nothing was
-    found, so each input gets its files). `on_item` sees each finished item.
+    found, so each input gets its files). `roi_names` maps structures to the
+    clinic's ROI names in RT Structure Sets. `on_item` sees each finished item.
     Everything that can be checked before segmenting is (`plan_batch`); each
     input's outputs replace its previous ones as a whole; a failure to write
     (full disk, read-only folder) stops the batch with an OutputWriteError.
     """
     from segcore.files import make_folder, recover_staging, remove_empty_folders, remove_temporary_leftovers
 
-    plan = plan_batch(paths, output_dir, formats, overwrite=overwrite)
+    plan = plan_batch(paths, output_dir, formats, overwrite=overwrite, roi_names=roi_names)
     created = [] if all(problem for _, problem in plan.inputs) else make_folder(plan.output_dir)
     if plan.output_dir.is_dir():  # clear what an interrupted run left
         recover_staging(plan.output_dir)

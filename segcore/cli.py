@@ -21,6 +21,7 @@ EPILOG = """\
 examples:
   prostateseg segment ct.nii.gz -o results/         segment the prostate (bundled demo model)
   prostateseg segment scans/*.nii.gz dicom_dir/ -o results/ --formats seg.nrrd,stl
+  prostateseg organs ct_series/ -o results/ --formats rtstruct,dicom-seg    DICOM RT for the planning system
   prostateseg segment ct.nii.gz -o results/ --model prostate-hmedn-demo   HMEDN: + bladder, rectum
   prostateseg organs ct.nii.gz -o results/          bladder, rectum, femoral heads, prostate, vesicles
   prostateseg organs ct.nii.gz -o results/ --organs bladder,rectum
@@ -99,11 +100,19 @@ def _formats(args) -> list[str]:
     return [f.strip().lower().lstrip(".") for f in args.formats.split(",") if f.strip()]
 
 
+def _roi_names(args) -> dict[str, str] | None:
+    if not args.names:
+        return None
+    from segcore.dicom.names import read_mapping_file
+
+    return {str(k): str(v) for k, v in read_mapping_file(args.names, "name map").items()}
+
+
 def _check_batch(args) -> None:
     """Formats, the output folder and existing outputs, before a model is loaded or anything segmented."""
     from segcore.batch import plan_batch
 
-    plan_batch(args.inputs, args.output, _formats(args), overwrite=args.overwrite)
+    plan_batch(args.inputs, args.output, _formats(args), overwrite=args.overwrite, roi_names=_roi_names(args))
 
 
 # Library warnings about things we handle (they would only break into the progress on stderr); any other
@@ -143,7 +152,8 @@ def _run_batch(segmenter, args) -> int:
             bar.write(item.summary(), file=sys.stdout if item.ok else sys.stderr)
 
         items = segment_files(segmenter, segmenter.structures, args.inputs, args.output, formats,
-                              overwrite=args.overwrite, progress=progress, on_item=show)
+                              overwrite=args.overwrite, roi_names=_roi_names(args), progress=progress,
+                              on_item=show)
     failures = [item for item in items if not item.ok]
     if failures and len(items) == 1:
         return 1  # its one error line has been shown
@@ -196,7 +206,12 @@ def _batch_arguments(p: argparse.ArgumentParser, default_model: str) -> None:
     p.add_argument("--device", default="auto", help="auto (GPU when available), cpu or cuda (default auto)")
     p.add_argument("--formats", default="seg.nrrd,nii.gz",
                    help="comma-separated outputs: seg.nrrd, nii.gz, nii, nrrd (label maps), stl, obj, vtp, ply "
-                   "(surfaces); default seg.nrrd,nii.gz")
+                   "(surfaces), rtstruct (RT Structure Set, INPUT_rtstruct.dcm) and dicom-seg (DICOM SEG, "
+                   "INPUT_seg.dcm), these two for DICOM CT inputs; default seg.nrrd,nii.gz")
+    p.add_argument("--names", type=Path, metavar="FILE",
+                   help="RT Structure Set ROI names: a YAML/JSON file mapping our or TG-263 names to yours, e.g. "
+                   "'Prostate: CTV_Prostate_AI' (default: TG-263 names: Prostate, Bladder, Rectum, Femur_Head_L, "
+                   "Femur_Head_R, SeminalVes)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (never done otherwise)")
 
 

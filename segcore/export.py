@@ -11,13 +11,14 @@ Segment metadata follows Slicer's ``.seg.nrrd`` fields: name, colour (0..1
 floats, not auto-generated), label value, layer, extent and the
 ``TerminologyEntry`` tag (see :func:`segcore.anatomy.terminology_entry`).
 
-DICOM SEG and RT Structure Sets are written elsewhere.
+For a DICOM CT input, ``rtstruct`` and ``dicom-seg`` write an RT Structure Set and
+a DICOM SEG referencing that series (`segcore.dicom`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,8 @@ from segcore.image import as_labelmap, ijk_to_lps_matrix, image_from_ijk_to_lps,
 
 LABELMAP_FORMATS = ("seg.nrrd", "nii.gz", "nii", "nrrd")
 SURFACE_FORMATS = ("stl", "obj", "vtp", "ply")
-SUPPORTED_FORMATS = LABELMAP_FORMATS + SURFACE_FORMATS
+DICOM_FORMATS = ("rtstruct", "dicom-seg")
+SUPPORTED_FORMATS = LABELMAP_FORMATS + SURFACE_FORMATS + DICOM_FORMATS
 
 _LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd")
 
@@ -226,13 +228,23 @@ def normalise_formats(formats: Iterable[str]) -> list[str]:
     return result
 
 
-_normalise_formats = normalise_formats
+
+def output_name(stem: str, fmt: str, structure_name: str | None = None) -> str:
+    """The file an export of `stem` writes in format `fmt`: ``<stem>.<fmt>`` for label maps,
+    ``<stem>_<structure>.<fmt>`` for surfaces; for DICOM, with the base name ``<base>`` being `stem`
+    without a trailing ``_seg`` (``case_seg`` -> ``case``): ``<base>_rtstruct.dcm`` and ``<base>_seg.dcm``."""
+    if fmt in SURFACE_FORMATS:
+        return f"{stem}_{structure_name}.{fmt}"
+    if fmt in DICOM_FORMATS:
+        base = stem.removesuffix("_seg")
+        return f"{base}_rtstruct.dcm" if fmt == "rtstruct" else f"{base}_seg.dcm"
+    return f"{stem}.{fmt}"
 
 
 def possible_names(stem: str, structure_names: Iterable[str]) -> list[str]:
     """Every file name an export of `stem` can write, in any format, for these structures."""
-    names = [f"{stem}.{fmt}" for fmt in LABELMAP_FORMATS]
-    return names + [f"{stem}_{name}.{fmt}" for name in structure_names for fmt in SURFACE_FORMATS]
+    names = [output_name(stem, fmt) for fmt in LABELMAP_FORMATS + DICOM_FORMATS]
+    return names + [output_name(stem, fmt, name) for name in structure_names for fmt in SURFACE_FORMATS]
 
 
 @contextmanager
@@ -260,9 +272,9 @@ def _plan(fmts, structures, present, stem) -> list[tuple[str, str, Structure | N
     plan: list[tuple[str, str, Structure | None]] = []
     for fmt in fmts:
         if fmt in SURFACE_FORMATS:
-            plan += [(fmt, f"{stem}_{s.name}.{fmt}", s) for s in structures if s.value in present]
+            plan += [(fmt, output_name(stem, fmt, s.name), s) for s in structures if s.value in present]
         else:
-            plan.append((fmt, f"{stem}.{fmt}", None))
+            plan.append((fmt, output_name(stem, fmt), None))
     return plan
 
 
@@ -275,16 +287,24 @@ def export_labelmap(
     overwrite: bool = False,
     smoothing: float = 0.5,
     decimation: float = 0.0,
+    *,
+    source=None,
+    roi_names: Mapping[str, str] | None = None,
+    algorithm=None,
 ) -> list[Path]:
     """Write a label map in each requested format into `outdir`; return the files written.
 
     Label map formats give ``<stem>.<format>``; surface formats (stl, obj, vtp,
     ply) give one ``<stem>_<structure name>.<format>`` per structure present in the
-    image (none for a structure too small to give a surface). `structures` names
-    the labels to export (default: every catalogued label present); other voxel
-    values are written as background. All targets are checked before anything is
-    written, and the files are staged and moved in together: a failed export
-    leaves no partial set.
+    image (none for a structure too small to give a surface); ``rtstruct`` and
+    ``dicom-seg`` give an RT Structure Set and a DICOM SEG (names: `output_name`)
+    referencing `source`, the DICOM CT series (folder, or a file of it) whose grid
+    the label map is on; `roi_names` maps structures (our or TG-263 names) to the
+    clinic's ROI names, `algorithm` (`segcore.dicom.ct.Algorithm`) names the model.
+    `structures` names the labels to export (default: every catalogued label
+    present); other voxel values are written as background. All targets are
+    checked before anything is written, and the files are staged and moved in
+    together: a failed export leaves no partial set.
     """
     fmts = normalise_formats(formats)
     if not stem or Path(stem).name != stem or stem in (".", ".."):
@@ -299,6 +319,7 @@ def export_labelmap(
         structures = [anatomy.BY_VALUE[v] for v in sorted(present)]
     structures = _check_structures(structures)
 
+    dicom = _dicom_target(fmts, labelmap, structures, source, roi_names, algorithm)
     outdir = Path(outdir)
     plan = _plan(fmts, structures, present, stem)
     if not overwrite:
@@ -317,13 +338,52 @@ def export_labelmap(
     staged = StagedSet(outdir, overwrite=overwrite)
     try:
         with quiet_writers(surfaces=any(fmt in SURFACE_FORMATS for fmt in fmts)):
-            _write_plan(labelmap, structures, plan, staged.staging, smoothing, decimation)
+            _write_plan(labelmap, structures, plan, staged.staging, smoothing, decimation, dicom)
         return staged.commit()
     finally:
         staged.discard()
 
 
-def _write_plan(labelmap, structures, plan, folder: Path, smoothing: float, decimation: float) -> None:
+def dicom_input_problem(source, fmts: Sequence[str]) -> str | None:
+    """Why `source` cannot give the DICOM formats among `fmts` (None when it can, or none are asked)."""
+    asked = [fmt for fmt in fmts if fmt in DICOM_FORMATS]
+    if not asked:
+        return None
+    from segcore.image import is_dicom_file
+
+    path = Path(source) if source is not None else None
+    if path is not None and (is_dicom_file(path) or (path.is_dir() and any(
+            p.is_file() and is_dicom_file(p) for p in sorted(path.iterdir())[:50]))):
+        return None
+    what = "this input" if path is None else f"{path.name}"
+    verb = "needs" if len(asked) == 1 else "need"
+    return (f"{' and '.join(asked)} {verb} a DICOM CT input (a series folder or a file of one), and {what} is "
+            f"not DICOM: leave {', '.join(asked)} out of the formats for it")
+
+
+@dataclass
+class _DicomTarget:
+    series: object  # segcore.dicom.ct.CtSeries
+    names: dict[int, str]
+    algorithm: object
+
+
+def _dicom_target(fmts, labelmap, structures, source, roi_names, algorithm) -> _DicomTarget | None:
+    """The CT series and ROI names for the DICOM formats, checked before anything is written."""
+    if not any(fmt in DICOM_FORMATS for fmt in fmts):
+        return None
+    problem = dicom_input_problem(source, fmts)
+    if problem:
+        raise SegcoreError(problem)
+    from segcore.dicom.ct import Algorithm, ct_series_for
+    from segcore.dicom.names import roi_names as names_for
+
+    return _DicomTarget(ct_series_for(labelmap, source), names_for(structures, roi_names),
+                        algorithm or Algorithm())
+
+
+def _write_plan(labelmap, structures, plan, folder: Path, smoothing: float, decimation: float,
+                dicom: _DicomTarget | None = None) -> None:
     surfaces = {}
     if any(fmt in SURFACE_FORMATS for fmt, _, _ in plan):
         from segcore import surfaces as surface_module  # vtk is loaded only when meshes are asked for
@@ -340,5 +400,13 @@ def _write_plan(labelmap, structures, plan, folder: Path, smoothing: float, deci
                 log.info("%s: too small for a surface; no %s written", structure.name, name)
                 continue
             surface_module.write_surface(mesh, folder / name)
+        elif fmt == "rtstruct":
+            from segcore.dicom.rtstruct import write_rtstruct
+
+            write_rtstruct(labelmap, structures, dicom.series, folder / name, dicom.names, dicom.algorithm)
+        elif fmt == "dicom-seg":
+            from segcore.dicom.seg import write_seg
+
+            write_seg(labelmap, structures, dicom.series, folder / name, dicom.algorithm)
         else:
             write_labelmap(labelmap, folder / name)

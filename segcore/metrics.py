@@ -35,6 +35,40 @@ Conventions (read these before comparing numbers with other tools):
   ``None`` means "undefined" (a distance to a surface that does not exist, or a
   0/0 ratio); it is ``null`` in JSON, an empty cell in CSV and ``n/a`` in the
   table. Both masks non-empty but disjoint adds the flag ``no_overlap``.
+* Surface Dice (surface DSC, Nikolov et al. 2018) at tolerance tau = 1, 2 and 3 mm
+  (``sdsc_1mm``, ``sdsc_2mm``, ``sdsc_3mm``): the fraction of both surfaces lying
+  within tau of the other one, with the surface voxels and distances of ASD/HD:
+  ``(#{a in S_pred: d(a, S_ref) <= tau} + #{b in S_ref: d(b, S_pred) <= tau}) / (|S_pred| + |S_ref|)``.
+  It counts surface *voxels* (Nikolov's reference code weights surface elements
+  by their area, so its values differ slightly, most with very anisotropic
+  voxels). A distance within 1e-6 mm of tau counts as ``<= tau`` (floating-point
+  rounding of the distance transform). Distances are between voxel centres, so
+  a tau below the smallest spacing accepts only voxels on the other surface.
+  Empty masks: both empty -> 1.0, one empty -> 0.0 (as DSC; never None).
+* Added path length (APL, Vaassen et al. 2020, ``apl_mm``): the length in mm of
+  reference contour that would have to be drawn to turn the prediction into the
+  reference, counted per slice of the image's third axis (numpy axis 0, the CT
+  slice planes). In slice k the 2-D contour of a mask is its pixels with at least
+  one of their 4 in-plane neighbours outside the mask (the slice border counts as
+  outside). A reference contour pixel is *added* when its in-plane distance
+  (pixel centres, mm) to the nearest prediction contour pixel of the same slice
+  is more than ``apl_tolerance_mm`` (default :data:`APL_TOLERANCE_MM` = 1 mm, with
+  the same 1e-6 mm allowance), or when the prediction has no contour in slice k.
+  Each added pixel is one pixel length, the mean of the two in-plane spacings
+  ((sx + sy) / 2, exactly the pixel size for square CT pixels).
+  ``apl_per_slice_mm`` maps slice index k (0-based, of the whole image) to the
+  slice's APL for the slices where it is non-zero; ``apl_mm`` is their sum. The
+  1 mm default is about one pixel at CT in-plane spacings (0.6-1.0 mm): the
+  one-pixel jitter between two drawings of the same edge is not an edit, any
+  visible deviation is; 0 gives the strict pixel-exact count. Empty masks: both
+  empty -> 0 (no slices); prediction empty -> the whole reference contour
+  length; reference empty -> 0. 2-D masks are one slice (k = 0); APL is None for
+  masks of other dimensions. The per-slice values are in JSON only: the CSV
+  holds the total (and :func:`read_csv` gives ``apl_per_slice_mm = None``).
+* The table shows the surface Dice at 2 mm (``sDSC 2mm``) and the total APL
+  (``APL mm``); JSON and CSV have all three tolerances.
+* Files written before these metrics existed still read: their missing values
+  are None.
 """
 
 from __future__ import annotations
@@ -55,6 +89,16 @@ from segcore.errors import GeometryError, UnsupportedImageError
 from segcore.files import write_text
 
 HD95_PERCENTILE = 95.0
+
+# Surface Dice field names and their tolerances (mm).
+SURFACE_DICE_TOLERANCES_MM: tuple[tuple[str, float], ...] = (
+    ("sdsc_1mm", 1.0),
+    ("sdsc_2mm", 2.0),
+    ("sdsc_3mm", 3.0),
+)
+APL_TOLERANCE_MM = 1.0
+# A distance this close to a tolerance counts as equal to it (EDT rounding).
+DISTANCE_ROUNDING_MM = 1e-6
 
 FLAG_BOTH_EMPTY = "both_empty"
 FLAG_PRED_EMPTY = "pred_empty"
@@ -83,6 +127,11 @@ class LabelMetrics:
     asd: float | None
     hd: float | None
     hd95: float | None
+    sdsc_1mm: float | None  # surface Dice at 1, 2, 3 mm; None only in files that predate them
+    sdsc_2mm: float | None
+    sdsc_3mm: float | None
+    apl_mm: float | None  # added path length, total over the slices
+    apl_per_slice_mm: dict[int, float] | None  # slice index -> APL mm, non-zero slices only
     sen: float | None
     ppv: float | None
     vol_pred_cc: float
@@ -96,6 +145,8 @@ class LabelMetrics:
         """Plain JSON-ready values (flags as a list)."""
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["flags"] = list(self.flags)
+        if self.apl_per_slice_mm is not None:  # JSON object keys are strings
+            data["apl_per_slice_mm"] = {str(k): v for k, v in self.apl_per_slice_mm.items()}
         return data
 
     @staticmethod
@@ -104,6 +155,7 @@ class LabelMetrics:
             value = data.get(key)
             return None if value is None else float(value)
 
+        per_slice = data.get("apl_per_slice_mm")
         return LabelMetrics(
             label=int(data["label"]),
             name=str(data["name"]),
@@ -111,6 +163,11 @@ class LabelMetrics:
             asd=opt("asd"),
             hd=opt("hd"),
             hd95=opt("hd95"),
+            sdsc_1mm=opt("sdsc_1mm"),
+            sdsc_2mm=opt("sdsc_2mm"),
+            sdsc_3mm=opt("sdsc_3mm"),
+            apl_mm=opt("apl_mm"),
+            apl_per_slice_mm=None if per_slice is None else {int(k): float(v) for k, v in per_slice.items()},
             sen=opt("sen"),
             ppv=opt("ppv"),
             vol_pred_cc=float(data["vol_pred_cc"]),
@@ -122,7 +179,8 @@ class LabelMetrics:
         )
 
 
-FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(LabelMetrics))
+# The CSV columns: every field but the per-slice APL (JSON only).
+FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(LabelMetrics) if f.name != "apl_per_slice_mm")
 
 
 def label_name(value: int) -> str:
@@ -208,8 +266,102 @@ def surface_distances(pred_mask, ref_mask, spacing) -> tuple[np.ndarray, np.ndar
     return _surface_distances_cropped(pred[box], ref[box], sampling)
 
 
-def _metrics_from_crops(pred, ref, sampling, label: int, name: str) -> LabelMetrics:
-    """Metrics of two boolean masks already cropped to (at least) their union box."""
+def _within(distances: np.ndarray, tolerance_mm: float) -> np.ndarray:
+    return distances <= tolerance_mm + DISTANCE_ROUNDING_MM
+
+
+def _surface_dice_fields(d_pr: np.ndarray, d_rp: np.ndarray) -> dict[str, float]:
+    total = d_pr.size + d_rp.size
+    return {
+        key: float(np.count_nonzero(_within(d_pr, tol)) + np.count_nonzero(_within(d_rp, tol))) / total
+        for key, tol in SURFACE_DICE_TOLERANCES_MM
+    }
+
+
+def surface_dice(pred_mask, ref_mask, spacing, tolerance_mm: float) -> float:
+    """Surface Dice at ``tolerance_mm`` (module docstring); both empty 1.0, one empty 0.0."""
+    _check_tolerance(tolerance_mm)
+    pred, ref = _check_masks(pred_mask, ref_mask)
+    sampling = _spacing_numpy_order(spacing, pred.ndim)
+    has_pred, has_ref = bool(pred.any()), bool(ref.any())
+    if not (has_pred and has_ref):
+        return 1.0 if has_pred == has_ref else 0.0
+    box = _union_box(_mask_box(pred), _mask_box(ref))
+    d_pr, d_rp = _surface_distances_cropped(pred[box], ref[box], sampling)
+    total = d_pr.size + d_rp.size
+    return float(np.count_nonzero(_within(d_pr, tolerance_mm)) + np.count_nonzero(_within(d_rp, tolerance_mm))) / total
+
+
+def _check_tolerance(tolerance_mm) -> float:
+    tolerance_mm = float(tolerance_mm)
+    if not (math.isfinite(tolerance_mm) and tolerance_mm >= 0):
+        raise ValueError(f"a tolerance must be a finite distance >= 0 mm, not {tolerance_mm!r}")
+    return tolerance_mm
+
+
+def slice_contours(mask) -> np.ndarray:
+    """The 2-D contour of every slice of a ``[z, y, x]`` mask: pixels with a 4-neighbour
+    in their own slice outside the mask (the slice border is outside)."""
+    mask = np.asarray(mask, dtype=bool)
+    in_plane = ndimage.generate_binary_structure(2, 1)[np.newaxis]  # (1, 3, 3): no neighbours across slices
+    return mask & ~ndimage.binary_erosion(mask, structure=in_plane, border_value=0)
+
+
+def _apl_cropped(pred, ref, sampling, tolerance_mm: float, first_slice: int):
+    """(total mm, {slice: mm}) of 3-D masks cropped to (at least) their union box.
+
+    Cropping is exact: every contour pixel of either mask lies inside the box, and
+    a pixel on the box border has its outside neighbour outside both masks.
+    """
+    ref_contour = slice_contours(ref)
+    pred_contour = slice_contours(pred)
+    added = ref_contour.copy()  # a slice without a prediction contour keeps all of it
+    both = ref_contour.any(axis=(1, 2)) & pred_contour.any(axis=(1, 2))
+    for k in np.flatnonzero(both):
+        # EDT: distance to the nearest zero, i.e. to the prediction's contour in this slice.
+        dist = ndimage.distance_transform_edt(~pred_contour[k], sampling=sampling[1:])
+        added[k] &= ~_within(dist, tolerance_mm)
+    pixel_mm = (sampling[1] + sampling[2]) / 2.0
+    counts = np.count_nonzero(added, axis=(1, 2))
+    per_slice = {first_slice + int(k): int(counts[k]) * pixel_mm for k in np.flatnonzero(counts)}
+    return int(counts.sum()) * pixel_mm, per_slice
+
+
+def _apl_fields(pred, ref, sampling, tolerance_mm: float, first_slice: int) -> dict:
+    if pred.ndim == 2:  # one slice
+        pred, ref, sampling = pred[np.newaxis], ref[np.newaxis], (1.0,) + tuple(sampling)
+    if pred.ndim != 3:
+        return {"apl_mm": None, "apl_per_slice_mm": None}
+    if pred.size == 0:
+        return {"apl_mm": 0.0, "apl_per_slice_mm": {}}
+    total, per_slice = _apl_cropped(pred, ref, sampling, tolerance_mm, first_slice)
+    return {"apl_mm": total, "apl_per_slice_mm": per_slice}
+
+
+def added_path_length(pred_mask, ref_mask, spacing, tolerance_mm: float = APL_TOLERANCE_MM):
+    """Added path length: ``(total mm, {slice index: mm})`` (module docstring; numpy
+    ``[z, y, x]`` masks, spacing in (x, y, z) mm, slices along numpy axis 0).
+
+    Only slices with a non-zero APL are in the dict. 2-D masks are one slice (index 0).
+    """
+    tolerance_mm = _check_tolerance(tolerance_mm)
+    pred, ref = _check_masks(pred_mask, ref_mask)
+    if pred.ndim not in (2, 3):
+        raise GeometryError(f"the added path length needs 2-D or 3-D masks, not {pred.ndim}-D")
+    sampling = _spacing_numpy_order(spacing, pred.ndim)
+    box = _union_box(_mask_box(pred), _mask_box(ref))
+    if box is None:
+        return 0.0, {}
+    fields_ = _apl_fields(pred[box], ref[box], sampling, tolerance_mm, box[0].start if pred.ndim == 3 else 0)
+    return fields_["apl_mm"], fields_["apl_per_slice_mm"]
+
+
+def _metrics_from_crops(pred, ref, sampling, label: int, name: str, first_slice: int = 0,
+                        apl_tolerance_mm: float = APL_TOLERANCE_MM) -> LabelMetrics:
+    """Metrics of two boolean masks already cropped to (at least) their union box.
+
+    ``first_slice`` is the index of the crop's first slice (numpy axis 0) in the image.
+    """
     n_pred = int(np.count_nonzero(pred))
     n_ref = int(np.count_nonzero(ref))
     n_tp = int(np.count_nonzero(pred & ref))
@@ -223,17 +375,20 @@ def _metrics_from_crops(pred, ref, sampling, label: int, name: str) -> LabelMetr
         "n_ref": n_ref,
         "n_tp": n_tp,
     }
+    common.update(_apl_fields(pred, ref, sampling, apl_tolerance_mm, first_slice))
     if n_pred == 0 and n_ref == 0:
         return LabelMetrics(
-            dsc=1.0, asd=0.0, hd=0.0, hd95=0.0, sen=1.0, ppv=1.0, flags=(FLAG_BOTH_EMPTY,), **common
+            dsc=1.0, asd=0.0, hd=0.0, hd95=0.0, sen=1.0, ppv=1.0, flags=(FLAG_BOTH_EMPTY,),
+            **{key: 1.0 for key, _ in SURFACE_DICE_TOLERANCES_MM},
+            **common,
         )
-    if n_pred == 0:
+    if n_pred == 0 or n_ref == 0:
         return LabelMetrics(
-            dsc=0.0, asd=None, hd=None, hd95=None, sen=0.0, ppv=None, flags=(FLAG_PRED_EMPTY,), **common
-        )
-    if n_ref == 0:
-        return LabelMetrics(
-            dsc=0.0, asd=None, hd=None, hd95=None, sen=None, ppv=0.0, flags=(FLAG_REF_EMPTY,), **common
+            dsc=0.0, asd=None, hd=None, hd95=None,
+            sen=0.0 if n_pred == 0 else None, ppv=None if n_pred == 0 else 0.0,
+            flags=(FLAG_PRED_EMPTY if n_pred == 0 else FLAG_REF_EMPTY,),
+            **{key: 0.0 for key, _ in SURFACE_DICE_TOLERANCES_MM},
+            **common,
         )
     d_pr, d_rp = _surface_distances_cropped(pred, ref, sampling)
     pooled = np.concatenate([d_pr, d_rp])
@@ -245,18 +400,24 @@ def _metrics_from_crops(pred, ref, sampling, label: int, name: str) -> LabelMetr
         sen=n_tp / n_ref,
         ppv=n_tp / n_pred,
         flags=(FLAG_NO_OVERLAP,) if n_tp == 0 else (),
+        **_surface_dice_fields(d_pr, d_rp),
         **common,
     )
 
 
-def mask_metrics(pred_mask, ref_mask, spacing, label: int = 1, name: str | None = None) -> LabelMetrics:
+def mask_metrics(pred_mask, ref_mask, spacing, label: int = 1, name: str | None = None, *,
+                 apl_tolerance_mm: float = APL_TOLERANCE_MM) -> LabelMetrics:
     """All metrics for two boolean masks (numpy ``[z, y, x]``, spacing in (x, y, z) mm)."""
+    apl_tolerance_mm = _check_tolerance(apl_tolerance_mm)
     pred, ref = _check_masks(pred_mask, ref_mask)
     sampling = _spacing_numpy_order(spacing, pred.ndim)
     box = _union_box(_mask_box(pred), _mask_box(ref))
+    first_slice = 0
     if box is not None:
         pred, ref = pred[box], ref[box]
-    return _metrics_from_crops(pred, ref, sampling, label, label_name(label) if name is None else name)
+        first_slice = box[0].start if pred.ndim == 3 else 0
+    return _metrics_from_crops(pred, ref, sampling, label, label_name(label) if name is None else name,
+                               first_slice, apl_tolerance_mm)
 
 
 def _as_label_array(arr, what: str) -> np.ndarray:
@@ -303,11 +464,14 @@ def _normalise_labels(labels) -> list[int]:
     return out
 
 
-def evaluate_arrays(pred, ref, spacing, labels: Iterable[int] | None = None) -> list[LabelMetrics]:
+def evaluate_arrays(pred, ref, spacing, labels: Iterable[int] | None = None, *,
+                    apl_tolerance_mm: float = APL_TOLERANCE_MM) -> list[LabelMetrics]:
     """Metrics per label for two numpy label arrays (``[z, y, x]``, spacing in (x, y, z) mm).
 
     ``labels`` defaults to the sorted union of the non-zero values present in either.
+    ``apl_tolerance_mm`` is the in-plane tolerance of the added path length.
     """
+    apl_tolerance_mm = _check_tolerance(apl_tolerance_mm)
     pred = _as_label_array(pred, "prediction")
     ref = _as_label_array(ref, "reference")
     if pred.shape != ref.shape:
@@ -323,8 +487,9 @@ def evaluate_arrays(pred, ref, spacing, labels: Iterable[int] | None = None) -> 
             box = tuple(slice(None) for _ in range(pred.ndim))  # background fills the image
         elif box is None:
             box = tuple(slice(0, 0) for _ in range(pred.ndim))  # absent from both: empty masks
+        first_slice = (box[0].start or 0) if pred.ndim == 3 else 0
         results.append(_metrics_from_crops(pred[box] == value, ref[box] == value, sampling,
-                                           value, label_name(value)))
+                                           value, label_name(value), first_slice, apl_tolerance_mm))
     return results
 
 
@@ -356,16 +521,17 @@ def _image_array(image, what: str) -> np.ndarray:
     return sitk.GetArrayViewFromImage(image)
 
 
-def evaluate(pred_image, ref_image, labels: Iterable[int] | None = None) -> list[LabelMetrics]:
+def evaluate(pred_image, ref_image, labels: Iterable[int] | None = None, *,
+             apl_tolerance_mm: float = APL_TOLERANCE_MM) -> list[LabelMetrics]:
     """Metrics per label for two SimpleITK label images on the same grid.
 
     ``labels`` defaults to the union of the non-zero values present in either image.
-    Raises GeometryError when the grids differ.
+    APL slices are the images' third (k) axis. Raises GeometryError when the grids differ.
     """
     check_same_grid(pred_image, ref_image)
     pred = _image_array(pred_image, "prediction")
     ref = _image_array(ref_image, "reference")
-    return evaluate_arrays(pred, ref, ref_image.GetSpacing(), labels)
+    return evaluate_arrays(pred, ref, ref_image.GetSpacing(), labels, apl_tolerance_mm=apl_tolerance_mm)
 
 
 def centroids(label_image) -> dict[int, tuple[float, ...]]:
@@ -412,7 +578,9 @@ def results_to_csv(results: Sequence[LabelMetrics]) -> str:
     writer.writerow(FIELD_NAMES)
     for r in results:
         row = []
-        for key, value in r.to_dict().items():
+        data = r.to_dict()
+        for key in FIELD_NAMES:
+            value = data[key]
             if key == "flags":
                 row.append(";".join(value))
             elif value is None:
@@ -426,12 +594,12 @@ def results_to_csv(results: Sequence[LabelMetrics]) -> str:
 
 
 def write_csv(results: Sequence[LabelMetrics], path, overwrite: bool = True) -> None:
-    """Write the results as CSV (header = :data:`FIELD_NAMES`)."""
+    """Write the results as CSV (header = :data:`FIELD_NAMES`; APL total only, not per slice)."""
     write_text(path, results_to_csv(results), overwrite=overwrite, newline="")
 
 
 def read_csv(path) -> list[LabelMetrics]:
-    """Read a file written by :func:`write_csv`."""
+    """Read a file written by :func:`write_csv` (``apl_per_slice_mm`` is None: CSV has no per-slice values)."""
     with open(os.fspath(path), encoding="utf-8", newline="") as fh:
         rows = list(csv.DictReader(fh))
     out = []
@@ -448,6 +616,8 @@ _TABLE_COLUMNS = (
     ("ASD mm", "asd", "{:.2f}"),
     ("HD mm", "hd", "{:.2f}"),
     ("HD95 mm", "hd95", "{:.2f}"),
+    ("sDSC 2mm", "sdsc_2mm", "{:.4f}"),
+    ("APL mm", "apl_mm", "{:.1f}"),
     ("SEN", "sen", "{:.4f}"),
     ("PPV", "ppv", "{:.4f}"),
     ("pred cc", "vol_pred_cc", "{:.2f}"),

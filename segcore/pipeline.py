@@ -190,6 +190,7 @@ class Segmenter:
         ct = read_input(image_or_path)
         timings["read"] = time.perf_counter() - started
         result = self.segment(ct, report, timings)
+        result.model_version = self.package.version
         note = imageio.left_handed_note(ct)
         if note:  # in the result, so that the report (and a DICOM node's log) keeps it beside the contours
             result.messages.append(note)

@@ -56,6 +56,7 @@ class Result:
     timings: dict[str, float] = field(default_factory=dict)
     details: dict = field(default_factory=dict)
     contours: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    model_version: str = ""
 
     @property
     def found(self) -> bool:
@@ -65,7 +66,7 @@ class Result:
         return next((s for s in self.segments if s.name == name), None)
 
     def to_json(self) -> dict:
-        return {"model": self.model, "confidence": round(self.confidence, 3), "found": self.found,
+        return {"model": self.model, "model_version": self.model_version, "confidence": round(self.confidence, 3), "found": self.found,
                 "segments": [s.to_json() for s in self.segments], "messages": list(self.messages),
                 "timings_s": {k: round(v, 3) for k, v in self.timings.items()}, "details": self.details}
 
