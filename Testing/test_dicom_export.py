@@ -16,7 +16,7 @@ from segcore import anatomy
 from segcore.cli import main
 from segcore.dicom.ct import Algorithm, ct_series_for, slice_of, write_ct_series
 from segcore.dicom.names import roi_names
-from segcore.dicom.rtstruct import RT_STRUCTURE_SET_STORAGE, read_rtstruct, rasterise, trace_slices
+from segcore.dicom.rtstruct import RT_STRUCTURE_SET_STORAGE, rasterise, read_rtstruct, trace_slices
 from segcore.errors import GeometryError, SegcoreError
 from segcore.export import export_labelmap
 from segcore.image import read_image
@@ -216,8 +216,8 @@ def test_empty_structure_is_listed_without_contours(tmp_path):
     assert dciodvfy_errors(files["case_rtstruct.dcm"]) == []
 
 
-def test_export_refuses_what_does_not_fit(tmp_path, small_phantom):
-    folder, ct, labels = dicom_case(tmp_path / "ct", matrix=96, spacing=(1.5, 1.5, 3.0))
+def test_export_refuses_what_does_not_fit(tmp_path):
+    folder, _, labels = dicom_case(tmp_path / "ct", matrix=96, spacing=(1.5, 1.5, 3.0))
     with pytest.raises(SegcoreError, match="needs a DICOM CT input"):
         export_labelmap(labels, TARGETS, tmp_path / "a", "x", ("rtstruct",), source=tmp_path / "x.nii.gz")
     with pytest.raises(SegcoreError, match="need a DICOM CT input"):
@@ -239,23 +239,23 @@ def test_export_refuses_what_does_not_fit(tmp_path, small_phantom):
 
 
 def test_cli_writes_rtstruct_and_seg_for_a_dicom_series(tmp_path, capsys):
-    folder, ct, labels = dicom_case(tmp_path / "ct", matrix=96, spacing=(2.0, 2.0, 3.0))
+    folder, ct, _ = dicom_case(tmp_path / "ct", matrix=96, spacing=(2.0, 2.0, 3.0))
     names = tmp_path / "names.yaml"
-    names.write_text("Prostate: CTV_Prostate_AI\nfemoral_head_left: FemurHead_Lt\n")
+    names.write_text("Prostate: Prostate_AI\nfemoral_head_left: FemurHead_Lt\n")
     assert main(["--quiet", "organs", str(folder), "-o", str(tmp_path / "out"), "--formats",
                  "rtstruct,dicom-seg,nii.gz", "--names", str(names)]) == 0
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == ["ct_rtstruct.dcm", "ct_seg.dcm", "ct_seg.json", "ct_seg.nii.gz"]
     ds = pydicom.dcmread(out / "ct_rtstruct.dcm")
     assert sorted(r.ROIName for r in ds.StructureSetROISequence) == sorted(
-        ["CTV_Prostate_AI", "Bladder", "Rectum", "FemurHead_Lt", "Femur_Head_R", "SeminalVes"])
+        ["Prostate_AI", "Bladder", "Rectum", "FemurHead_Lt", "Femur_Head_R", "SeminalVes"])
     assert "hmrnet" in ds.StructureSetROISequence[0].ROIGenerationDescription.lower()
     assert dciodvfy_errors(out / "ct_rtstruct.dcm") == [] and dciodvfy_errors(out / "ct_seg.dcm") == []
     # the RT Structure Set holds what the NIfTI holds
     result = sitk.ReadImage(str(out / "ct_seg.nii.gz"))
     array = sitk.GetArrayFromImage(result)
     for roi in read_rtstruct(out / "ct_rtstruct.dcm").rois:
-        value = {"CTV_Prostate_AI": 1, "FemurHead_Lt": 4}.get(roi.name) or TG263[roi.name]
+        value = {"Prostate_AI": 1, "FemurHead_Lt": 4}.get(roi.name) or TG263[roi.name]
         assert np.array_equal(rasterise(roi, read_image(folder))[0], array == value), roi.name
 
     # a NIfTI input cannot give DICOM outputs: one error line, exit 1, no output folder
