@@ -56,27 +56,23 @@ def _without_straight_runs(points: np.ndarray) -> np.ndarray:
     return points[keep] if keep.sum() >= 3 else points
 
 
-def trace_slices(mask: np.ndarray) -> dict[int, list[np.ndarray]]:
-    """Closed contours of a (k, j, i) boolean mask in each k plane, as (n, 2) arrays of (i, j) indices."""
-    from scipy import ndimage
+def trace_slices(mask: np.ndarray, offset=(0, 0, 0)) -> dict[int, list[np.ndarray]]:
+    """Closed contours of a (k, j, i) boolean mask in each k plane, as (n, 2) arrays of (i, j) indices;
+    `offset` is the (k, j, i) index of the mask's first voxel when it is a crop of a larger grid."""
     from skimage.measure import find_contours
 
     contours: dict[int, list[np.ndarray]] = {}
-    box = ndimage.find_objects(mask.astype(np.uint8))
-    if not box or box[0] is None:
-        return contours
-    ks, js, is_ = box[0]
-    for k in range(ks.start, ks.stop):
-        plane = np.pad(mask[k, js, is_], 1).astype(np.uint8)  # padded: every contour closes
+    for k in range(mask.shape[0]):
+        plane = np.pad(mask[k], 1).astype(np.uint8)  # padded: every contour closes
         if not plane.any():
             continue
         traced = []
         for rows_cols in find_contours(plane, 0.5):
-            ij = rows_cols[:-1, ::-1] + (is_.start - 1, js.start - 1)  # drop the repeated last vertex
+            ij = rows_cols[:-1, ::-1] + (offset[2] - 1, offset[1] - 1)  # drop the repeated last vertex
             if len(ij) >= 3:
                 traced.append(_without_straight_runs(ij))
         if traced:
-            contours[k] = traced
+            contours[k + offset[0]] = traced
     return contours
 
 
@@ -119,11 +115,22 @@ def _referenced_frame(series: CtSeries):
     return frame
 
 
-def _contour_items(mask: np.ndarray, image: sitk.Image, series: CtSeries) -> list:
+def _decimal_strings(values: np.ndarray):
+    """A DS element's encoded value, made at once: pydicom would build and check one object per number.
+    0.001 mm is far below a voxel and keeps each value within DS's 16 characters."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    text = "\\".join(f"{v:.3f}" for v in values).encode("ascii")
+    text += b" " * (len(text) % 2)  # DICOM values have even lengths
+    return RawDataElement(Tag(0x30060050), "DS", len(text), text, 0, False, True)
+
+
+def _contour_items(mask: np.ndarray, offset, image: sitk.Image, series: CtSeries) -> list:
     from pydicom.dataset import Dataset
 
     items = []
-    for k, contours in sorted(trace_slices(mask).items()):
+    for k, contours in sorted(trace_slices(mask, offset).items()):
         instance = series.instances[k]
         for ij in contours:
             item = Dataset()
@@ -131,16 +138,17 @@ def _contour_items(mask: np.ndarray, image: sitk.Image, series: CtSeries) -> lis
             item.ContourGeometricType = "CLOSED_PLANAR"
             item.NumberOfContourPoints = len(ij)
             item.ContourNumber = len(items) + 1
-            # 0.001 mm is far below a voxel and keeps each value within DS's 16 characters
-            item.ContourData = [f"{v:.3f}" for v in index_to_lps(ij, k, image).ravel()]
+            item[0x30060050] = _decimal_strings(index_to_lps(ij, k, image).ravel())  # Contour Data
             items.append(item)
     return items
 
 
 def _roi_items(labelmap, structures, series, names, algorithm):
     from pydicom.dataset import Dataset
+    from scipy import ndimage
 
     array = sitk.GetArrayViewFromImage(labelmap)
+    boxes = ndimage.find_objects(array) if array.any() else []  # one pass for every label
     rois, contours, observations = [], [], []
     for number, s in enumerate(structures, start=1):
         roi = Dataset()
@@ -151,9 +159,10 @@ def _roi_items(labelmap, structures, series, names, algorithm):
         contour = Dataset()
         contour.ROIDisplayColor = [int(c) for c in s.color]
         contour.ReferencedROINumber = number
-        items = _contour_items(array == s.value, labelmap, series)
-        if items:  # an organ not found stays listed, without contours: the planner sees it is empty
-            contour.ContourSequence = items
+        box = boxes[s.value - 1] if s.value <= len(boxes) else None
+        if box is not None:  # an organ not found stays listed, without contours: the planner sees it is empty
+            offset = tuple(b.start for b in box)
+            contour.ContourSequence = _contour_items(array[box] == s.value, offset, labelmap, series)
         contours.append(contour)
         observation = Dataset()
         observation.ObservationNumber, observation.ReferencedROINumber = number, number
