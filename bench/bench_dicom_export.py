@@ -24,7 +24,7 @@ import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_common import SLICES  # noqa: E402
+from bench_common import SLICES
 
 
 def _like(array: np.ndarray, image: sitk.Image) -> sitk.Image:

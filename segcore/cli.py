@@ -27,6 +27,8 @@ examples:
   prostateseg organs ct.nii.gz -o results/ --organs bladder,rectum
   prostateseg phantom cases/ -n 3 --seed 1          three synthetic pelvic CTs with labels
   prostateseg evaluate pred.nii.gz ref.nii.gz       DSC, ASD, HD, HD95, SEN, PPV, volumes
+  prostateseg evaluate pred.nii.gz rtstruct.dcm --ct ct_series/    against clinical contours
+  prostateseg dataset import dicom_export/ training_data/ --map names.yaml   contoured cases -> training
   prostateseg models list                           installed model packages
   prostateseg models install pkg.zip --sha256 HEX   add a model package (zip or https URL)
 
@@ -57,7 +59,6 @@ def _phantom(args) -> int:
 
 def _evaluate(args) -> int:
     from segcore import metrics
-    from segcore.image import read_image
 
     labels = None
     if args.labels:
@@ -70,8 +71,7 @@ def _evaluate(args) -> int:
     for target in (args.json, args.csv):  # before the work: a folder, a file in the way, an existing file
         if target:
             check_output_file(target, overwrite=args.overwrite)
-    pred = read_image(args.pred, kind="labels")
-    ref = read_image(args.ref, kind="labels")
+    pred, ref, labels = _evaluation_images(args, labels)
     results = metrics.evaluate(pred, ref, labels)
     print(metrics.format_table(results))
     meta = {"prediction": str(args.pred), "reference": str(args.ref)}
@@ -80,6 +80,63 @@ def _evaluate(args) -> int:
     if args.csv:
         metrics.write_csv(results, args.csv, overwrite=args.overwrite)
     return 0
+
+
+def _evaluation_image(path: Path, args, what: str):
+    """A label map, or an RT Structure Set rasterised on the --ct series (mapped as `dataset import` does)."""
+    from segcore.dicom.importer import is_rtstruct, rtstruct_labelmap
+    from segcore.image import read_image
+
+    if not is_rtstruct(path):
+        return read_image(path, kind="labels"), None
+    if args.ct is None:
+        raise SegcoreError(f"the {what} {path} is an RT Structure Set: give the CT series it was drawn on with "
+                           "--ct SERIES")
+    image, row = rtstruct_labelmap(path, args.ct, args.map)
+    if not args.quiet:
+        print(f"{what} {path.name}: " + "; ".join(row.mapped or ["no mapped structure"]), file=sys.stderr)
+        for note in row.ignored + row.overlaps + row.problems:
+            print(f"  {note}", file=sys.stderr)
+    return image, sorted(row.label_values)
+
+
+def _evaluation_images(args, labels):
+    """PRED and REF as label maps; with an RTSTRUCT reference and no --labels, the labels it has."""
+    if args.ct is not None and not args.ct.exists():
+        raise SegcoreError(f"--ct {args.ct}: no such file or folder (give the DICOM CT series)")
+    pred, _ = _evaluation_image(args.pred, args, "prediction")
+    ref, ref_labels = _evaluation_image(args.ref, args, "reference")
+    if labels is None and ref_labels is not None:
+        if not ref_labels:
+            raise SegcoreError(f"the reference {args.ref} has no structure that maps to our labels (see above; "
+                               "add your names with --map FILE)")
+        labels = ref_labels
+    return pred, ref, labels
+
+
+def _dataset(args) -> int:
+    from tqdm import tqdm
+
+    from segcore.dicom.importer import ALREADY, FAILED, IMPORTED, check_folders, import_dicom
+
+    check_folders(args.root, args.outdir)  # before the progress bar: a refusal is one line
+    stages: list[str] = []
+    with tqdm(file=sys.stderr, disable=args.quiet, unit="file") as bar:
+        def progress(stage, done, total):
+            if not stages or stages[-1] != stage:  # a new stage: reading files, then importing CT series
+                stages.append(stage)
+                bar.set_description_str(stage)
+                bar.unit = "file" if stage == "reading" else "series"
+                bar.reset(total)
+            bar.n = done
+            bar.refresh()
+
+        result = import_dicom(args.root, args.outdir, args.map, progress)
+    for row in result.rows:
+        if row.status == FAILED:
+            print(f"{row.case or row.ct_series_uid or 'file'}: {row.reason}", file=sys.stderr)
+    print(result.summary())
+    return 1 if result.count(FAILED) and not (result.count(IMPORTED) or result.count(ALREADY)) else 0
 
 
 def _segment(args) -> int:
@@ -277,15 +334,54 @@ def _add_evaluate(commands) -> None:
         description="Compare a predicted label map with a reference on the same grid, per label: Dice (DSC), "
         "average symmetric surface distance (ASD, mm), Hausdorff distance (HD, mm) and its 95th percentile "
         "(HD95, mm), sensitivity (SEN), positive predictive value (PPV) and volumes (cc). Empty masks are "
-        "flagged, never NaN.",
+        "flagged, never NaN. REF (or PRED) may be an RT Structure Set with --ct SERIES: its ROIs are mapped "
+        "to our labels by name (synonym table, --map) and rasterised on that CT series; without --labels only "
+        "the labels the RTSTRUCT reference has are compared.",
     )
-    p.add_argument("pred", type=Path, help="predicted label map (NIfTI, NRRD, MHA, DICOM...)")
-    p.add_argument("ref", type=Path, help="reference label map on the same grid")
+    p.add_argument("pred", type=Path, help="predicted label map (NIfTI, NRRD, MHA, DICOM...) or RTSTRUCT file")
+    p.add_argument("ref", type=Path, help="reference label map on the same grid, or an RTSTRUCT file (clinical "
+                   "contours; then --ct is needed)")
+    p.add_argument("--ct", type=Path, metavar="SERIES",
+                   help="the DICOM CT series (folder, or one file of it) an RTSTRUCT PRED/REF was drawn on: its "
+                   "structures are rasterised on this grid")
+    p.add_argument("--map", type=Path, metavar="FILE",
+                   help="ROI names of your clinic added to the synonym table (YAML, as for `dataset import`)")
     p.add_argument("--labels", help="label values to compare, e.g. 1,2 (default: all present)")
     p.add_argument("--json", type=Path, help="also write the results as JSON")
     p.add_argument("--csv", type=Path, help="also write the results as CSV")
     p.add_argument("--overwrite", action="store_true", help="replace existing --json/--csv files")
     p.set_defaults(run=_evaluate)
+
+
+def _add_dataset(commands) -> None:
+    p = commands.add_parser(
+        "dataset", help="build training datasets (import a clinic's contoured DICOM cases)",
+        description="Training datasets in the layout training/ reads (NAME_ct.nii.gz + NAME_labels.nii.gz, "
+        "labels.json).",
+    )
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+    a = actions.add_parser(
+        "import", help="import CT series with their RT Structure Sets from a DICOM folder tree",
+        description="Walk DICOM_ROOT (any file names; several patients, studies, series), pair every CT series "
+        "with the RTSTRUCT(s) referencing it, map the ROI names to our labels (synonym table: TG-263 names and "
+        "common variants, plus --map FILE; a CTV/PTV is never taken for an organ), rasterise them on the CT "
+        "grid and write OUTDIR/dcm_<hash>_ct.nii.gz + _labels.nii.gz (1 prostate, 2 bladder, 3 rectum, "
+        "4/5 femoral head L/R, 6 seminal vesicles) and labels.json. Case names are a hash of the CT series "
+        "UID (no patient names): a re-run skips the cases already imported. Every run writes "
+        "OUTDIR/import_report_<UTC time>.csv: per case the structures found, mapped, ignored (and why), "
+        "overlaps (prostate > seminal vesicles > rectum > bladder > femoral heads decides) and problems. "
+        "Nothing is written under DICOM_ROOT.",
+        epilog="Exit code 1 when at least one case failed and no case of DICOM_ROOT is in OUTDIR (imported by "
+        "this run or an earlier one), or on an error such as OUTDIR inside DICOM_ROOT; 0 otherwise (failed "
+        "and skipped cases are in the report and on stderr). "
+        "The synonym table to copy and edit: segcore/dicom/structure_names.yaml.",
+    )
+    a.add_argument("root", type=Path, metavar="DICOM_ROOT", help="folder tree holding the DICOM files (only read)")
+    a.add_argument("outdir", type=Path, metavar="OUTDIR", help="training data folder (created if missing)")
+    a.add_argument("--map", type=Path, metavar="FILE",
+                   help="YAML file adding your ROI names, e.g. 'prostate: [Prostata_MR, PROST]'")
+    p.set_defaults(run=_dataset)
 
 
 def _add_models(commands) -> None:
@@ -325,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes on stderr")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-    for add in (_add_segment, _add_organs, _add_phantom, _add_evaluate, _add_models):
+    for add in (_add_segment, _add_organs, _add_phantom, _add_evaluate, _add_dataset, _add_models):
         add(commands)
     return parser
 

@@ -300,11 +300,20 @@ def _check_tolerance(tolerance_mm) -> float:
 
 
 def slice_contours(mask) -> np.ndarray:
-    """The 2-D contour of every slice of a ``[z, y, x]`` mask: pixels with a 4-neighbour
-    in their own slice outside the mask (the slice border is outside)."""
+    """The 2-D contour of every slice of a ``[z, y, x]`` mask (a 2-D mask is one slice): pixels
+    with one of their 4 in-plane neighbours outside the mask (the slice border is outside)."""
     mask = np.asarray(mask, dtype=bool)
-    in_plane = ndimage.generate_binary_structure(2, 1)[np.newaxis]  # (1, 3, 3): no neighbours across slices
-    return mask & ~ndimage.binary_erosion(mask, structure=in_plane, border_value=0)
+    if mask.ndim not in (2, 3):
+        raise GeometryError(f"slice contours need a 2-D or 3-D mask, not {mask.ndim}-D")
+    # Shifted views instead of binary_erosion: the same pixels, several times faster on large masks.
+    inner = mask.copy()
+    inner[..., 1:, :] &= mask[..., :-1, :]
+    inner[..., :-1, :] &= mask[..., 1:, :]
+    inner[..., :, 1:] &= mask[..., :, :-1]
+    inner[..., :, :-1] &= mask[..., :, 1:]
+    inner[..., (0, -1), :] = False
+    inner[..., :, (0, -1)] = False
+    return mask & ~inner
 
 
 def _apl_cropped(pred, ref, sampling, tolerance_mm: float, first_slice: int):
@@ -318,9 +327,11 @@ def _apl_cropped(pred, ref, sampling, tolerance_mm: float, first_slice: int):
     added = ref_contour.copy()  # a slice without a prediction contour keeps all of it
     both = ref_contour.any(axis=(1, 2)) & pred_contour.any(axis=(1, 2))
     for k in np.flatnonzero(both):
+        # Both contours of slice k lie in their own 2-D box: the EDT restricted to it is exact.
+        box = _mask_box(pred_contour[k] | ref_contour[k])
         # EDT: distance to the nearest zero, i.e. to the prediction's contour in this slice.
-        dist = ndimage.distance_transform_edt(~pred_contour[k], sampling=sampling[1:])
-        added[k] &= ~_within(dist, tolerance_mm)
+        dist = ndimage.distance_transform_edt(~pred_contour[k][box], sampling=sampling[1:])
+        added[k][box] &= ~_within(dist, tolerance_mm)
     pixel_mm = (sampling[1] + sampling[2]) / 2.0
     counts = np.count_nonzero(added, axis=(1, 2))
     per_slice = {first_slice + int(k): int(counts[k]) * pixel_mm for k in np.flatnonzero(counts)}
