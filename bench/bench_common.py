@@ -43,6 +43,55 @@ sitk.WriteImage(img, r"{path}", True)
     return path
 
 
+def _like(array, image):
+    import SimpleITK as sitk
+
+    result = sitk.GetImageFromArray(array)
+    result.CopyInformation(image)
+    return result
+
+
+def _with_slices(image, count: int, fill: int):
+    """The middle `count` slices, or the image padded with `fill` after its last slice up to `count`."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    array = sitk.GetArrayFromImage(image)
+    if len(array) >= count:
+        start = (len(array) - count) // 2
+        return image[:, :, start:start + count]
+    padding = np.full((count - len(array),) + array.shape[1:], fill, array.dtype)
+    padded = sitk.GetImageFromArray(np.concatenate([array, padding]))
+    padded.SetSpacing(image.GetSpacing())
+    padded.SetOrigin(image.GetOrigin())
+    padded.SetDirection(image.GetDirection())
+    return padded
+
+
+def make_dicom_case(workdir: Path, seed: int) -> tuple[Path, Path]:
+    """Phantom `seed` at 512 x 512 x 150 (0.95 x 0.95 x 2 mm) as a DICOM CT series and its six organs as a
+    label map (cached in `workdir`): what the DICOM benchmarks write and read."""
+    import shutil
+
+    import SimpleITK as sitk
+
+    from segcore.dicom.ct import write_ct_series
+    from segcore.phantom import make_phantom
+
+    folder, labels_path = workdir / f"dicom_seed{seed}", workdir / f"dicom_seed{seed}_labels.nii.gz"
+    if labels_path.is_file():
+        return folder, labels_path
+    case = make_phantom(seed, matrix=512, spacing=(0.95, 0.95, 2.0), orientation="LPS", implant=False)
+    ct, organs = (_with_slices(image, SLICES, fill) for image, fill in ((case.ct, -1024), (case.labels, 0)))
+    array = sitk.GetArrayFromImage(organs)
+    array[array > 6] = 0
+    organs = _like(array, organs)
+    shutil.rmtree(folder, ignore_errors=True)
+    write_ct_series(ct, folder, seed=f"bench{seed}")
+    sitk.WriteImage(organs, str(labels_path), True)
+    return folder, labels_path
+
+
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat", type=int, default=3, help="fresh-process runs per measurement (default 3)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")

@@ -24,46 +24,7 @@ import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_common import SLICES
-
-
-def _like(array: np.ndarray, image: sitk.Image) -> sitk.Image:
-    result = sitk.GetImageFromArray(array)
-    result.CopyInformation(image)
-    return result
-
-
-def _with_slices(image: sitk.Image, count: int, fill: int) -> sitk.Image:
-    """The middle `count` slices, or the image padded with `fill` after its last slice up to `count`."""
-    array = sitk.GetArrayFromImage(image)
-    if len(array) >= count:
-        start = (len(array) - count) // 2
-        return image[:, :, start:start + count]
-    padding = np.full((count - len(array),) + array.shape[1:], fill, array.dtype)
-    padded = sitk.GetImageFromArray(np.concatenate([array, padding]))
-    padded.SetSpacing(image.GetSpacing())
-    padded.SetOrigin(image.GetOrigin())
-    padded.SetDirection(image.GetDirection())
-    return padded
-
-
-def dicom_case(workdir: Path, seed: int) -> tuple[Path, Path]:
-    """Phantom `seed` at 512 x 512 x 150 as a DICOM series and its six organs as a label map (cached)."""
-    from segcore.dicom.ct import write_ct_series
-    from segcore.phantom import make_phantom
-
-    folder, labels_path = workdir / f"dicom_seed{seed}", workdir / f"dicom_seed{seed}_labels.nii.gz"
-    if labels_path.is_file():
-        return folder, labels_path
-    case = make_phantom(seed, matrix=512, spacing=(0.95, 0.95, 2.0), orientation="LPS", implant=False)
-    ct, organs = (_with_slices(image, SLICES, fill) for image, fill in ((case.ct, -1024), (case.labels, 0)))
-    array = sitk.GetArrayFromImage(organs)
-    array[array > 6] = 0
-    organs = _like(array, organs)
-    shutil.rmtree(folder, ignore_errors=True)
-    write_ct_series(ct, folder, seed=f"bench{seed}")
-    sitk.WriteImage(organs, str(labels_path), True)
-    return folder, labels_path
+from bench_common import make_dicom_case
 
 
 def main() -> int:
@@ -81,7 +42,7 @@ def main() -> int:
     from segcore.export import export_labelmap
     from segcore.image import read_image
 
-    folder, labels_path = dicom_case(args.workdir, args.seed)
+    folder, labels_path = make_dicom_case(args.workdir, args.seed)
     ct = read_image(folder)
     labels = sitk.Resample(sitk.ReadImage(str(labels_path)), ct, sitk.Transform(), sitk.sitkNearestNeighbor)
     structures = [anatomy.BY_NAME[name] for name in anatomy.TARGET_NAMES]
