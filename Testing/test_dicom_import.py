@@ -4,7 +4,6 @@ phantom CTs (random file names, several patients), our RT Structure Sets, plasti
 import csv
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,6 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from dicom_tools import require_tool
 
 from segcore import anatomy, metrics
 from segcore.cli import main
@@ -26,16 +26,6 @@ from segcore.phantom import make_phantom
 
 ORGANS = [anatomy.BY_NAME[n] for n in anatomy.TARGET_NAMES]
 PATIENT = "Doe^Johnny"
-
-
-def require_tool(name: str) -> str:
-    """The path of a command-line tool; skipped when absent, a failure with PROSTATESEG_REQUIRE_DICOM_TOOLS=1."""
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("PROSTATESEG_REQUIRE_DICOM_TOOLS") == "1":
-            pytest.fail(f"{name} not found on PATH (PROSTATESEG_REQUIRE_DICOM_TOOLS=1)")
-        pytest.skip(f"{name} not installed")
-    return path
 
 
 def organ_labels(labels: sitk.Image) -> sitk.Image:
