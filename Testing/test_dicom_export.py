@@ -20,6 +20,7 @@ from segcore.dicom.rtstruct import RT_STRUCTURE_SET_STORAGE, rasterise, read_rts
 from segcore.errors import GeometryError, SegcoreError
 from segcore.export import export_labelmap
 from segcore.image import read_image
+from segcore.metrics import read_json
 from segcore.phantom import make_phantom
 
 TARGETS = [anatomy.BY_NAME[name] for name in anatomy.TARGET_NAMES]
@@ -270,3 +271,37 @@ def test_cli_writes_rtstruct_and_seg_for_a_dicom_series(tmp_path, capsys):
     assert main(["--quiet", "organs", str(folder), "-o", str(tmp_path / "none"), "--formats", "rtstruct",
                  "--names", str(names)]) == 1
     assert "not a structure we write" in capsys.readouterr().err
+
+
+def test_dicom_seg_read_back_and_overlaps_refused(tmp_path, capsys):
+    """Our SEG placed back on the CT by segment codes equals the label map (also as evaluate's reference);
+    a SEG whose segments overlap cannot be one label map: a one-line error naming the labels."""
+    import highdicom as hd
+
+    from segcore.dicom.names import SynonymTable
+    from segcore.dicom.seg import _description, seg_labelmap
+
+    folder, ct, labels = dicom_case(tmp_path / "ct", matrix=96, spacing=(1.5, 1.5, 3.0))
+    _, files = _export(tmp_path, folder, ct, labels, formats=("dicom-seg", "nii.gz"))
+    series = ct_series_for(ct, folder)
+    back, notes = seg_labelmap(files["case_seg.dcm"], ct, series, SynonymTable())
+    assert np.array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(labels))
+    assert "segment 'femoral_head_right' -> 5 femoral_head_right" in notes
+
+    assert main(["evaluate", str(files["case_seg.nii.gz"]), str(files["case_seg.dcm"]), "--ct", str(folder),
+                 "--json", str(tmp_path / "m.json")]) == 0
+    rows = read_json(tmp_path / "m.json")
+    assert [r.label for r in rows] == [1, 2, 3, 4, 6] and all(r.dsc == 1.0 for r in rows)
+
+    prostate = sitk.GetArrayFromImage(labels) == 1
+    both = np.stack([prostate, prostate | (sitk.GetArrayFromImage(labels) == 2)], axis=-1).astype(np.uint8)
+    overlapping = hd.seg.Segmentation(
+        series.instances, both, hd.seg.SegmentationTypeValues.BINARY,
+        [_description(1, TARGETS[0], Algorithm()), _description(2, TARGETS[1], Algorithm())],
+        hd.UID(), 5, hd.UID(), 1, "test", "test", "0", "0")
+    overlapping.save_as(tmp_path / "overlap.dcm")
+    with pytest.raises(SegcoreError, match=r"segments overlap \(\d+ voxels, e.g. labels 1 and 2\)"):
+        seg_labelmap(tmp_path / "overlap.dcm", ct, series, SynonymTable())
+    capsys.readouterr()
+    assert main(["evaluate", str(files["case_seg.nii.gz"]), str(tmp_path / "overlap.dcm"), "--ct", str(folder)]) == 1
+    assert capsys.readouterr().err.strip().startswith("error: overlap.dcm: segments overlap")

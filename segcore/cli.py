@@ -83,21 +83,38 @@ def _evaluate(args) -> int:
 
 
 def _evaluation_image(path: Path, args, what: str):
-    """A label map, or an RT Structure Set rasterised on the --ct series (mapped as `dataset import` does)."""
+    """A label map, or an RT Structure Set or DICOM SEG placed on the --ct series (mapped as `dataset
+    import` does)."""
     from segcore.dicom.importer import is_rtstruct, rtstruct_labelmap
+    from segcore.dicom.seg import is_dicom_seg
     from segcore.image import read_image
 
-    if not is_rtstruct(path):
+    rtstruct, seg = is_rtstruct(path), is_dicom_seg(path)
+    if not (rtstruct or seg):
         return read_image(path, kind="labels"), None
+    kind = "an RT Structure Set" if rtstruct else "a DICOM SEG"
     if args.ct is None:
-        raise SegcoreError(f"the {what} {path} is an RT Structure Set: give the CT series it was drawn on with "
-                           "--ct SERIES")
+        raise SegcoreError(f"the {what} {path} is {kind}: give the CT series it was drawn on with --ct SERIES")
+    if seg:
+        return _seg_image(path, args, what)
     image, row = rtstruct_labelmap(path, args.ct, args.map)
     if not args.quiet:
         print(f"{what} {path.name}: " + "; ".join(row.mapped or ["no mapped structure"]), file=sys.stderr)
         for note in row.ignored + row.overlaps + row.problems:
             print(f"  {note}", file=sys.stderr)
     return image, sorted(row.label_values)
+
+
+def _seg_image(path: Path, args, what: str):
+    import numpy as np
+    import SimpleITK as sitk
+
+    from segcore.dicom.seg import seg_file_labelmap
+
+    image, notes = seg_file_labelmap(path, args.ct, args.map)
+    if not args.quiet:
+        print(f"{what} {path.name}: " + "; ".join(notes), file=sys.stderr)
+    return image, sorted(int(v) for v in np.unique(sitk.GetArrayViewFromImage(image)) if v)
 
 
 def _evaluation_images(args, labels):
@@ -330,20 +347,23 @@ def _add_phantom(commands) -> None:
 
 def _add_evaluate(commands) -> None:
     p = commands.add_parser(
-        "evaluate", help="compare a label map with a reference (DSC, ASD, HD, HD95, SEN, PPV, volume)",
+        "evaluate", help="compare a label map with a reference (DSC, ASD, HD95, surface Dice, APL, volume...)",
         description="Compare a predicted label map with a reference on the same grid, per label: Dice (DSC), "
         "average symmetric surface distance (ASD, mm), Hausdorff distance (HD, mm) and its 95th percentile "
-        "(HD95, mm), sensitivity (SEN), positive predictive value (PPV) and volumes (cc). Empty masks are "
-        "flagged, never NaN. REF (or PRED) may be an RT Structure Set with --ct SERIES: its ROIs are mapped "
-        "to our labels by name (synonym table, --map) and rasterised on that CT series; without --labels only "
-        "the labels the RTSTRUCT reference has are compared.",
+        "(HD95, mm), surface Dice at 1, 2 and 3 mm, added path length (APL, mm of reference contour to draw), "
+        "sensitivity (SEN), positive predictive value (PPV) and volumes (cc); definitions in the README. "
+        "Empty masks are flagged, never NaN. REF (or PRED) may be an RT Structure Set or a DICOM SEG with "
+        "--ct SERIES: its structures are mapped to our labels (synonym table, --map) and placed on that CT "
+        "series; without --labels only the labels such a reference has are compared.",
     )
-    p.add_argument("pred", type=Path, help="predicted label map (NIfTI, NRRD, MHA, DICOM...) or RTSTRUCT file")
-    p.add_argument("ref", type=Path, help="reference label map on the same grid, or an RTSTRUCT file (clinical "
-                   "contours; then --ct is needed)")
+    p.add_argument("pred", type=Path, help="predicted label map (NIfTI, NRRD, MHA, DICOM...), RTSTRUCT or DICOM "
+                   "SEG file")
+    p.add_argument("ref", type=Path, help="reference label map on the same grid, or an RTSTRUCT or DICOM SEG file "
+                   "(clinical contours; then --ct is needed)")
     p.add_argument("--ct", type=Path, metavar="SERIES",
-                   help="the DICOM CT series (folder, or one file of it) an RTSTRUCT PRED/REF was drawn on: its "
-                   "structures are rasterised on this grid")
+                   help="the DICOM CT series (folder, or one file of it) an RTSTRUCT or DICOM SEG PRED/REF was "
+                   "made on: its structures are placed on this grid (SEG segments by their SNOMED CT codes, "
+                   "else by name; overlapping segments are refused)")
     p.add_argument("--map", type=Path, metavar="FILE",
                    help="ROI names of your clinic added to the synonym table (YAML, as for `dataset import`)")
     p.add_argument("--labels", help="label values to compare, e.g. 1,2 (default: all present)")
