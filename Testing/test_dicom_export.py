@@ -305,3 +305,20 @@ def test_dicom_seg_read_back_and_overlaps_refused(tmp_path, capsys):
     capsys.readouterr()
     assert main(["evaluate", str(files["case_seg.nii.gz"]), str(tmp_path / "overlap.dcm"), "--ct", str(folder)]) == 1
     assert capsys.readouterr().err.strip().startswith("error: overlap.dcm: segments overlap")
+
+
+@pytest.mark.parametrize("generation", ["SEMIAUTOMATIC", "MANUAL"])
+def test_edited_or_manual_contours_say_so(tmp_path, generation):
+    """A model's result edited by hand is SEMIAUTOMATIC, a hand-drawn one MANUAL (with no algorithm named
+    in the SEG, as DICOM requires); both objects stay valid."""
+    folder, ct, labels = dicom_case(tmp_path / "ct", matrix=96, spacing=(2.0, 2.0, 3.0))
+    out = export_labelmap(labels, TARGETS[:2], tmp_path / "out", "case_seg", ("rtstruct", "dicom-seg"),
+                          source=folder, algorithm=Algorithm("organs-test-model", "1.2", generation))
+    rtstruct, seg = sorted(out)
+    assert {r.ROIGenerationAlgorithm for r in pydicom.dcmread(rtstruct).StructureSetROISequence} == {generation}
+    segments = pydicom.dcmread(seg).SegmentSequence
+    assert {s.SegmentAlgorithmType for s in segments} == {generation}
+    assert all(("SegmentationAlgorithmIdentificationSequence" in s) == (generation != "MANUAL") for s in segments)
+    assert dciodvfy_errors(rtstruct) == [] and dciodvfy_errors(seg) == []
+    with pytest.raises(ValueError, match="generation must be"):
+        Algorithm("m", "1", "automatic")

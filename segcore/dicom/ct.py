@@ -238,10 +238,16 @@ def write_ct_series(image: sitk.Image, folder, *, patient_name: str = "Phantom^P
 
 @dataclass(frozen=True)
 class Algorithm:
-    """The model that made a segmentation, as DICOM objects record it."""
+    """What made a segmentation, as DICOM objects record it: the model, and whether people took part
+    (`generation`: AUTOMATIC, SEMIAUTOMATIC for a model's result edited by hand, MANUAL)."""
 
     model: str = "unknown model"
     model_version: str = ""
+    generation: str = "AUTOMATIC"
+
+    def __post_init__(self):
+        if self.generation not in ("AUTOMATIC", "SEMIAUTOMATIC", "MANUAL"):
+            raise ValueError(f"generation must be AUTOMATIC, SEMIAUTOMATIC or MANUAL, not {self.generation!r}")
 
     @property
     def description(self) -> str:

@@ -153,7 +153,7 @@ def _roi_items(labelmap, structures, series, names, algorithm):
     for number, s in enumerate(structures, start=1):
         roi = Dataset()
         roi.ROINumber, roi.ReferencedFrameOfReferenceUID = number, series.frame_of_reference_uid
-        roi.ROIName, roi.ROIGenerationAlgorithm = names[s.value], "AUTOMATIC"
+        roi.ROIName, roi.ROIGenerationAlgorithm = names[s.value], algorithm.generation
         roi.ROIGenerationDescription = algorithm.description[:64]
         rois.append(roi)
         contour = Dataset()
@@ -198,12 +198,12 @@ def structure_set(labelmap: sitk.Image, structures: Sequence[Structure], series:
     ds.FrameOfReferenceUID = series.frame_of_reference_uid
     ds.PositionReferenceIndicator = getattr(series.first, "PositionReferenceIndicator", "")
     ds.StructureSetLabel, ds.StructureSetName = "ProstateSeg", algorithm.model[:64]
-    ds.StructureSetDescription = f"Automatic contours: {algorithm.description}"
+    ds.StructureSetDescription = f"{algorithm.generation.capitalize()} contours: {algorithm.description}"
     ds.StructureSetDate, ds.StructureSetTime = date, time
     ds.ReferencedFrameOfReferenceSequence = [_referenced_frame(series)]
     ds.StructureSetROISequence, ds.ROIContourSequence, ds.RTROIObservationsSequence = _roi_items(
         labelmap, structures, series, names, algorithm)
-    ds.ApprovalStatus = "UNAPPROVED"  # automatic contours are a proposal until a clinician approves them
+    ds.ApprovalStatus = "UNAPPROVED"  # a proposal until a clinician approves it in the planning system
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian

@@ -40,8 +40,9 @@ def _description(number: int, structure: Structure, algorithm: Algorithm):
         segment_label=structure.name,
         segmented_property_category=category,
         segmented_property_type=kind,
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=hd.AlgorithmIdentificationSequence(
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues[algorithm.generation],
+        # DICOM: a manual segment names no algorithm
+        algorithm_identification=None if algorithm.generation == "MANUAL" else hd.AlgorithmIdentificationSequence(
             name=algorithm.model[:64], family=codes.cid7162.ArtificialIntelligence,
             version=(algorithm.model_version or "unknown")[:64]),
         tracking_id=structure.name,
@@ -83,7 +84,7 @@ def segmentation(labelmap: sitk.Image, structures: Sequence[Structure], series: 
             device_serial_number="none",
             content_label="PROSTATESEG",
             content_creator_name="ProstateSeg^Automatic",
-            content_description=f"Automatic segmentation: {algorithm.description}"[:64],
+            content_description=f"{algorithm.generation.capitalize()} segmentation: {algorithm.description}"[:64],
             series_description=f"ProstateSeg {algorithm.model}"[:64],
         )
 
