@@ -311,7 +311,7 @@ def test_dicom_seg_read_back_and_overlaps_refused(tmp_path, capsys):
 def test_edited_or_manual_contours_say_so(tmp_path, generation):
     """A model's result edited by hand is SEMIAUTOMATIC, a hand-drawn one MANUAL (with no algorithm named
     in the SEG, as DICOM requires); both objects stay valid."""
-    folder, ct, labels = dicom_case(tmp_path / "ct", matrix=96, spacing=(2.0, 2.0, 3.0))
+    folder, _, labels = dicom_case(tmp_path / "ct", matrix=96, spacing=(2.0, 2.0, 3.0))
     out = export_labelmap(labels, TARGETS[:2], tmp_path / "out", "case_seg", ("rtstruct", "dicom-seg"),
                           source=folder, algorithm=Algorithm("organs-test-model", "1.2", generation))
     rtstruct, seg = sorted(out)
