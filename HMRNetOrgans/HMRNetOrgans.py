@@ -33,6 +33,8 @@ Choose the CT, tick the organs, click <b>Segment organs</b>. On every axial slic
 each organ and regresses its contour; the contours are joined from slice to slice into one segment per organ
 on the CT's own grid, with 3-D surfaces, volumes and confidences. Correct them with <b>Edit</b> (Segment
 Editor); save corrected cases for fine-tuning with <b>Save as training case</b>.
+<b>Export to DICOM</b> (Outputs) writes the segmentation as an RT Structure Set and/or DICOM SEG
+for a CT loaded through the DICOM module.
 The bundled model was trained on synthetic phantoms only: check every result.
 The extension's README explains models, the Python-console batch API and training.
 """
@@ -155,7 +157,7 @@ class HMRNetOrgansTest(SelfTestMixin, ScriptedLoadableModuleTest):
     moduleName = "HMRNetOrgans"
     applyText = "Segment organs"
     selfTests = ("test_SegmentPhantom", "test_ChosenOrgansOnly", "test_CancelLeavesSceneClean",
-                 "test_BadInputIsRefused", "test_WidgetSegmentsAndEdits")
+                 "test_BadInputIsRefused", "test_WidgetSegmentsAndEdits", "test_ExportDicom")
     phantomSeed = 9210
     phantomMatrix = 512
 

@@ -34,6 +34,8 @@ Segments the prostate in a planning CT in a few seconds: choose the CT, click <b
 A coarse network finds the prostate, a second one segments a 1 mm crop around it; the result is a
 segmentation on the CT's own grid with a 3-D surface, its volume and a confidence. Correct it with
 <b>Edit</b> (Segment Editor); save corrected cases for fine-tuning with <b>Save as training case</b>.
+<b>Export to DICOM</b> (Outputs) writes the segmentation as an RT Structure Set and/or DICOM SEG
+for a CT loaded through the DICOM module.
 The bundled model was trained on synthetic phantoms only: check every result.
 The extension's README explains models, the Python-console batch API and training.
 """
@@ -101,7 +103,7 @@ class ProstateSegTest(SelfTestMixin, ScriptedLoadableModuleTest):
     moduleName = "ProstateSeg"
     applyText = "Segment prostate"
     selfTests = ("test_SegmentPhantom", "test_EveryStage2Network", "test_CancelLeavesSceneClean",
-                 "test_BadInputIsRefused", "test_WidgetSegmentsAndEdits", "test_SampleData")
+                 "test_BadInputIsRefused", "test_WidgetSegmentsAndEdits", "test_ExportDicom", "test_SampleData")
     phantomSeed = 9200
     phantomMatrix = 256
 

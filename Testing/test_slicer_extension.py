@@ -83,8 +83,9 @@ def test_top_level_cmake_is_an_extension_shipping_segcore_and_models():
     assert sorted(cmake_list(text, "SEGCORE_PYTHON_SCRIPTS")) == segcore
     models = [str(p.relative_to(ROOT)) for p in (ROOT / "Resources" / "Models").rglob("*") if p.is_file()]
     schema = "segcore/packages/model_package.schema.json"
-    assert (ROOT / schema).is_file()
-    assert sorted(cmake_list(text, "SEGCORE_DATA_FILES")) == sorted([*models, schema])
+    names = "segcore/dicom/structure_names.yaml"  # the ROI-name synonyms, read by Export to DICOM
+    assert (ROOT / schema).is_file() and (ROOT / names).is_file()
+    assert sorted(cmake_list(text, "SEGCORE_DATA_FILES")) == sorted([*models, schema, names])
     assert (ROOT / "Resources" / "Icons" / "ProstateSegExtension.png").is_file()
     assert (ROOT / "LICENSE").is_file()
 
@@ -180,3 +181,35 @@ def test_missing_requirements_are_found(tmp_path):
     listed = tmp_path / "requirements.txt"
     listed.write_text("# comment\nsafetensors>=0.1\nno-such-package-xyz>=1\nslicerio>=999\n")
     assert dependencies.missingRequirements(listed) == ["no-such-package-xyz>=1", "slicerio>=999"]
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_export_to_dicom_is_in_the_outputs_section(module):
+    """Both panels offer Export to DICOM in Outputs: RTSTRUCT and DICOM SEG boxes (ticked), an output
+    folder and the button, which the shared panel code connects to the logic's exportDicom."""
+    ui = ElementTree.parse(ROOT / module / "Resources" / "UI" / f"{module}.ui")
+    (outputs,) = [w for w in ui.iter("widget") if w.get("name") == "outputsCollapsibleButton"]
+    inside = {w.get("name"): w for w in outputs.iter("widget")}
+    for name, kind in (("rtstructCheckBox", "QCheckBox"), ("dicomSegCheckBox", "QCheckBox"),
+                       ("dicomFolderPathLineEdit", "ctkPathLineEdit"), ("exportDicomButton", "QPushButton")):
+        assert name in inside and inside[name].get("class") == kind, name
+
+    def prop(widget, key):
+        for p in widget.findall("property"):
+            if p.get("name") == key:
+                return "".join(p.itertext()).strip()
+        return None
+
+    assert prop(inside["exportDicomButton"], "text") == "Export to DICOM"
+    assert [prop(inside[n], "text") for n in ("rtstructCheckBox", "dicomSegCheckBox")] == ["RTSTRUCT", "DICOM SEG"]
+    assert all(prop(inside[n], "checked") == "true" for n in ("rtstructCheckBox", "dicomSegCheckBox"))
+    assert "ctkPathLineEdit::Dirs" in prop(inside["dicomFolderPathLineEdit"], "filters")
+
+    widgets = (SHARED_LIB / "widgets.py").read_text()
+    assert 'self.ui.exportDicomButton.connect("clicked(bool)", self.onExportDicom)' in widgets
+    assert "self.logic.exportDicom(segmentation, volume, folder, formats=formats" in widgets
+    _, logic_class = class_methods(ast.parse((SHARED_LIB / "logic.py").read_text()), "SegmentationLogicBase")
+    (export,) = [f for f in logic_class.body if isinstance(f, ast.FunctionDef) and f.name == "exportDicom"]
+    arguments = [a.arg for a in export.args.args]
+    assert arguments[:5] == ["self", "segmentationNode", "volumeNode", "folder", "formats"]
+    assert ast.literal_eval(export.args.defaults[0]) == ("rtstruct", "dicom-seg")

@@ -17,7 +17,14 @@ sys.path.insert(0, str(ROOT / "ProstateSeg"))
 
 from ProstateSegLib.logic import ProstateSegmentationLogic
 from segcore import mrml, packages
-from segcore.errors import Cancelled, NotCTError, OutputExistsError, SegcoreError, UnsupportedImageError
+from segcore.errors import (
+    Cancelled,
+    InputNotFoundError,
+    NotCTError,
+    OutputExistsError,
+    SegcoreError,
+    UnsupportedImageError,
+)
 
 
 @pytest.fixture(scope="module")
@@ -174,3 +181,189 @@ def test_prostate_logic_with_hmedn_adds_its_three_organs(mrml_scene, logic, tmp_
     assert node.GetSegmentation().GetNumberOfSegments() == 3
     exported = mrml.segmentation_node_to_labelmap(node, volume, names)
     assert np.array_equal(sitk.GetArrayViewFromImage(exported), sitk.GetArrayViewFromImage(logic.lastResult.labelmap))
+
+
+# --------------------------------------------------------------------------- Export to DICOM
+
+
+class IndexedDicomDatabase:
+    """What the export asks of ``slicer.dicomDatabase`` (a ctkDICOMDatabase: CTK and Qt, not in
+    slicer-core): ``fileForInstance(uid)``, the file of an imported instance, "" for one it does not hold.
+    Built like the database's index, from the imported files' headers."""
+
+    def __init__(self, files):
+        import pydicom
+
+        self.files = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): str(f) for f in files}
+
+    def fileForInstance(self, uid):
+        return self.files.get(uid, "")
+
+
+@pytest.fixture
+def dicom_phantom(tmp_path):
+    """A phantom CT written as a DICOM series, and its labels."""
+    from segcore.dicom.ct import write_ct_series
+    from segcore.phantom import make_phantom
+
+    case = make_phantom(9301, matrix=96, orientation="LPS")
+    files = write_ct_series(case.ct, tmp_path / "dicom" / "CT", seed="slicer-export")
+    return case, files
+
+
+def load_dicom_volume(scene, files, name="2: synthetic pelvic CT"):
+    """Load a CT series as Slicer's DICOMScalarVolumePlugin does: the archetype reader on the series' files
+    (sorted along the slice normal), then the attribute DICOM.instanceUIDs (the slices' SOP Instance UIDs,
+    space-separated) on the node."""
+    import pydicom
+
+    headers = [(f, pydicom.dcmread(f, stop_before_pixels=True)) for f in files]
+    normal = np.cross(*np.reshape([float(v) for v in headers[0][1].ImageOrientationPatient], (2, 3)))
+    headers.sort(key=lambda fh: float(np.dot(normal, [float(v) for v in fh[1].ImagePositionPatient])))
+    volume = load_volume(scene, headers[0][0], name)
+    volume.SetAttribute("DICOM.instanceUIDs", " ".join(str(h.SOPInstanceUID) for _, h in headers))
+    return volume
+
+
+def phantom_segmentation(case, volume, names=("prostate", "bladder", "rectum", "femoral_head_left")):
+    from segcore import anatomy
+
+    structures = [anatomy.BY_NAME[n] for n in names]
+    return mrml.labelmap_to_segmentation_node(case.labels, structures, volume, show_3d=False), structures
+
+
+def assert_rtstruct_is_the_labels(path, case, structures):
+    from segcore.dicom.names import tg263_name
+    from segcore.dicom.rtstruct import rasterise, read_rtstruct
+
+    read = read_rtstruct(path)
+    assert [roi.name for roi in read.rois] == [tg263_name(s) for s in structures]
+    labels = sitk.GetArrayViewFromImage(case.labels)
+    for roi, structure in zip(read.rois, structures):
+        mask, problems = rasterise(roi, case.ct)
+        assert not problems
+        assert np.array_equal(mask, labels == structure.value), structure.name
+    return read
+
+
+def test_export_dicom_finds_the_ct_through_the_dicom_database(mrml_scene, logic, dicom_phantom, monkeypatch,
+                                                               tmp_path):
+    import pydicom
+    import slicer
+
+    case, files = dicom_phantom
+    volume = load_dicom_volume(mrml_scene, files)
+    node, structures = phantom_segmentation(case, volume)
+    other = node.GetSegmentation().AddEmptySegment("PTV_70", "PTV_70")
+    assert other
+    node.GetSegmentation().GetSegment(node.GetSegmentation().GetSegmentIdBySegmentName("rectum")).SetName("Rectum")
+    monkeypatch.setattr(slicer, "dicomDatabase", IndexedDicomDatabase(files), raising=False)
+
+    written = logic.exportDicom(node, volume, tmp_path / "out")
+    assert [p.name for p in written] == ["2_synthetic_pelvic_CT_rtstruct.dcm", "2_synthetic_pelvic_CT_seg.dcm"]
+    read = assert_rtstruct_is_the_labels(written[0], case, structures)  # "Rectum" is the rectum (TG-263 name)
+    ct = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    assert read.series_uids == [str(ct[0].SeriesInstanceUID)]
+    assert any("'PTV_70' left out" in note for note in logic.lastExportNotes)
+
+    seg = pydicom.dcmread(written[1])
+    assert seg.Modality == "SEG" and seg.StudyInstanceUID == ct[0].StudyInstanceUID
+    assert seg.FrameOfReferenceUID == ct[0].FrameOfReferenceUID
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == [s.name for s in structures]
+    ct_uids = {str(ds.SOPInstanceUID) for ds in ct}
+    (series,) = seg.ReferencedSeriesSequence
+    assert series.SeriesInstanceUID == ct[0].SeriesInstanceUID
+    assert {str(i.ReferencedSOPInstanceUID) for i in series.ReferencedInstanceSequence} <= ct_uids
+    frame_sources = {str(src.ReferencedSOPInstanceUID) for frame in seg.PerFrameFunctionalGroupsSequence
+                     for derivation in frame.DerivationImageSequence for src in derivation.SourceImageSequence}
+    assert frame_sources and frame_sources <= ct_uids
+    # not the module's result: a hand-made (here: imported) segmentation is MANUAL, naming no algorithm
+    assert seg.SegmentSequence[0].SegmentAlgorithmType == "MANUAL"
+    assert "SegmentationAlgorithmIdentificationSequence" not in seg.SegmentSequence[0]
+
+    # the database no longer holds the files it lists: said, nothing written
+    files[5].unlink()
+    with pytest.raises(InputNotFoundError, match=f"1 of the {len(files)} DICOM files .* not on disk any more"):
+        logic.exportDicom(node, volume, tmp_path / "out2")
+    monkeypatch.setattr(slicer, "dicomDatabase", IndexedDicomDatabase(files[:5]))
+    with pytest.raises(InputNotFoundError, match="no longer in Slicer's DICOM database"):
+        logic.exportDicom(node, volume, tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
+
+
+def test_export_dicom_without_the_database_reads_the_volumes_dicom_file(mrml_scene, logic, dicom_phantom,
+                                                                         tmp_path):
+    """Plain MRML, or a CT read from a DICOM file with Add Data: the series is found beside that file. The
+    scan runs feet to head (k along -z): Slicer loads its slices in the other order, and the export finds
+    each slice's instance by geometry."""
+    import slicer
+
+    from segcore import anatomy
+    from segcore.dicom.ct import write_ct_series
+    from segcore.dicom.rtstruct import rasterise, read_rtstruct
+    from segcore.phantom import make_phantom
+
+    assert getattr(slicer, "dicomDatabase", None) is None
+    case = make_phantom(9302, matrix=96, orientation="LPI")
+    files = write_ct_series(case.ct, tmp_path / "dicom" / "CT", seed="slicer-export-lpi")
+    volume = load_dicom_volume(mrml_scene, files)
+    grid = mrml.volume_node_to_image(volume)
+    assert grid.GetDirection()[8] == -case.ct.GetDirection()[8]  # the slices in the other order
+    labels = sitk.Resample(case.labels, grid, sitk.Transform(), sitk.sitkNearestNeighbor)
+    assert np.array_equal(np.flip(sitk.GetArrayViewFromImage(labels), 0), sitk.GetArrayViewFromImage(case.labels))
+    structures = [anatomy.BY_NAME["bladder"], anatomy.BY_NAME["prostate"]]
+    node = mrml.labelmap_to_segmentation_node(labels, structures, volume, show_3d=False)
+    (path,) = logic.exportDicom(node, volume, tmp_path / "out", formats=["rtstruct"],
+                                roiNames={"prostate": "Prostate_AI"})
+    read = read_rtstruct(path)
+    assert [roi.name for roi in read.rois] == ["Prostate_AI", "Bladder"]
+    for roi, value in zip(read.rois, (1, 2)):
+        assert np.array_equal(rasterise(roi, case.ct)[0], sitk.GetArrayViewFromImage(case.labels) == value)
+
+    # an existing output is not replaced silently, and stays as it was
+    before = path.read_bytes()
+    with pytest.raises(OutputExistsError, match="already exists"):
+        logic.exportDicom(node, volume, tmp_path / "out", formats=["rtstruct", "dicom-seg"])
+    assert path.read_bytes() == before and not (tmp_path / "out" / "2_synthetic_pelvic_CT_seg.dcm").exists()
+    written = logic.exportDicom(node, volume, tmp_path / "out", formats=["rtstruct"], overwrite=True)
+    assert written == [path] and read_rtstruct(path).sop_instance_uid != read.sop_instance_uid
+
+
+def test_export_dicom_refuses_a_volume_not_from_dicom(mrml_scene, logic, small_phantom, tmp_path):
+    sitk.WriteImage(small_phantom.ct, str(tmp_path / "ct.nrrd"))
+    volume = load_volume(mrml_scene, tmp_path / "ct.nrrd")
+    node, _ = phantom_segmentation(small_phantom, volume, ("prostate",))
+    with pytest.raises(SegcoreError, match="was not loaded from DICOM .*Load the CT through the DICOM module"):
+        logic.exportDicom(node, volume, tmp_path / "out")
+    volume.SetAttribute("DICOM.instanceUIDs", "1.2.3.4 1.2.3.5")  # a DICOM volume saved as .nrrd, no database
+    with pytest.raises(SegcoreError, match="came from DICOM, but its files cannot be found"):
+        logic.exportDicom(node, volume, tmp_path / "out")
+    with pytest.raises(SegcoreError, match="not nii.gz"):
+        logic.exportDicom(node, volume, tmp_path / "out", formats=["rtstruct", "nii.gz"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_dicom_names_the_model_of_an_unedited_result(mrml_scene, logic, dicom_phantom, tmp_path):
+    import pydicom
+
+    _, files = dicom_phantom
+    volume = load_dicom_volume(mrml_scene, files)
+    node = logic.segmentVolume(volume, device="cpu", show3D=False)
+    assert node is not None
+    result = logic.lastResult
+    (path,) = logic.exportDicom(node, volume, tmp_path / "auto", formats=["dicom-seg"])
+    seg = pydicom.dcmread(path)
+    assert seg.SegmentSequence[0].SegmentAlgorithmName == result.model
+    assert seg.SegmentSequence[0].SegmentAlgorithmType == "AUTOMATIC"
+
+    # a corrected result is no longer the model's alone
+    labels = mrml.segmentation_node_to_labelmap(node, volume, ["prostate"])
+    array = sitk.GetArrayFromImage(labels)
+    array[array.shape[0] // 2, :3, :3] = 1
+    edited = sitk.GetImageFromArray(array)
+    edited.CopyInformation(labels)
+    mrml.labelmap_to_segmentation_node(edited, [result.segments[0].structure], volume, node, show_3d=False)
+    (path,) = logic.exportDicom(node, volume, tmp_path / "edited", formats=["dicom-seg"])
+    description = pydicom.dcmread(path).SegmentSequence[0]
+    assert description.SegmentAlgorithmType == "SEMIAUTOMATIC"
+    assert description.SegmentAlgorithmName == result.model

@@ -47,13 +47,13 @@ def _phantom(args) -> int:
     check_output_folder(args.outdir)
     implant = {"random": None, "yes": True, "no": False}[args.implant]
     with tqdm(total=args.n, desc="phantoms", unit="case", file=sys.stderr, disable=args.quiet) as bar:
-        written = write_phantoms(
+        write_phantoms(
             args.outdir, args.n, seed=args.seed, matrix=args.size, overwrite=args.overwrite,
             progress=lambda done, total: bar.update(1), orientation=args.orientation,
-            oblique=args.oblique, implant=implant,
+            oblique=args.oblique, implant=implant, dicom=args.dicom,
         )
     if not args.quiet:
-        print(f"wrote {len(written) // 2} case(s) and labels.json to {args.outdir}")
+        print(f"wrote {args.n} case(s) and labels.json to {args.outdir}")
     return 0
 
 
@@ -341,6 +341,10 @@ def _add_phantom(commands) -> None:
     p.add_argument("--oblique", action="store_true", help="tilt the voxel grid (oblique acquisition)")
     p.add_argument("--implant", choices=("random", "yes", "no"), default="random",
                    help="metal hip prosthesis with streak artefacts (default: random, 15%% of cases)")
+    p.add_argument("--dicom", action="store_true",
+                   help="also write each case as a clinic's planning system would send it: caseNNN_dicom/ with the "
+                   "CT series and RS.dcm, an RT Structure Set of the six organs (for --formats rtstruct, "
+                   "`dataset import` and DICOM nodes)")
     p.add_argument("--overwrite", action="store_true", help="replace existing case files")
     p.set_defaults(run=_phantom)
 

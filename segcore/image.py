@@ -312,15 +312,32 @@ def _read_dicom_folder(folder: Path) -> sitk.Image:
 
 
 def _damaged_dicom_files(entries, listed) -> list[str]:
-    """Names of the DICOM files (by their 'DICM' mark) in a folder that GDCM left out of every series."""
+    """Names of the DICOM files (by their 'DICM' mark) in a folder that GDCM left out of every series and
+    that are not whole DICOM objects of another kind (an RT Structure Set beside its CT is not damaged)."""
     damaged = []
     for entry in sorted(entries):
         if entry.is_file() and entry.resolve() not in listed and is_dicom_file(entry):
             try:
                 _dicom_header(str(entry))
             except UnreadableImageError:
-                damaged.append(entry.name)
+                if not _is_non_image_object(entry):
+                    damaged.append(entry.name)
     return damaged
+
+
+# DICOM objects that hold no CT image but often sit in the CT's folder: structure sets, plans, reports...
+_NON_IMAGE_MODALITIES = {"RTSTRUCT", "RTPLAN", "RTRECORD", "RTDOSE", "SEG", "SR", "KO", "PR", "REG", "DOC"}
+
+
+def _is_non_image_object(path: Path) -> bool:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        header = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["Modality"])
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError):
+        return False  # unreadable: damaged, as reported
+    return str(getattr(header, "Modality", "")) in _NON_IMAGE_MODALITIES
 
 
 def _read_dicom_file(path: Path) -> sitk.Image:

@@ -63,6 +63,14 @@ def ijk_to_world_ras(volume_node) -> np.ndarray:
     return matrix
 
 
+def volume_ijk_to_lps(volume_node) -> np.ndarray:
+    """The node's own IJK -> LPS matrix, without any parent transform: the grid of the files it was read
+    from (what a DICOM series' Image Position/Orientation (Patient) describe)."""
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(ijk_to_ras)
+    return RAS_TO_LPS @ _matrix(ijk_to_ras)
+
+
 def _check_volume_node(volume_node, allow_labelmap: bool = False) -> None:
     if volume_node is None:
         raise SegcoreError("no volume selected: choose the CT volume to segment.")

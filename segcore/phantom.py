@@ -712,11 +712,37 @@ def _jsonable(value):
 # --------------------------------------------------------------------------- writing
 
 
+def write_dicom_case(case: PhantomCase, folder, overwrite: bool = False) -> Path:
+    """A case as a clinic's planning system exports it: `folder` holds its CT series (``CT0000.dcm``...)
+    and ``RS.dcm``, an RT Structure Set of its six target organs (TG-263 names). The folder appears whole
+    or not at all. A left-handed grid (a mirrored reformat) cannot be stored in DICOM, so the series holds
+    the same voxels in the right-handed order that reading it gives."""
+    import SimpleITK as sitk
+
+    from segcore.dicom.ct import Algorithm, ct_series_for, write_ct_series
+    from segcore.dicom.rtstruct import write_rtstruct
+    from segcore.files import atomic_folder
+    from segcore.image import read_image
+
+    folder = Path(folder)
+    name = folder.name.removesuffix("_dicom")
+    organs = sitk.Mask(case.labels, sitk.LessEqual(case.labels, len(anatomy.TARGET_NAMES)))
+    with atomic_folder(folder, overwrite=overwrite) as staging:
+        write_ct_series(case.ct, staging, patient_name=f"Phantom^{name}", patient_id=name,
+                        seed=f"phantom{case.info.get('seed')}{case.info.get('matrix')}")
+        ct = read_image(staging)
+        organs = sitk.Resample(organs, ct, sitk.Transform(), sitk.sitkNearestNeighbor)
+        write_rtstruct(organs, [anatomy.BY_NAME[n] for n in anatomy.TARGET_NAMES], ct_series_for(ct, staging),
+                       staging / "RS.dcm", algorithm=Algorithm("digital phantom", str(case.info.get("seed"))))
+    return folder
+
+
 def write_phantoms(outdir: str | Path, count: int, seed: int = 0, matrix: int = 512, overwrite: bool = False,
-                   progress=None, **options) -> list[Path]:
+                   progress=None, dicom: bool = False, **options) -> list[Path]:
     """Write `count` cases as caseNNN_ct.nii.gz / caseNNN_labels.nii.gz plus
-    labels.json (and caseNNN_info.json with the drawn parameters). Case i uses
-    seed + i, so any case can be remade alone."""
+    labels.json (and caseNNN_info.json with the drawn parameters); with `dicom`, also
+    caseNNN_dicom/ (`write_dicom_case`). Case i uses seed + i, so any case can be
+    remade alone."""
     from segcore.dataset import training_case_paths
     from segcore.files import atomic_output
     from segcore.image import write_image
@@ -736,6 +762,8 @@ def write_phantoms(outdir: str | Path, count: int, seed: int = 0, matrix: int = 
         written.append(write_image(case.labels, labels_path, overwrite=overwrite))
         with atomic_output(outdir / f"case{i:03d}_info.json", overwrite=overwrite) as tmp:
             tmp.write_text(json.dumps(case.info, indent=1))
+        if dicom:
+            written.append(write_dicom_case(case, outdir / f"case{i:03d}_dicom", overwrite=overwrite))
         if progress is not None:
             progress(i + 1, count)
     return written

@@ -6,9 +6,10 @@ batch pays the loading cost once.
 """
 
 import logging
+import re
 from pathlib import Path
 
-from segcore.errors import Cancelled, SegcoreError
+from segcore.errors import Cancelled, OutputExistsError, SegcoreError
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +26,10 @@ class SegmentationLogicBase:
         self._segmenters = {}
         self.cancelRequested = False
         self.lastResult = None  # the segcore Result of the latest segmentVolume
+        # The (volume, segmentation) nodes of lastResult; the nodes themselves, not their IDs, which a new
+        # scene gives out again.
+        self._lastNodes = (None, None)
+        self.lastExportNotes = []  # what the latest exportDicom left out, and why
 
     # ------------------------------------------------------------------ models
 
@@ -108,6 +113,7 @@ class SegmentationLogicBase:
 
         self.cancelRequested = False
         self.lastResult = None
+        self._lastNodes = (None, None)
         image = mrml.volume_node_to_image(volumeNode)
         report = self._watched(progress)
         report(0.0, "loading the model")
@@ -119,8 +125,10 @@ class SegmentationLogicBase:
         if not result.found:
             return None
         report(1.0, "showing the result")
-        return mrml.result_to_segmentation_node(result, volumeNode, segmentationNode,
+        node = mrml.result_to_segmentation_node(result, volumeNode, segmentationNode,
                                                 show_3d=show3D, smoothing=smoothing)
+        self._lastNodes = (volumeNode, node)
+        return node
 
     def segmentFiles(self, paths, outputDir, model=None, device="auto", formats=("seg.nrrd",),
                      overwrite=False, progress=None):
@@ -162,6 +170,269 @@ class SegmentationLogicBase:
         ct = mrml.volume_node_to_image(volumeNode)
         labels = mrml.segmentation_node_to_labelmap(segmentationNode, volumeNode, segmentNames)
         return write_training_case(ct, labels, Path(datasetFolder), caseName, overwrite=overwrite)
+
+    # ------------------------------------------------------------- DICOM export
+
+    def exportDicom(self, segmentationNode, volumeNode, folder, formats=("rtstruct", "dicom-seg"),
+                    overwrite=False, source=None, roiNames=None):
+        """Write a segmentation as a DICOM RT Structure Set and/or DICOM SEG of the CT it lies on.
+
+        Files: ``<volume name>_rtstruct.dcm`` and ``<volume name>_seg.dcm`` in `folder`
+        (`formats`: "rtstruct", "dicom-seg"), both referencing the CT's series, study, patient and
+        frame of reference, each contour and frame its slice's CT instance; returns the paths.
+        The CT's DICOM files are found as `dicomSeries` says (`source`, a DICOM folder, a file of the
+        series or a list of its files, is only needed for a CT that did not come through Slicer's
+        DICOM database or from a DICOM file). Segments are matched to ProstateSeg's structures by
+        name (ours, TG-263's or a synonym: "prostate", "Prostate", "Femur_Head_L"...); other
+        segments are left out and listed in `lastExportNotes`. `roiNames` maps structures to the
+        clinic's ROI names (as the CLI's --names file). Nothing is replaced without `overwrite`,
+        and a failed export leaves no partial set.
+        """
+        from segcore.dicom.names import roi_names as roiNamesFor
+        from segcore.export import DICOM_FORMATS, normalise_formats, output_name
+        from segcore.files import StagedSet, make_folder
+
+        fmts = normalise_formats(formats)
+        others = [fmt for fmt in fmts if fmt not in DICOM_FORMATS]
+        if others:
+            raise SegcoreError(f"exportDicom writes {' and '.join(DICOM_FORMATS)}, not {', '.join(others)}: "
+                               "use segmentFiles or Slicer's Save for other formats.")
+        if segmentationNode is None or not segmentationNode.IsA("vtkMRMLSegmentationNode"):
+            raise SegcoreError("no segmentation selected: choose the segmentation to export.")
+        if volumeNode is None:
+            raise SegcoreError("no volume selected: choose the CT the segmentation was made on.")
+        self._checkExportTransform(volumeNode)
+        if not folder:
+            raise SegcoreError("no output folder given: choose where the DICOM files go.")
+
+        structures, labelmap = self._exportedLabels(segmentationNode, volumeNode)
+        series = self.dicomSeries(volumeNode, source, grid=labelmap)
+        algorithm = self._exportAlgorithm(segmentationNode, volumeNode, structures, labelmap)
+        names = roiNamesFor(structures, roiNames)
+
+        folder = Path(folder)
+        stem = self._exportStem(volumeNode)
+        planned = [(fmt, output_name(stem, fmt)) for fmt in fmts]
+        existing = [folder / name for _, name in planned if (folder / name).exists()]
+        if existing and not overwrite:
+            raise OutputExistsError(f"{' and '.join(str(p) for p in existing)} already "
+                                    f"{'exists' if len(existing) == 1 else 'exist'}: replace "
+                                    "(overwrite=True) or choose another folder.")
+        make_folder(folder)
+        staged = StagedSet(folder, overwrite=overwrite)
+        try:
+            for fmt, name in planned:
+                if fmt == "rtstruct":
+                    from segcore.dicom.rtstruct import write_rtstruct
+
+                    write_rtstruct(labelmap, structures, series, staged.staging / name, names, algorithm)
+                else:
+                    from segcore.dicom.seg import write_seg
+
+                    write_seg(labelmap, structures, series, staged.staging / name, algorithm)
+            written = staged.commit()
+        finally:
+            staged.discard()
+        for path in written:
+            logger.info("%s: wrote %s", volumeNode.GetName(), path)
+        return written
+
+    @staticmethod
+    def _checkExportTransform(volumeNode):
+        transform = volumeNode.GetParentTransformNode()
+        if transform is not None and not transform.IsTransformToWorldLinear():
+            raise SegcoreError(
+                f"volume {volumeNode.GetName()!r} is under the non-linear transform {transform.GetName()!r} "
+                "(Slicer adds one to a CT with unequal slice spacing or gantry tilt): its DICOM slices are not "
+                "a regular grid, which DICOM export needs. Remove the transform from the CT (Data module) "
+                "and segment again.")
+
+    @staticmethod
+    def _exportStem(volumeNode):
+        """A file name stem from the volume's name ("2: CT pelvis" -> "2_CT_pelvis")."""
+        stem = re.sub(r"[^A-Za-z0-9.+-]+", "_", volumeNode.GetName() or "").strip("._")
+        return stem or "segmentation"
+
+    def _exportedLabels(self, segmentationNode, volumeNode):
+        """The catalogue structures of the node's segments, and their label map on the volume's own grid
+        (the grid of its files: a linear parent transform is not applied). Notes what is left out."""
+        import numpy as np
+        import SimpleITK as sitk
+
+        from segcore import anatomy, mrml
+        from segcore.dicom.names import SynonymTable
+        from segcore.image import image_from_ijk_to_lps
+
+        segmentation = segmentationNode.GetSegmentation()
+        segmentNames = [segmentation.GetNthSegment(n).GetName() for n in range(segmentation.GetNumberOfSegments())]
+        synonyms = SynonymTable()
+        chosen = {}  # structure name -> (segment name, structure)
+        self.lastExportNotes = []
+        for name in segmentNames:
+            structure = anatomy.BY_NAME.get(name)
+            if structure is None:
+                match = synonyms.match(name)
+                structure = match.structure
+                if structure is None:
+                    why = (match.reason if "target" in match.reason else "not a structure ProstateSeg knows; "
+                           "name it after one (e.g. 'prostate' or 'Prostate') to export it")
+                    self.lastExportNotes.append(f"segment {name!r} left out: {why}")
+                    continue
+            if structure.name in chosen:
+                raise SegcoreError(f"segments {chosen[structure.name][0]!r} and {name!r} both name the "
+                                   f"{structure.name.replace('_', ' ')}: rename or remove one of them, then export.")
+            chosen[structure.name] = (name, structure)
+        for note in self.lastExportNotes:
+            logger.warning("%s: %s", segmentationNode.GetName(), note)
+        if not chosen:
+            raise SegcoreError(f"segmentation {segmentationNode.GetName()!r} has no segment named after a "
+                               f"structure ProstateSeg knows ({', '.join(anatomy.TARGET_NAMES)}, or their TG-263 "
+                               f"names); it has: {', '.join(segmentNames) or 'no segments'}.")
+        picked = list(chosen.values())
+        labels = mrml.segmentation_node_to_labelmap(segmentationNode, volumeNode, [name for name, _ in picked])
+        values = mrml.label_values([name for name, _ in picked])
+        table = np.zeros(max(values) + 1, np.uint8)
+        for value, (_, structure) in zip(values, picked):
+            table[value] = structure.value
+        voxels = table[sitk.GetArrayViewFromImage(labels)]
+        image = image_from_ijk_to_lps(voxels, mrml.volume_ijk_to_lps(volumeNode), volumeNode.GetName())
+        return sorted((s for _, s in picked), key=lambda s: s.value), image
+
+    def _exportAlgorithm(self, segmentationNode, volumeNode, structures, labelmap):
+        """Who made the segmentation: the model of `lastResult` (AUTOMATIC) when the node still holds exactly
+        that result; that model's result corrected by hand (SEMIAUTOMATIC); else a segmentation the module
+        did not make (MANUAL)."""
+        import numpy as np
+        import SimpleITK as sitk
+
+        from segcore.dicom.ct import Algorithm
+
+        result = self.lastResult
+        fromModule = (result is not None and self._lastNodes[0] is volumeNode
+                      and self._lastNodes[1] is segmentationNode)
+        if fromModule:
+            made = sitk.GetArrayViewFromImage(result.labelmap)
+            madeValues = [s.structure.value for s in result.segments]
+            unchanged = ([s.value for s in structures] == sorted(madeValues)
+                         and np.array_equal(np.where(np.isin(made, madeValues), made, 0),
+                                            sitk.GetArrayViewFromImage(labelmap)))
+            if unchanged:
+                return Algorithm(result.model, result.model_version)
+            return Algorithm(result.model, result.model_version, "SEMIAUTOMATIC")
+        return Algorithm("manual", "", "MANUAL")
+
+    # ----------------------------------------------------------- the CT's DICOM files
+
+    def dicomSeries(self, volumeNode, source=None, grid=None):
+        """The DICOM CT series a volume node was loaded from, matched slice by slice to its grid
+        (a segcore CtSeries).
+
+        Where the files are looked for, in order:
+        1. `source`, when given: a DICOM folder, a file of the series, or a list of its files;
+        2. Slicer's DICOM database (``slicer.dicomDatabase``), for a volume loaded through the DICOM
+           module: the SOP Instance UIDs its scalar-volume plugin stores in the node attribute
+           ``DICOM.instanceUIDs`` (or on the volume's subject hierarchy item), each found with
+           ``fileForInstance``;
+        3. the file the volume was read from (its storage node), when that is a DICOM file: the
+           series is then found by geometry in that file's folder (a CT read with Add Data, or in
+           plain MRML without the DICOM database).
+        A volume with none of these was not loaded from DICOM, and is refused with what to do.
+        `grid` is the image to match (default: the volume's own grid).
+        """
+        from segcore import mrml
+        from segcore.dicom.ct import ct_series_for, match_series, read_header
+        from segcore.errors import GeometryError, InputNotFoundError
+        from segcore.image import image_from_ijk_to_lps, is_dicom_file
+
+        if grid is None:
+            mrml.volume_node_to_image(volumeNode)  # the checks: a scalar volume with voxels
+            dims = volumeNode.GetImageData().GetDimensions()
+            import numpy as np
+
+            grid = image_from_ijk_to_lps(np.zeros(dims[::-1], np.uint8), mrml.volume_ijk_to_lps(volumeNode),
+                                         volumeNode.GetName())
+        name = volumeNode.GetName()
+        where = f"volume {name!r}"
+
+        def matched(match):
+            try:
+                return match()
+            except GeometryError as error:
+                raise GeometryError(
+                    f"{error} The volume no longer lies on the grid of the DICOM files it came from (was it "
+                    "cropped, resampled or its geometry changed?): export from the CT as loaded from "
+                    "DICOM.") from None
+
+        if source is not None:
+            if isinstance(source, (str, Path)):
+                return matched(lambda: ct_series_for(grid, source))
+            files = [Path(f) for f in source]
+            self._checkOnDisk(files, where, "given")
+            return matched(lambda: match_series(grid, [(f, read_header(f)) for f in files], where))
+
+        uids = self._instanceUIDs(volumeNode)
+        database = self._dicomDatabase()
+        if uids and database is not None:
+            files = [database.fileForInstance(uid) for uid in uids]
+            unknown = [uid for uid, f in zip(uids, files) if not f]
+            if unknown:
+                raise InputNotFoundError(
+                    f"{len(unknown)} of the {len(uids)} DICOM instances of {where} are no longer in Slicer's DICOM "
+                    f"database (first: {unknown[0]}): import the CT series into the DICOM database again (DICOM "
+                    "module), load it from there, and export.")
+            files = [Path(f) for f in files]
+            self._checkOnDisk(files, where, "in Slicer's DICOM database")
+            return matched(lambda: match_series(grid, [(f, read_header(f)) for f in files], where))
+
+        storageNode = volumeNode.GetStorageNode() if volumeNode.IsA("vtkMRMLStorableNode") else None
+        fileName = storageNode.GetFileName() if storageNode is not None else None
+        if fileName and Path(fileName).is_file() and is_dicom_file(Path(fileName)):
+            return matched(lambda: ct_series_for(grid, fileName))
+
+        if uids:
+            raise SegcoreError(
+                f"{where} came from DICOM, but its files cannot be found: Slicer's DICOM database is not "
+                "available here and the volume was not read from a DICOM file that is still on disk. Give "
+                "the CT's DICOM folder (source=...).")
+        raise SegcoreError(
+            f"{where} was not loaded from DICOM (it was read from "
+            f"{Path(fileName).name if fileName else 'no file'}), so there is no CT series for an RTSTRUCT or "
+            "DICOM SEG to reference. Load the CT through the DICOM module (DICOM database: Import the folder, "
+            "then Load), segment it there and export; or give its DICOM folder (source=...).")
+
+    @staticmethod
+    def _dicomDatabase():
+        """Slicer's DICOM database when there is one (the application with the DICOM module), else None."""
+        import slicer
+
+        database = getattr(slicer, "dicomDatabase", None)
+        if database is None or (hasattr(database, "isOpen") and not database.isOpen):
+            return None
+        return database
+
+    @staticmethod
+    def _instanceUIDs(volumeNode):
+        """The SOP Instance UIDs Slicer's DICOM scalar-volume plugin stored for the volume's slices."""
+        import slicer
+
+        text = volumeNode.GetAttribute("DICOM.instanceUIDs") or ""
+        if not text.strip():
+            hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(volumeNode.GetScene())
+            item = hierarchy.GetItemByDataNode(volumeNode) if hierarchy is not None else 0
+            if item:
+                text = hierarchy.GetItemUID(item, slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMInstanceUIDName())
+        return [uid for uid in (text or "").split() if uid != "Unknown"]
+
+    @staticmethod
+    def _checkOnDisk(files, where, how):
+        from segcore.errors import InputNotFoundError
+
+        missing = [f for f in files if not f.is_file()]
+        if missing:
+            raise InputNotFoundError(
+                f"{len(missing)} of the {len(files)} DICOM files of {where} ({how}) are not on disk any more "
+                f"(first: {missing[0]}): were they moved or deleted? Put them back, or import the CT series "
+                "into the DICOM database again and load it from there.")
 
 
 class ProstateSegmentationLogic(SegmentationLogicBase):

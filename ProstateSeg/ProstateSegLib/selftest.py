@@ -4,8 +4,9 @@ A module's test class derives from `SelfTestMixin` and Slicer's
 ``ScriptedLoadableModuleTest`` (in that order), sets `moduleName`, `applyText`
 and `selfTests` and a phantom (`phantomSeed`, `phantomMatrix`), makes its logic
 in `createLogic`, and keeps only its own tests. The shared ones: Cancel leaves
-the scene as it was, bad input is refused with nothing added, and the panel
-segments and opens the result in the Segment Editor.
+the scene as it was, bad input is refused with nothing added, the panel
+segments and opens the result in the Segment Editor, and a CT loaded through the
+DICOM database exports RTSTRUCT and DICOM SEG (logic and panel).
 """
 
 import os
@@ -15,7 +16,8 @@ import slicer
 
 
 class SelfTestMixin:
-    """Loading a phantom, Cancel, bad input and the panel's Segment / Edit, for any segmentation module."""
+    """Loading a phantom, Cancel, bad input, the panel's Segment / Edit and Export to DICOM, for any
+    segmentation module."""
 
     moduleName = ""  # e.g. "ProstateSeg": the module selected by the panel test
     applyText = ""  # what the Segment button reads when idle
@@ -51,6 +53,23 @@ class SelfTestMixin:
         path = os.path.join(folder, "phantom_ct.nrrd")
         sitk.WriteImage(case.ct, path)
         return slicer.util.loadVolume(path), case
+
+    def loadDicomPhantom(self, folder, matrix=128):
+        """A phantom CT written as a DICOM series in `folder`, imported into the DICOM database and loaded
+        by the DICOM module (as a user does); returns the volume node, the case and the CT files. Call it
+        inside ``DICOMUtils.TemporaryDICOMDatabase()``: the export looks the files up in that database."""
+        import pydicom
+        from DICOMLib import DICOMUtils
+
+        from segcore.dicom.ct import write_ct_series
+        from segcore.phantom import make_phantom
+
+        case = make_phantom(self.phantomSeed, matrix=matrix, orientation="LPS")  # stored as DICOM reads it
+        files = write_ct_series(case.ct, os.path.join(folder, "CT"), seed=f"{self.moduleName}-selftest")
+        DICOMUtils.importDicom(os.path.join(folder, "CT"), slicer.dicomDatabase)
+        seriesUID = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+        (nodeID,) = DICOMUtils.loadSeriesByUID([seriesUID])
+        return slicer.mrmlScene.GetNodeByID(nodeID), case, files
 
     def segmentationNodes(self):
         return slicer.mrmlScene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems()
@@ -113,3 +132,61 @@ class SelfTestMixin:
         with self.assertRaises(NotCTError):
             logic.segmentVolume(volume, device="cpu")
         self.assertEqual(self.segmentationNodes(), 0)
+
+    def test_ExportDicom(self):
+        """A CT loaded through the DICOM database: its segmentation exports as RTSTRUCT and DICOM SEG that
+        reference the CT's instances (console logic, then the panel's Export to DICOM); a CT read from a
+        NRRD file is refused with what to do."""
+        import pydicom
+        import SimpleITK as sitk
+        from DICOMLib import DICOMUtils
+
+        from segcore import anatomy, mrml
+        from segcore.dicom.rtstruct import rasterise, read_rtstruct
+        from segcore.errors import SegcoreError
+
+        folder = tempfile.mkdtemp(prefix=f"{self.moduleName}DicomTest-")
+        structures = [anatomy.BY_NAME[name] for name in ("prostate", "bladder", "rectum")]
+        logic = self.createLogic()
+        with DICOMUtils.TemporaryDICOMDatabase():
+            self.delayDisplay("Loading a phantom CT through the DICOM database")
+            volume, case, files = self.loadDicomPhantom(folder)
+            self.assertTrue(volume.GetAttribute("DICOM.instanceUIDs"))
+            segmentation = mrml.labelmap_to_segmentation_node(case.labels, structures, volume, show_3d=False)
+
+            self.delayDisplay("Exporting RTSTRUCT and DICOM SEG")
+            rtstruct, seg = logic.exportDicom(segmentation, volume, os.path.join(folder, "out"))
+            read = read_rtstruct(rtstruct)
+            labels = sitk.GetArrayFromImage(case.labels)
+            for roi, structure in zip(read.rois, structures):
+                mask, problems = rasterise(roi, case.ct)
+                self.assertEqual(problems, [])
+                self.assertTrue((mask == (labels == structure.value)).all(), structure.name)
+            ctUIDs = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+            referenced = {str(i.ReferencedSOPInstanceUID)
+                          for i in pydicom.dcmread(seg).ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+            self.assertTrue(referenced and referenced <= ctUIDs)
+
+            self.delayDisplay("Export to DICOM in the panel")
+            widget = self.moduleWidget(volume)
+            widget._parameterNode.outputSegmentation = segmentation
+            widget.ui.rtstructCheckBox.checked = True
+            widget.ui.dicomSegCheckBox.checked = False
+            widget.ui.dicomFolderPathLineEdit.currentPath = os.path.join(folder, "panel")
+            self.assertTrue(widget.ui.exportDicomButton.enabled)
+            widget.ui.exportDicomButton.click()
+            self.assertEqual(sorted(os.listdir(os.path.join(folder, "panel"))), [os.path.basename(str(rtstruct))])
+            self.assertIn("Exported", widget.ui.statusLabel.text)
+            widget._parameterNode.outputSegmentation = None
+
+        self.delayDisplay("A CT read from a NRRD file is refused")
+        path = os.path.join(folder, "ct.nrrd")
+        sitk.WriteImage(case.ct, path)
+        notDicom = slicer.util.loadVolume(path)
+        drawn = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        drawn.SetReferenceImageGeometryParameterFromVolumeNode(notDicom)
+        drawn.GetSegmentation().AddEmptySegment("prostate", "prostate")
+        with self.assertRaises(SegcoreError) as refused:
+            logic.exportDicom(drawn, notDicom, os.path.join(folder, "refused"))
+        self.assertIn("Load the CT through the DICOM module", str(refused.exception))
+        self.assertFalse(os.path.exists(os.path.join(folder, "refused")))

@@ -3,7 +3,8 @@
 A module's widget subclasses `SegmentationWidgetBase`, names its .ui file and
 logic, and gets: model choice with install/remove, device choice (GPU only when
 torch sees one), Segment/Cancel with a progress bar and status text, the
-result's volume and confidence, Edit (Segment Editor) and Save as training case.
+result's volume and confidence, Edit (Segment Editor), Export to DICOM (RTSTRUCT / DICOM SEG) and Save as
+training case.
 The .ui must hold the widgets named in `REQUIRED_WIDGETS`.
 """
 
@@ -25,7 +26,7 @@ REQUIRED_WIDGETS = (
     "inputVolumeSelector", "modelComboBox", "installModelButton", "removeModelButton", "deviceComboBox",
     "outputSegmentationSelector", "show3DCheckBox", "smoothingSliderWidget", "applyButton", "progressBar",
     "statusLabel", "resultLabel", "editButton", "datasetFolderPathLineEdit", "caseNameLineEdit",
-    "saveCaseButton",
+    "saveCaseButton", "rtstructCheckBox", "dicomSegCheckBox", "dicomFolderPathLineEdit", "exportDicomButton",
 )
 
 DEVICES = (("Automatic (GPU if available)", "auto"), ("CPU", "cpu"), ("GPU (CUDA)", "cuda"))
@@ -73,9 +74,11 @@ class SegmentationWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.removeModelButton.connect("clicked(bool)", self.onRemoveModel)
         self.ui.editButton.connect("clicked(bool)", self.onEditButton)
         self.ui.saveCaseButton.connect("clicked(bool)", self.onSaveCase)
+        self.ui.exportDicomButton.connect("clicked(bool)", self.onExportDicom)
         self.ui.progressBar.hide()
         self.ui.editButton.enabled = False
         self.ui.saveCaseButton.enabled = False
+        self.ui.exportDicomButton.enabled = False
 
         self.offerRequirements()
         self.refreshModels()
@@ -142,6 +145,8 @@ class SegmentationWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.enabled = ready
         self.ui.applyButton.toolTip = ("Segment the selected CT" if ready
                                        else "Select a CT volume (and install a model if none is listed)")
+        self.ui.exportDicomButton.enabled = bool(self._parameterNode and self._parameterNode.inputVolume
+                                                 and self._currentSegmentation() is not None)
 
     # ------------------------------------------------------- models, device
 
@@ -247,13 +252,14 @@ class SegmentationWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.text = "Cancel" if running else self.applyText
         self.ui.applyButton.toolTip = "Stop the segmentation; nothing is added to the scene" if running else ""
         for name in ("inputVolumeSelector", "modelComboBox", "deviceComboBox", "outputSegmentationSelector",
-                     "installModelButton", "removeModelButton", "editButton", "saveCaseButton"):
+                     "installModelButton", "removeModelButton", "editButton", "saveCaseButton", "exportDicomButton"):
             getattr(self.ui, name).enabled = not running
         self.ui.progressBar.value = 0
         self.ui.progressBar.setVisible(running)
         if not running:
             self.onModelChosen()
             self.ui.editButton.enabled = self.ui.saveCaseButton.enabled = self._currentSegmentation() is not None
+            self.ui.exportDicomButton.enabled = self.ui.editButton.enabled and bool(self._parameterNode.inputVolume)
 
     def onProgress(self, fraction, message):
         self.ui.progressBar.value = round(100 * fraction)
@@ -358,3 +364,44 @@ class SegmentationWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(str(error), windowTitle="Save as training case")
             return
         self.ui.statusLabel.text = "Saved " + " and ".join(p.name for p in paths) + f" in {folder}."
+
+    # ------------------------------------------------------- export to DICOM
+
+    def dicomFormats(self):
+        """The DICOM formats ticked in the Outputs section, as the logic's exportDicom takes them."""
+        return [fmt for fmt, box in (("rtstruct", self.ui.rtstructCheckBox), ("dicom-seg", self.ui.dicomSegCheckBox))
+                if box.checked]
+
+    def onExportDicom(self):
+        """Export the current segmentation as RTSTRUCT and/or DICOM SEG of the input CT (loaded from DICOM)."""
+        segmentation = self._currentSegmentation()
+        volume = self._parameterNode.inputVolume if self._parameterNode else None
+        folder = self.ui.dicomFolderPathLineEdit.currentPath
+        formats = self.dicomFormats()
+        if segmentation is None or volume is None or not folder or not formats:
+            self._showError("Choose the CT, segment it (or select a segmentation in Outputs), tick RTSTRUCT "
+                            "and/or DICOM SEG and choose an output folder, then Export to DICOM.")
+            return
+        self.ui.dicomFolderPathLineEdit.addCurrentPathToHistory()
+        try:
+            with slicer.util.WaitCursor():
+                try:
+                    paths = self.logic.exportDicom(segmentation, volume, folder, formats=formats)
+                except OutputExistsError as error:
+                    if slicer.app.testingEnabled() or not slicer.util.confirmOkCancelDisplay(
+                            f"{error}\n\nReplace?", windowTitle="Export to DICOM"):
+                        self.ui.statusLabel.text = "Not exported: the files are already there."
+                        return
+                    paths = self.logic.exportDicom(segmentation, volume, folder, formats=formats, overwrite=True)
+        except SegcoreError as error:
+            self.ui.statusLabel.text = "Not exported."
+            self._showError(str(error))
+            return
+        except Exception as error:  # noqa: BLE001  a bug or a library failure: say so, details for the report
+            logger.error(traceback.format_exc())
+            self.ui.statusLabel.text = "Export failed."
+            self._showError(f"Export to DICOM failed: {error}", detailedText=traceback.format_exc())
+            return
+        lines = ["Exported " + " and ".join(p.name for p in paths) + f" to {folder}."]
+        lines += [note[:1].upper() + note[1:] + "." for note in self.logic.lastExportNotes]
+        self.ui.statusLabel.text = "\n".join(lines)
