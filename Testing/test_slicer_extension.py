@@ -183,6 +183,21 @@ def test_missing_requirements_are_found(tmp_path):
     assert dependencies.missingRequirements(listed) == ["no-such-package-xyz>=1", "slicerio>=999"]
 
 
+def test_installs_pin_what_is_installed():
+    """pip gets every installed distribution as a constraint, so installing highdicom (say) can never
+    upgrade Slicer's own pydicom or numpy."""
+    import importlib.metadata
+
+    sys.path.insert(0, str(ROOT / "ProstateSeg"))
+    from ProstateSegLib import dependencies
+
+    pins = dependencies.installedPins()
+    assert f"numpy=={importlib.metadata.version('numpy')}" in pins
+    assert f"pydicom=={importlib.metadata.version('pydicom')}" in pins
+    names = [p.split("==")[0].lower() for p in pins]
+    assert len(names) == len(set(names)) and all("==" in p for p in pins)
+
+
 @pytest.mark.parametrize("module", MODULES)
 def test_export_to_dicom_is_in_the_outputs_section(module):
     """Both panels offer Export to DICOM in Outputs: RTSTRUCT and DICOM SEG boxes (ticked), an output

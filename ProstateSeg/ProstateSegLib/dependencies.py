@@ -41,6 +41,35 @@ def missingRequirements(path=REQUIREMENTS_FILE):
     return missing
 
 
+def installedPins():
+    """`name==version` for every installed distribution: as pip constraints they let pip add packages but
+    never upgrade or downgrade one Slicer already has (a new highdicom may not pull a newer pydicom)."""
+    pins = {}
+    for distribution in importlib.metadata.distributions():
+        name = distribution.metadata["Name"]
+        if name:
+            pins[name.lower()] = f"{name}=={distribution.version}"
+    return sorted(pins.values())
+
+
+def pipInstallKeepingInstalled(packages):
+    """Install `packages` with Slicer's pip, every installed distribution pinned (`installedPins`)."""
+    import tempfile
+
+    import slicer
+
+    with tempfile.TemporaryDirectory() as folder:
+        constraints = Path(folder) / "installed.txt"
+        constraints.write_text("\n".join(installedPins()) + "\n", encoding="utf-8")
+        slicer.util.pip_install(["--constraint", str(constraints), *packages])
+
+
+def _installFailed(still):
+    return DependencyError("installing failed for: " + ", ".join(still) + ". Slicer's own packages are kept as "
+                           "they are, so a package that needs newer versions of them cannot be added; see the "
+                           "Python console for pip's messages.")
+
+
 def torchLogic():
     try:
         import PyTorchUtils
@@ -88,11 +117,10 @@ def ensureDependencies(askConfirmation=True):
         if torch is None:
             raise DependencyError("PyTorch was not installed; ProstateSeg cannot run without it.")
     if missing:
-        slicer.util.pip_install(missing)
+        pipInstallKeepingInstalled(missing)
     still = missingRequirements()
     if still:
-        raise DependencyError("installing failed for: " + ", ".join(still)
-                              + ". See the Python console for pip's messages.")
+        raise _installFailed(still)
 
 
 def ensureRequirements(askConfirmation=True):
@@ -110,9 +138,8 @@ def ensureRequirements(askConfirmation=True):
             "Slicer's own packages are not changed. (PyTorch is installed on the first Segment.)",
             windowTitle="ProstateSeg: install packages"):
         raise DependencyError("the packages ProstateSeg needs were not installed: " + ", ".join(missing))
-    slicer.util.pip_install(missing)
+    pipInstallKeepingInstalled(missing)
     still = missingRequirements()
     if still:
-        raise DependencyError("installing failed for: " + ", ".join(still)
-                              + ". See the Python console for pip's messages.")
+        raise _installFailed(still)
 
