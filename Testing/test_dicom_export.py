@@ -322,3 +322,24 @@ def test_edited_or_manual_contours_say_so(tmp_path, generation):
     assert dciodvfy_errors(rtstruct) == [] and dciodvfy_errors(seg) == []
     with pytest.raises(ValueError, match="generation must be"):
         Algorithm("m", "1", "automatic")
+
+
+def test_phantom_as_a_clinic_would_send_it(tmp_path, caplog):
+    """`prostateseg phantom --dicom`: each case also as a CT series with an RT Structure Set beside it,
+    which segments as a DICOM input (the RTSTRUCT is not taken for a damaged file) and imports back to
+    the phantom's own labels."""
+    assert main(["--quiet", "phantom", str(tmp_path / "cases"), "-n", "1", "--size", "64", "--seed", "11",
+                 "--dicom", "--orientation", "sagittal"]) == 0
+    folder = tmp_path / "cases" / "case000_dicom"
+    assert (folder / "RS.dcm").is_file() and len(list(folder.glob("CT*.dcm"))) > 10
+    with caplog.at_level("WARNING", logger="segcore"):
+        ct = read_image(folder)
+    assert "damaged" not in caplog.text
+    assert main(["--quiet", "dataset", "import", str(tmp_path / "cases"), str(tmp_path / "imported")]) == 0
+    (labels_path,) = (tmp_path / "imported").glob("*_labels.nii.gz")
+    imported = sitk.GetArrayFromImage(sitk.ReadImage(str(labels_path)))
+    phantom = _targets_only(sitk.ReadImage(str(tmp_path / "cases" / "case000_labels.nii.gz")))
+    expected = sitk.Resample(phantom, ct, sitk.Transform(), sitk.sitkNearestNeighbor)  # reordered, not resampled
+    assert np.array_equal(imported, sitk.GetArrayFromImage(expected))
+    assert main(["--quiet", "phantom", str(tmp_path / "cases"), "-n", "1", "--size", "64", "--seed", "11",
+                 "--dicom"]) == 1  # existing cases are never replaced without --overwrite
