@@ -239,6 +239,38 @@ def _run_batch(segmenter, args) -> int:
     return 0
 
 
+def _node_config(args):
+    from segcore.node.config import NodeConfig, parse_peer
+
+    return NodeConfig(
+        spool=args.spool, destination=parse_peer(args.destination, "--destination", with_port=True),
+        port=args.port, ae_title=args.ae_title, bind=args.bind, task=args.task, model=args.model, device=args.device,
+        formats=tuple(f.strip().lower() for f in args.formats.split(",") if f.strip()), roi_names=_roi_names(args),
+        allow=[parse_peer(text, "--allow", with_port=False) for text in args.allow or []],
+        quiet_seconds=args.quiet_seconds, max_associations=args.max_associations,
+        max_instance_bytes=int(args.max_instance_mb * (1 << 20)), max_spool_bytes=int(args.max_spool_gb * (1 << 30)),
+        log_patient_names=args.log_patient_names, tls_certificate=args.tls_cert, tls_key=args.tls_key,
+        tls_ca=args.tls_ca)
+
+
+def _serve(args) -> int:
+    from segcore.node.server import Node, check
+
+    config = _node_config(args)
+    handler = logging.StreamHandler(sys.stderr)  # a service's log: every line with its time
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    node_log = logging.getLogger("segcore.node")
+    node_log.addHandler(handler)
+    node_log.propagate = False
+    try:
+        if args.check:
+            return check(config, print)
+        return Node(config).run()
+    finally:
+        node_log.removeHandler(handler)
+        node_log.propagate = True
+
+
 def _models(args) -> int:
     from segcore import packages
 
@@ -433,6 +465,51 @@ def _add_models(commands) -> None:
     p.set_defaults(run=_models)
 
 
+def _add_serve(commands) -> None:
+    p = commands.add_parser(
+        "serve", help="run a DICOM node: receive CT series, send back RT Structure Sets",
+        description="A DICOM node for auto-contouring. A planning system or PACS sends a CT series (C-STORE) "
+        "to this AE title; each instance is written to the spool and synced to disk before it is "
+        "acknowledged. When no instance of a series has arrived for --quiet-seconds, the series is "
+        "segmented and its RT Structure Set (and DICOM SEG) sent to --destination, retried with back-off "
+        "until delivered. A restart (even after kill -9) carries on with what the spool holds; SIGTERM "
+        "finishes the case in hand and stops. Only callers on the allow list are accepted (default: the "
+        "destination's AE title and host). SPOOL/status.json says what is queued, running, sent and failed.",
+        epilog="example: prostateseg serve --port 11112 --ae-title PROSTATESEG --spool /var/spool/prostateseg "
+        "--destination PLANNING@10.0.0.5:104 --allow PLANNING@10.0.0.5 --task organs",
+    )
+    p.add_argument("--port", type=int, default=11112, help="port to listen on (default 11112)")
+    p.add_argument("--ae-title", default="PROSTATESEG", help="this node's AE title (default PROSTATESEG)")
+    p.add_argument("--bind", default="0.0.0.0", help="address to listen on (default all; 127.0.0.1 for local only)")
+    p.add_argument("--spool", type=Path, required=True, help="folder for received series, jobs and results")
+    p.add_argument("--destination", required=True, metavar="AET@HOST:PORT",
+                   help="where results are sent (the planning system or PACS)")
+    p.add_argument("--task", choices=("prostate", "organs"), default="prostate",
+                   help="prostate (two-stage prostate pipeline) or organs (HMR-Net); default prostate")
+    p.add_argument("--model", help="model package name or folder (default: the task's bundled model)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--formats", default="rtstruct", help="rtstruct and/or dicom-seg, comma-separated (default rtstruct)")
+    p.add_argument("--names", type=Path, metavar="FILE", help="ROI names for the RT Structure Set (as for segment)")
+    p.add_argument("--allow", action="append", metavar="AET@HOST",
+                   help="a calling AE title and host that may send (repeat for several; HOST may be *); "
+                   "default: the destination's AE title and host")
+    p.add_argument("--quiet-seconds", type=float, default=10.0,
+                   help="a series is complete when no instance of it arrived for this long (default 10)")
+    p.add_argument("--max-associations", type=int, default=10, help="simultaneous associations (default 10)")
+    p.add_argument("--max-instance-mb", type=float, default=64.0, help="largest instance accepted (default 64)")
+    p.add_argument("--max-spool-gb", type=float, default=20.0,
+                   help="instances are refused (out of resources) while the spool holds this much (default 20)")
+    p.add_argument("--tls-cert", type=Path, help="TLS: this node's certificate (PEM); with --tls-key")
+    p.add_argument("--tls-key", type=Path, help="TLS: this node's private key (PEM)")
+    p.add_argument("--tls-ca", type=Path, help="TLS: accept only callers with a certificate signed by this CA")
+    p.add_argument("--log-patient-names", action="store_true",
+                   help="also log patient name and ID when a series is complete (default: UIDs only)")
+    p.add_argument("--check", action="store_true",
+                   help="check the configuration (spool, model, TLS files) and reach the destination with C-ECHO, "
+                   "then exit: 0 when all is well")
+    p.set_defaults(run=_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prostateseg",
@@ -445,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes on stderr")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-    for add in (_add_segment, _add_organs, _add_phantom, _add_evaluate, _add_dataset, _add_models):
+    for add in (_add_segment, _add_organs, _add_phantom, _add_evaluate, _add_dataset, _add_models, _add_serve):
         add(commands)
     return parser
 

@@ -170,6 +170,18 @@ def write_text(path, text: str, overwrite: bool = False, sync: bool = False, new
     return path
 
 
+def fsync_folder(folder) -> None:
+    """Make a rename or a new file in `folder` durable (a folder's entries are synced separately from the
+    files' data). Windows has no folder handles to sync: there it does nothing."""
+    if os.name == "nt":
+        return
+    handle = os.open(str(folder), os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
 def write_json(path, data, overwrite: bool = False, indent: int = 2, sync: bool = False, **dumps_options) -> Path:
     """Write `data` as JSON atomically; NaN and infinity are refused (they are not JSON)."""
     try:
