@@ -19,13 +19,26 @@ INSTALL_HINT = {
     "plastimatch": "Debian package plastimatch",
     "dcmdump": "Debian package dcmtk",
     "segimage2itkimage": "PyPI package dcmqi",
+    "storescu": "Debian package dcmtk",
+    "storescp": "Debian package dcmtk",
+    "echoscu": "Debian package dcmtk",
 }
 
 
+DCMTK = {"storescu", "storescp", "echoscu", "dcmdump"}
+
+
+def _is_dcmtk(path: str) -> bool:
+    """pynetdicom installs its own storescu/storescp/echoscu into the virtual environment; we want dcmtk's."""
+    run = subprocess.run([path, "--version"], check=False, capture_output=True, text=True, timeout=30)
+    return "dcmtk" in (run.stdout + run.stderr).lower()
+
+
 def require_tool(name: str) -> str:
-    path = shutil.which(name)
-    if path:
-        return path
+    candidates = [shutil.which(name, path=folder) for folder in os.environ.get("PATH", "").split(os.pathsep)]
+    for path in dict.fromkeys(p for p in candidates if p):
+        if name not in DCMTK or _is_dcmtk(path):
+            return path
     message = f"{name} is not installed ({INSTALL_HINT.get(name, name)})"
     if os.environ.get("PROSTATESEG_REQUIRE_DICOM_TOOLS") == "1":
         pytest.fail(message + " and PROSTATESEG_REQUIRE_DICOM_TOOLS=1")

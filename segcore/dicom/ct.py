@@ -79,9 +79,17 @@ def read_header(path):
     from pydicom.errors import InvalidDicomError
 
     try:
-        return pydicom.dcmread(str(path), stop_before_pixels=True)
+        header = pydicom.dcmread(str(path), stop_before_pixels=True)
     except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as error:
         raise UnreadableImageError(f"{Path(path).name}: not a readable DICOM file ({error})") from None
+    # Some scanners leave the SOP Class/Instance UID empty in the data set and give them only in the file
+    # meta information; references to the instance need them.
+    meta = getattr(header, "file_meta", None)
+    for keyword, meta_keyword in (("SOPClassUID", "MediaStorageSOPClassUID"),
+                                  ("SOPInstanceUID", "MediaStorageSOPInstanceUID")):
+        if not str(header.get(keyword, "") or "") and meta is not None and meta.get(meta_keyword):
+            setattr(header, keyword, meta.get(meta_keyword))
+    return header
 
 
 def _grid_axes(image: sitk.Image) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -66,11 +66,18 @@ class Node:
         calling = event.assoc.requestor.ae_title.strip()
         try:
             encoded = event.encoded_dataset()
+            # the negotiated class and the request's instance UID: some scanners leave the data set's empty
+            sop_class = str(event.request.AffectedSOPClassUID)
+            sop_uid = str(event.request.AffectedSOPInstanceUID)
             dataset = event.dataset
-            sop_class, sop_uid = str(dataset.SOPClassUID), str(dataset.SOPInstanceUID)
-            series_uid = str(dataset.SeriesInstanceUID)
+            series_uid = str(dataset.get("SeriesInstanceUID", "") or "")
+            missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID")
+                       if not str(dataset.get(k, "") or "")]
         except Exception as error:  # noqa: BLE001 - a malformed object is refused, whatever broke in decoding
             log.warning("refused a malformed instance from %s: %s", calling, str(error).splitlines()[0][:200])
+            return CANNOT_UNDERSTAND
+        if missing:  # contours could not name the study, series or space they belong to
+            log.warning("refused instance %s from %s: no %s", sop_uid, calling, ", ".join(missing))
             return CANNOT_UNDERSTAND
         if sop_class != CT_IMAGE_STORAGE:
             log.warning("refused a %s instance from %s: only CT images are segmented", sop_class, calling)
