@@ -29,6 +29,7 @@ examples:
   prostateseg evaluate pred.nii.gz ref.nii.gz       DSC, ASD, HD, HD95, SEN, PPV, volumes
   prostateseg evaluate pred.nii.gz rtstruct.dcm --ct ct_series/    against clinical contours
   prostateseg dataset import dicom_export/ training_data/ --map names.yaml   contoured cases -> training
+  prostateseg serve --spool spool/ --destination PLANNING@10.0.0.5:104    a DICOM node for the planning system
   prostateseg models list                           installed model packages
   prostateseg models install pkg.zip --sha256 HEX   add a model package (zip or https URL)
 
