@@ -261,3 +261,45 @@ def test_check_and_configuration_errors(tmp_path, planning, capsys):
     assert main(["serve", "--spool", str(spool), "--destination", "P@h:1", "--formats", "nii.gz"]) == 1
     assert "a node sends rtstruct and/or dicom-seg" in capsys.readouterr().err
     assert os.path.isdir(spool)
+
+
+def test_tls_only_for_callers_with_a_certificate(tmp_path, planning):
+    """With --tls-cert/--tls-key/--tls-ca the node speaks TLS and accepts only callers whose certificate
+    the CA signed; a plain connection or a TLS caller without a certificate gets no association."""
+    import ssl
+
+    import trustme
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ca = trustme.CA()
+    server, client = ca.issue_cert("127.0.0.1"), ca.issue_cert("storescu.example")
+    files = {}
+    for name, blob in (("ca.pem", ca.cert_pem), ("node.pem", server.cert_chain_pems[0]),
+                       ("node.key", server.private_key_pem)):
+        blob.write_to_path(str(tmp_path / name))
+        files[name] = str(tmp_path / name)
+    node = NodeProcess(tmp_path / "spool", planning.port, "--tls-cert", files["node.pem"], "--tls-key",
+                       files["node.key"], "--tls-ca", files["ca.pem"])
+    try:
+        def echo(context):
+            ae = AE(ae_title=SENDER_AET)
+            ae.add_requested_context(Verification)
+            assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AET,
+                                 tls_args=(context, "127.0.0.1") if context else None)
+            ok = assoc.is_established and assoc.send_c_echo().Status == 0
+            if assoc.is_established:
+                assoc.release()
+            return ok
+
+        with_certificate = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        ca.configure_trust(with_certificate)
+        client.configure_cert(with_certificate)
+        assert echo(with_certificate)
+        without_certificate = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        ca.configure_trust(without_certificate)
+        assert not echo(without_certificate)
+        assert not echo(None)
+        assert "(TLS)" in node.text() and node.process.poll() is None
+    finally:
+        node.stop(signal.SIGKILL)

@@ -251,7 +251,7 @@ def _node_config(args):
         quiet_seconds=args.quiet_seconds, max_associations=args.max_associations,
         max_instance_bytes=int(args.max_instance_mb * (1 << 20)), max_spool_bytes=int(args.max_spool_gb * (1 << 30)),
         log_patient_names=args.log_patient_names, tls_certificate=args.tls_cert, tls_key=args.tls_key,
-        tls_ca=args.tls_ca)
+        tls_ca=args.tls_ca, tls_destination=args.tls_destination)
 
 
 def _serve(args) -> int:
@@ -503,6 +503,9 @@ def _add_serve(commands) -> None:
     p.add_argument("--tls-cert", type=Path, help="TLS: this node's certificate (PEM); with --tls-key")
     p.add_argument("--tls-key", type=Path, help="TLS: this node's private key (PEM)")
     p.add_argument("--tls-ca", type=Path, help="TLS: accept only callers with a certificate signed by this CA")
+    p.add_argument("--tls-destination", action="store_true",
+                   help="TLS: send results over TLS too, with this node's certificate (the destination's is "
+                   "checked against --tls-ca when given)")
     p.add_argument("--log-patient-names", action="store_true",
                    help="also log patient name and ID when a series is complete (default: UIDs only)")
     p.add_argument("--check", action="store_true",

@@ -65,6 +65,7 @@ class NodeConfig:
     tls_certificate: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None  # given: callers must show a certificate it signed
+    tls_destination: bool = False  # send results over TLS too (this node's certificate; --tls-ca checks the peer)
     retry_seconds: tuple[float, float] = (5.0, 600.0)  # first and longest wait between sending attempts
 
     def __post_init__(self):
@@ -82,6 +83,8 @@ class NodeConfig:
             raise SegcoreError("TLS needs both --tls-cert and --tls-key")
         if self.tls_ca is not None and self.tls_certificate is None:
             raise SegcoreError("--tls-ca (checking callers' certificates) needs --tls-cert and --tls-key")
+        if self.tls_destination and self.tls_certificate is None:
+            raise SegcoreError("--tls-destination needs --tls-cert and --tls-key")
         for limit, value in (("--max-associations", self.max_associations),
                              ("--max-instance-mb", self.max_instance_bytes), ("--max-spool-gb", self.max_spool_bytes)):
             if value <= 0:
@@ -97,7 +100,7 @@ class NodeConfig:
 
     def ssl_context(self, server: bool):
         """The TLS context for serving (or, `server` False, for sending), or None without TLS."""
-        if self.tls_certificate is None:
+        if self.tls_certificate is None or (not server and not self.tls_destination):
             return None
         import ssl
 

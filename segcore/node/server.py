@@ -147,6 +147,7 @@ class Node:
 
         folder = self.spool.root / "jobs" / job.job
         self.running = job.job
+        self.spool.write_status(self.running, self.started)
         log.info("segmenting series %s (job %s)", job.series_uid, job.job)
         started = time.perf_counter()
         try:
