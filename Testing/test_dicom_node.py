@@ -167,7 +167,10 @@ def test_a_series_in_an_rtstruct_out(tmp_path, planning, node, abdomen_dicom):
     status = wait_for(lambda: (s := json.loads((node.spool / "status.json").read_text()))["sent"] == 3 and s,
                       30, "the status file to say 3 sent")
     assert not status["queued"] and not status["to_send"] and not status["failed"]
-    assert not list((node.spool / "sent").glob("*/*.dcm"))  # the CT is not kept once the results are out
+    # once delivered, only the record stays (with the result UIDs): not the CT, not the results
+    assert {p.name for p in (node.spool / "sent").rglob("*") if p.is_file()} == {"job.json"}
+    record = json.loads(next((node.spool / "sent").rglob("job.json")).read_text())
+    assert record["state"] == "sent" and record["result_uids"]["result_rtstruct.dcm"]["sop"]
     assert "Phantom" not in node.text()  # patients are named by UIDs only
 
 

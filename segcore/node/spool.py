@@ -7,7 +7,8 @@ Layout under the spool folder:
   renamed into place before its C-STORE is acknowledged; ``sender.json`` names who sent the series;
 - ``jobs/<job>/``: a series whose sending is complete (no instance for the quiet period), moved here
   whole; ``job.json`` holds its state (queued, results, failed), ``results/`` the files to send;
-- ``sent/<job>/``: ``job.json`` and the results once delivered (the CT is deleted);
+- ``sent/<job>/``: ``job.json`` once delivered, with the result UIDs (CT and results are deleted; records
+  are kept 30 days);
 - ``failed/<job>/``: a series that could not be segmented, with its CT and the reason;
 - ``status.json``: what is queued, being processed, waiting to be sent, sent and failed.
 
@@ -185,18 +186,26 @@ class Spool:
     def save(self, job: Job) -> None:
         self._write_job(self.root / "jobs" / job.job, job)
 
-    def finish(self, job: Job) -> None:
-        """A delivered job: its record and results go to sent/, its CT is deleted."""
+    def finish(self, job: Job, keep_days: float = 30.0) -> None:
+        """A delivered job: its record (with the result UIDs) goes to sent/; its CT and results are deleted
+        (the destination has them; sending the series again makes new ones). Records older than
+        `keep_days` are removed."""
         folder = self.root / "jobs" / job.job
         self._write_job(folder, job)
         freed = 0
-        for path in folder.iterdir():
-            if path.suffix == ".dcm" or path.name == "sender.json":
+        for path in sorted(folder.rglob("*"), reverse=True):  # files before their folders
+            if path.is_file() and path.name != "job.json":
                 freed += path.stat().st_size
                 path.unlink()
+            elif path.is_dir():
+                path.rmdir()
         os.rename(folder, self.root / "sent" / job.job)
         fsync_folder(self.root / "sent")
         self.size -= freed
+        cutoff = time.time() - keep_days * 86400
+        for old in (self.root / "sent").iterdir():
+            if old.stat().st_mtime < cutoff:
+                shutil.rmtree(old, ignore_errors=True)
 
     def fail(self, job: Job) -> None:
         """A series that cannot be segmented: kept with its reason in failed/ for a person to look at."""
