@@ -230,7 +230,7 @@ def test_limits_and_bad_objects_refused_without_harm(tmp_path, planning):
     """A full spool refuses instances (out of resources) and recovers; a malformed instance and a non-CT
     object are refused; the node goes on."""
     from pynetdicom import AE
-    from pynetdicom.sop_class import CTImageStorage
+    from pynetdicom.sop_class import CTImageStorage, RTStructureSetStorage
 
     node = NodeProcess(tmp_path / "spool", planning.port, "--max-spool-gb", "0.00002")  # about 21 kB
     try:
@@ -245,6 +245,20 @@ def test_limits_and_bad_objects_refused_without_harm(tmp_path, planning):
         del broken.SeriesInstanceUID
         assert assoc.send_c_store(broken).Status == 0xC210  # cannot understand
         assoc.release()
+        # only CT images: an RT Structure Set is not even negotiated
+        ae = AE(ae_title=SENDER_AET)
+        ae.add_requested_context(RTStructureSetStorage)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AET)
+        assert not assoc.accepted_contexts
+        if assoc.is_established:
+            assoc.release()
+        assert node.process.poll() is None
+    finally:
+        node.stop(signal.SIGKILL)
+    node = NodeProcess(tmp_path / "spool2", planning.port, "--max-instance-mb", "0.001")  # about 1 kB
+    try:
+        refused = send(tmp_path / "ct", node.port, check=False)
+        assert refused.returncode != 0 and "over the 0 MB limit" in node.text()
         assert node.process.poll() is None
     finally:
         node.stop(signal.SIGKILL)

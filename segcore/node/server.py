@@ -164,6 +164,7 @@ class Node:
             return
         finally:
             self.running = None
+        self.spool.account(sum(p.stat().st_size for p in written))
         job.results = [p.name for p in written]
         job.result_uids = _uids(written)
         job.state, job.segmented_at = RESULTS, time.time()

@@ -100,6 +100,11 @@ class Spool:
 
     # ---------------------------------------------------------------------- receiving
 
+    def account(self, change: int) -> None:
+        """Files added to (or removed from) the spool outside `store`: results, removed CTs."""
+        with self.lock:
+            self.size += change
+
     def has_room(self, size: int) -> bool:
         return self.size + size <= self.max_bytes
 
@@ -118,6 +123,7 @@ class Spool:
             if new_series:
                 folder.mkdir()
                 write_json(folder / "sender.json", {"series_uid": series_uid, "calling_ae": calling_ae}, sync=True)
+                self.size += (folder / "sender.json").stat().st_size
             target = folder / name
             replaced = target.stat().st_size if target.exists() else 0
             os.replace(tmp, target)
@@ -201,7 +207,7 @@ class Spool:
                 path.rmdir()
         os.rename(folder, self.root / "sent" / job.job)
         fsync_folder(self.root / "sent")
-        self.size -= freed
+        self.account(-freed)
         cutoff = time.time() - keep_days * 86400
         for old in (self.root / "sent").iterdir():
             if old.stat().st_mtime < cutoff:
