@@ -298,8 +298,8 @@ def export_labelmap(
     ply) give one ``<stem>_<structure name>.<format>`` per structure present in the
     image (none for a structure too small to give a surface); ``rtstruct`` and
     ``dicom-seg`` give an RT Structure Set and a DICOM SEG (names: `output_name`)
-    referencing `source`, the DICOM CT series (folder, or a file of it) whose grid
-    the label map is on; `roi_names` maps structures (our or TG-263 names) to the
+    referencing `source`, the DICOM CT series (folder, or a file of it, or a
+    `segcore.dicom.ct.CtSeries` already matched to it) whose grid the label map is on; `roi_names` maps structures (our or TG-263 names) to the
     clinic's ROI names, `algorithm` (`segcore.dicom.ct.Algorithm`) names the model.
     `structures` names the labels to export (default: every catalogued label
     present); other voxel values are written as background. All targets are
@@ -372,14 +372,17 @@ def _dicom_target(fmts, labelmap, structures, source, roi_names, algorithm) -> _
     """The CT series and ROI names for the DICOM formats, checked before anything is written."""
     if not any(fmt in DICOM_FORMATS for fmt in fmts):
         return None
-    problem = dicom_input_problem(source, fmts)
-    if problem:
-        raise SegcoreError(problem)
-    from segcore.dicom.ct import Algorithm, ct_series_for
+    from segcore.dicom.ct import Algorithm, CtSeries, ct_series_for
     from segcore.dicom.names import roi_names as names_for
 
-    return _DicomTarget(ct_series_for(labelmap, source), names_for(structures, roi_names),
-                        algorithm or Algorithm())
+    if isinstance(source, CtSeries):  # already matched to the label map's grid (Slicer finds its own files)
+        series = source
+    else:
+        problem = dicom_input_problem(source, fmts)
+        if problem:
+            raise SegcoreError(problem)
+        series = ct_series_for(labelmap, source)
+    return _DicomTarget(series, names_for(structures, roi_names), algorithm or Algorithm())
 
 
 def _write_plan(labelmap, structures, plan, folder: Path, smoothing: float, decimation: float,

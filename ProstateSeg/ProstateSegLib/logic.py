@@ -9,7 +9,7 @@ import logging
 import re
 from pathlib import Path
 
-from segcore.errors import Cancelled, OutputExistsError, SegcoreError
+from segcore.errors import Cancelled, SegcoreError
 
 logger = logging.getLogger(__name__)
 
@@ -188,9 +188,7 @@ class SegmentationLogicBase:
         clinic's ROI names (as the CLI's --names file). Nothing is replaced without `overwrite`,
         and a failed export leaves no partial set.
         """
-        from segcore.dicom.names import roi_names as roiNamesFor
-        from segcore.export import DICOM_FORMATS, normalise_formats, output_name
-        from segcore.files import StagedSet, make_folder
+        from segcore.export import DICOM_FORMATS, export_labelmap, normalise_formats
 
         fmts = normalise_formats(formats)
         others = [fmt for fmt in fmts if fmt not in DICOM_FORMATS]
@@ -208,31 +206,9 @@ class SegmentationLogicBase:
         structures, labelmap = self._exportedLabels(segmentationNode, volumeNode)
         series = self.dicomSeries(volumeNode, source, grid=labelmap)
         algorithm = self._exportAlgorithm(segmentationNode, volumeNode, structures, labelmap)
-        names = roiNamesFor(structures, roiNames)
-
-        folder = Path(folder)
-        stem = self._exportStem(volumeNode)
-        planned = [(fmt, output_name(stem, fmt)) for fmt in fmts]
-        existing = [folder / name for _, name in planned if (folder / name).exists()]
-        if existing and not overwrite:
-            raise OutputExistsError(f"{' and '.join(str(p) for p in existing)} already "
-                                    f"{'exists' if len(existing) == 1 else 'exist'}: replace "
-                                    "(overwrite=True) or choose another folder.")
-        make_folder(folder)
-        staged = StagedSet(folder, overwrite=overwrite)
-        try:
-            for fmt, name in planned:
-                if fmt == "rtstruct":
-                    from segcore.dicom.rtstruct import write_rtstruct
-
-                    write_rtstruct(labelmap, structures, series, staged.staging / name, names, algorithm)
-                else:
-                    from segcore.dicom.seg import write_seg
-
-                    write_seg(labelmap, structures, series, staged.staging / name, algorithm)
-            written = staged.commit()
-        finally:
-            staged.discard()
+        # staged and moved in together; an existing file is refused unless `overwrite`
+        written = export_labelmap(labelmap, structures, folder, self._exportStem(volumeNode), fmts,
+                                  overwrite=overwrite, source=series, roi_names=roiNames, algorithm=algorithm)
         for path in written:
             logger.info("%s: wrote %s", volumeNode.GetName(), path)
         return written
