@@ -320,3 +320,37 @@ def test_tls_only_for_callers_with_a_certificate(tmp_path, planning):
         assert "(TLS)" in node.text() and node.process.poll() is None
     finally:
         node.stop(signal.SIGKILL)
+
+
+def test_spool_recovers_whatever_a_kill_left(tmp_path):
+    """The spool alone (no network): partial writes are dropped, a series moved to jobs/ before its record
+    was written becomes a queued job, a job killed while being filed away is filed, every sending of a
+    series is its own job, and the size it counts matches the files."""
+    from segcore.node.spool import QUEUED, SENT, Spool
+
+    spool = Spool(tmp_path, 1 << 30)
+    assert spool.store("1.2.3", "1.2.3.1", b"a" * 100, "CT1") and not spool.store("1.2.3", "1.2.3.2", b"b" * 50, "CT1")
+    assert spool.quiet_series(60) == []
+    first = spool.close_series(spool.quiet_series(0, now=time.time() + 1)[0])
+    assert (first.series_uid, first.instances, first.calling_ae, first.state) == ("1.2.3", 2, "CT1", QUEUED)
+    assert spool.store("1.2.3", "1.2.3.1", b"a" * 100, "CT1")  # sent again: a new sending
+    second = spool.close_series(spool.quiet_series(0, now=time.time() + 1)[0])
+    assert second.job != first.job
+
+    (tmp_path / "tmp" / "half-written.dcm").write_bytes(b"x")
+    (tmp_path / "jobs" / second.job / "job.json").unlink()  # killed between the move and the record
+    first.state = SENT
+    spool.save(first)  # killed while filing a delivered job away
+    counted = spool.size
+    again = Spool(tmp_path, 1 << 30)
+    notes = again.recover()
+    assert any("unacknowledged" in n for n in notes) and any("recovered a series" in n for n in notes)
+    assert [j.job for j in again.jobs()] == [second.job] and again.jobs()[0].state == QUEUED
+    assert (tmp_path / "sent" / first.job).is_dir() and not list((tmp_path / "tmp").iterdir())
+    assert again.size == sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file()) >= counted - 200
+    job = again.jobs()[0]
+    job.state = SENT
+    again.finish(job)
+    # the CT's bytes are freed; what is left is the records (rewritten job.json files are not recounted)
+    left = sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file())
+    assert 0 <= again.size and abs(again.size - left) < 2000 and left < 3000

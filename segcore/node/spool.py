@@ -91,6 +91,8 @@ class Spool:
             if not (folder / "job.json").is_file():  # moved in, killed before its job.json was written
                 self._write_job(folder, self._new_job_record(folder))
                 notes.append(f"job {folder.name}: recovered a series received before a restart")
+            elif (state := self.read_job(folder).state) in (SENT, FAILED):  # killed while filing it away
+                os.rename(folder, self.root / ("sent" if state == SENT else "failed") / folder.name)
         self.size = sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
         incoming = [p for p in (self.root / "incoming").iterdir() if p.is_dir()]
         queued = [j for j in self.jobs() if j.state in (QUEUED, RESULTS)]
