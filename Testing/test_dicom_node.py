@@ -321,6 +321,27 @@ def test_tls_only_for_callers_with_a_certificate(tmp_path, planning):
     finally:
         node.stop(signal.SIGKILL)
 
+    # --tls-destination: results go over TLS too; dcmtk's storescp with TLS as the planning system
+    planning_cert = ca.issue_cert("127.0.0.1")
+    planning_cert.cert_chain_pems[0].write_to_path(str(tmp_path / "planning.pem"))
+    planning_cert.private_key_pem.write_to_path(str(tmp_path / "planning.key"))
+    port = free_port()
+    secure = subprocess.Popen([require_tool("storescp"), "+tls", str(tmp_path / "planning.key"),
+                               str(tmp_path / "planning.pem"), "+cf", files["ca.pem"], "-aet", PLANNING_AET,
+                               "-od", str(tmp_path), str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.3)
+        check = [sys.executable, "-m", "segcore.cli", "serve", "--spool", str(tmp_path / "spool"), "--destination",
+                 f"{PLANNING_AET}@127.0.0.1:{port}", "--tls-cert", files["node.pem"], "--tls-key", files["node.key"],
+                 "--tls-ca", files["ca.pem"], "--check"]
+        over_tls = subprocess.run([*check, "--tls-destination"], capture_output=True, text=True, check=False)
+        assert over_tls.returncode == 0 and "answers C-ECHO" in over_tls.stdout
+        plain = subprocess.run(check, capture_output=True, text=True, check=False)
+        assert plain.returncode == 1 and "problem: destination" in plain.stdout
+    finally:
+        secure.kill()
+        secure.wait()
+
 
 def test_spool_recovers_whatever_a_kill_left(tmp_path):
     """The spool alone (no network): partial writes are dropped, a series moved to jobs/ before its record
