@@ -343,3 +343,13 @@ def test_phantom_as_a_clinic_would_send_it(tmp_path, caplog):
     assert np.array_equal(imported, sitk.GetArrayFromImage(expected))
     assert main(["--quiet", "phantom", str(tmp_path / "cases"), "-n", "1", "--size", "64", "--seed", "11",
                  "--dicom"]) == 1  # existing cases are never replaced without --overwrite
+
+
+def test_one_file_of_the_series_is_enough(tmp_path):
+    """`source` may be any one file of the series (as a user may give one DICOM file as the input)."""
+    folder, ct, labels = dicom_case(tmp_path / "ct", matrix=64, spacing=(2.0, 2.0, 3.0))
+    one_file = sorted(folder.iterdir())[3]
+    (rtstruct,) = export_labelmap(labels, TARGETS, tmp_path / "out", "x_seg", ("rtstruct",), source=one_file)
+    assert rtstruct.name == "x_rtstruct.dcm"
+    for roi in read_rtstruct(rtstruct).rois:
+        assert np.array_equal(rasterise(roi, ct)[0], sitk.GetArrayFromImage(labels) == TG263[roi.name])
