@@ -210,8 +210,8 @@ class Node:
     # ---------------------------------------------------------------------- running
 
     def stop(self, *_) -> None:
-        if not self.stopping.is_set():
-            log.info("stopping: finishing the job in hand")
+        # Only a flag: a signal handler must not write to the log, whose stream the interrupted main thread
+        # may be in the middle of writing (the line would be lost, or worse).
         self.stopping.set()
 
     def run(self) -> int:
@@ -235,6 +235,7 @@ class Node:
                     last_status = time.time()
                 if not changed:
                     self.stopping.wait(0.2)
+            log.info("stop asked for: the job in hand is finished; no new association is accepted")
         finally:
             if self.server is not None:
                 self.server.shutdown()
