@@ -245,7 +245,15 @@ def test_limits_and_bad_objects_refused_without_harm(tmp_path, planning):
         broken = pydicom.dcmread(next((tmp_path / "ct").iterdir()))
         del broken.SeriesInstanceUID
         assert assoc.send_c_store(broken).Status == 0xC210  # cannot understand
+        with pytest.warns(UserWarning, match="Invalid value for VR UI"):  # pydicom knows it is wrong too
+            broken.SeriesInstanceUID = ".."  # would name a folder above the series folders
+        assert assoc.send_c_store(broken).Status == 0xC210
         assoc.release()
+        # a caller not on the allow list gets a real A-ASSOCIATE-RJ, not a dropped connection
+        intruder = AE(ae_title="INTRUDER")
+        intruder.add_requested_context(CTImageStorage)
+        refused = intruder.associate("127.0.0.1", node.port, ae_title=NODE_AET)
+        assert refused.is_rejected and not refused.is_established
         # only CT images: an RT Structure Set is not even negotiated
         ae = AE(ae_title=SENDER_AET)
         ae.add_requested_context(RTStructureSetStorage)
@@ -278,6 +286,10 @@ def test_check_and_configuration_errors(tmp_path, planning, capsys):
     assert "write it as AET@HOST:PORT" in capsys.readouterr().err
     assert main(["serve", "--spool", str(spool), "--destination", "P@h:1", "--formats", "nii.gz"]) == 1
     assert "a node sends rtstruct and/or dicom-seg" in capsys.readouterr().err
+    names = tmp_path / "names.yaml"
+    names.write_text("Prostata: Prostate_AI\n")  # a typo: refused at start, not after every series
+    assert main(["serve", "--spool", str(spool), "--destination", "P@h:1", "--names", str(names)]) == 1
+    assert "not a structure we write" in capsys.readouterr().err
     assert os.path.isdir(spool)
 
 

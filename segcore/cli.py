@@ -241,8 +241,13 @@ def _run_batch(segmenter, args) -> int:
 
 
 def _node_config(args):
+    from segcore import anatomy
+    from segcore.dicom.names import roi_names
     from segcore.node.config import NodeConfig, parse_peer
 
+    names = _roi_names(args)
+    if names:
+        roi_names(anatomy.STRUCTURES, names)  # a mistake in the name map: now, not after every series
     return NodeConfig(
         spool=args.spool, destination=parse_peer(args.destination, "--destination", with_port=True),
         port=args.port, ae_title=args.ae_title, bind=args.bind, task=args.task, model=args.model, device=args.device,

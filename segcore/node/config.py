@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,7 +97,8 @@ class NodeConfig:
 
     def is_allowed(self, calling_ae: str, host: str) -> bool:
         calling_ae = calling_ae.strip()
-        return any(peer.ae_title == calling_ae and peer.host in ("*", host) for peer in self.allowed)
+        return any(peer.ae_title == calling_ae and (peer.host == "*" or host in addresses(peer.host))
+                   for peer in self.allowed)
 
     def ssl_context(self, server: bool):
         """The TLS context for serving (or, `server` False, for sending), or None without TLS."""
@@ -113,3 +115,15 @@ class NodeConfig:
             context.check_hostname = False  # peers are named by address in DICOM configurations
             context.verify_mode = ssl.CERT_REQUIRED if self.tls_ca else ssl.CERT_NONE
         return context
+
+
+@functools.lru_cache(maxsize=64)
+def addresses(host: str) -> frozenset[str]:
+    """A host name's IP addresses (an address stands for itself); looked up once per name."""
+    import socket
+
+    try:
+        found = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        found = set()
+    return frozenset(found | {host})

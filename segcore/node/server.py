@@ -19,7 +19,7 @@ from pathlib import Path
 
 from segcore.errors import SegcoreError
 from segcore.node.config import NodeConfig
-from segcore.node.spool import FAILED, QUEUED, RESULTS, SENT, Job, Spool
+from segcore.node.spool import FAILED, QUEUED, RESULTS, SENT, Job, Spool, is_uid
 
 log = logging.getLogger("segcore.node")
 
@@ -55,12 +55,18 @@ class Node:
 
     def _on_requested(self, event) -> None:
         requestor = event.assoc.requestor
-        calling = requestor.primitive.calling_ae_title  # the requestor's own fields are set after this event
-        calling = (calling.decode("ascii", "replace") if isinstance(calling, bytes) else str(calling)).strip()
-        host = requestor.address
-        if not self.config.is_allowed(calling, host):
+        try:
+            calling = requestor.primitive.calling_ae_title  # the requestor's own fields are set after this event
+            calling = (calling.decode("ascii", "replace") if isinstance(calling, bytes) else str(calling)).strip()
+            host = requestor.address
+            allowed = self.config.is_allowed(calling, host)
+        except Exception as error:  # noqa: BLE001 - pynetdicom would swallow it and accept: refuse instead
+            calling, host, allowed = "?", "?", False
+            log.error("could not check a caller (%s): refused", error)
+        if not allowed:
             log.warning("refused an association from %s@%s: not on the allow list", calling, host)
             event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # rejected permanent, calling AE not recognised
+            event.assoc.kill()  # as pynetdicom does after its own rejections: the reject reaches the caller
 
     def _on_store(self, event) -> int:
         calling = event.assoc.requestor.ae_title.strip()
@@ -78,6 +84,10 @@ class Node:
             return CANNOT_UNDERSTAND
         if missing:  # contours could not name the study, series or space they belong to
             log.warning("refused instance %s from %s: no %s", sop_uid, calling, ", ".join(missing))
+            return CANNOT_UNDERSTAND
+        if not (is_uid(series_uid) and is_uid(sop_uid)):
+            log.warning("refused an instance from %s: malformed UIDs (series %r, instance %r)", calling,
+                        series_uid[:80], sop_uid[:80])
             return CANNOT_UNDERSTAND
         if sop_class != CT_IMAGE_STORAGE:
             log.warning("refused a %s instance from %s: only CT images are segmented", sop_class, calling)
@@ -156,7 +166,14 @@ class Node:
                                       self.config.formats, overwrite=True, source=folder,
                                       roi_names=self.config.roi_names,
                                       algorithm=Algorithm(result.model, result.model_version))
-        except (SegcoreError, RuntimeError, ValueError, MemoryError, OSError) as error:
+        except (OSError, MemoryError) as error:  # the machine, not the series: a full disk, no memory
+            job.attempts += 1
+            job.error, job.next_try = f"{type(error).__name__}: {error}", time.time() + self._wait(job.attempts)
+            self.spool.save(job)
+            log.error("series %s (job %s): %s; trying again in %.0f s", job.series_uid, job.job, job.error,
+                      job.next_try - time.time())
+            return
+        except Exception as error:  # noqa: BLE001 - whatever a series makes the model raise fails that series only
             job.state, job.error = FAILED, str(error) if isinstance(error, SegcoreError) else \
                 f"{type(error).__name__}: {error}"
             self.spool.fail(job)
@@ -165,7 +182,7 @@ class Node:
         finally:
             self.running = None
         self.spool.account(sum(p.stat().st_size for p in written))
-        job.results = [p.name for p in written]
+        job.results, job.attempts, job.error = [p.name for p in written], 0, ""
         job.result_uids = _uids(written)
         job.state, job.segmented_at = RESULTS, time.time()
         self.spool.save(job)
@@ -173,38 +190,43 @@ class Node:
         log.info("series %s: %s in %.1f s; results %s", job.series_uid, found, time.perf_counter() - started,
                  ", ".join(f"{name} (SOP {uids['sop']})" for name, uids in job.result_uids.items()))
 
-    def send(self, job: Job) -> None:
-        """Deliver a job's results; on failure retry later, waiting longer each time."""
+    def _wait(self, attempts: int) -> float:
+        first, longest = self.config.retry_seconds
+        return min(longest, first * 2 ** (attempts - 1))
+
+    def send(self, job: Job) -> bool:
+        """Deliver a job's results; on failure retry later, waiting longer each time. True if delivered."""
         folder = self.spool.root / "jobs" / job.job
         job.attempts += 1
         try:
             deliver(self.config, [folder / "results" / name for name in job.results])
         except SegcoreError as error:
-            first, longest = self.config.retry_seconds
-            wait = min(longest, first * 2 ** (job.attempts - 1))
+            wait = self._wait(job.attempts)
             job.error, job.next_try = str(error), time.time() + wait
             self.spool.save(job)
             log.warning("sending the results of series %s failed (attempt %d: %s); next try in %.0f s",
                         job.series_uid, job.attempts, error, wait)
-            return
+            return False
         job.state, job.sent_at, job.error = SENT, time.time(), ""
         self.spool.finish(job)
         log.info("sent the results of series %s to %s (job %s)", job.series_uid, self.config.destination, job.job)
+        return True
 
     def step(self) -> bool:
         """One round of work: close quiet series, segment one queued job, send what is due. True if
         anything happened."""
         changed = self.close_quiet_series()
-        jobs = self.spool.jobs()
-        queued = [j for j in jobs if j.state == QUEUED]
+        now = time.time()
+        queued = [j for j in self.spool.jobs() if j.state == QUEUED and j.next_try <= now]
         if queued:
             self.segment(queued[0])
             changed = True
         now = time.time()
         for job in self.spool.jobs():
             if job.state == RESULTS and job.next_try <= now:
-                self.send(job)
                 changed = True
+                if not self.send(job):
+                    break  # the destination is not answering: the others wait for their own next try
         return changed
 
     # ---------------------------------------------------------------------- running
@@ -263,6 +285,7 @@ def _requestor(config: NodeConfig):
     ae = AE(ae_title=config.ae_title)
     for context in (RTStructureSetStorage, SegmentationStorage, Verification):
         ae.add_requested_context(context)
+    ae.connection_timeout = 10  # a destination that drops packets must not hold the worker for minutes
     return ae
 
 
@@ -284,7 +307,10 @@ def deliver(config: NodeConfig, paths) -> None:
     assoc = _associate(config)
     try:
         for path in paths:
-            status = assoc.send_c_store(pydicom.dcmread(str(path)))
+            try:
+                status = assoc.send_c_store(pydicom.dcmread(str(path)))
+            except (ValueError, RuntimeError, OSError) as error:  # e.g. the destination takes no DICOM SEG
+                raise SegcoreError(f"{Path(path).name} could not be sent: {str(error).splitlines()[0]}") from None
             code = getattr(status, "Status", None)
             if code is None or code not in (0x0000, 0xB000, 0xB006, 0xB007):
                 raise SegcoreError(f"{config.destination} answered {Path(path).name} with status "

@@ -32,7 +32,12 @@ from pathlib import Path
 from segcore.files import fsync_folder, write_json
 
 QUEUED, RESULTS, SENT, FAILED = "queued", "results", "sent", "failed"
-_UID = re.compile(r"^[0-9.]{1,64}$")
+# A DICOM UID: numeric components without leading zeros, separated by dots, at most 64 characters
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+def is_uid(text: str) -> bool:
+    return len(text) <= 64 and bool(_UID.match(text))
 
 
 @dataclass
@@ -62,7 +67,7 @@ class Job:
 
 def series_folder_name(series_uid: str) -> str:
     """A folder name for a series: its UID when it is a well-formed one, else a hash of it."""
-    return series_uid if _UID.match(series_uid) else "x" + hashlib.sha256(series_uid.encode()).hexdigest()[:24]
+    return series_uid if is_uid(series_uid) else "x" + hashlib.sha256(series_uid.encode()).hexdigest()[:24]
 
 
 class Spool:
@@ -76,6 +81,7 @@ class Spool:
             (self.root / name).mkdir(parents=True, exist_ok=True)
         self._counter = 0
         self.size = 0
+        self._counted = 0.0
 
     # ---------------------------------------------------------------------- start-up
 
@@ -91,9 +97,11 @@ class Spool:
             if not (folder / "job.json").is_file():  # moved in, killed before its job.json was written
                 self._write_job(folder, self._new_job_record(folder))
                 notes.append(f"job {folder.name}: recovered a series received before a restart")
-            elif (state := self.read_job(folder).state) in (SENT, FAILED):  # killed while filing it away
-                os.rename(folder, self.root / ("sent" if state == SENT else "failed") / folder.name)
-        self.size = sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+            elif (job := self.read_job(folder)).state == SENT:  # killed while filing it away: finish that
+                self.finish(job)
+            elif job.state == FAILED:
+                os.rename(folder, self.root / "failed" / folder.name)
+        self.recount()
         incoming = [p for p in (self.root / "incoming").iterdir() if p.is_dir()]
         queued = [j for j in self.jobs() if j.state in (QUEUED, RESULTS)]
         if incoming or queued:
@@ -107,7 +115,20 @@ class Spool:
         with self.lock:
             self.size += change
 
+    def recount(self) -> None:
+        """The spool's size from the disk (someone may have removed failed jobs to make room)."""
+        size = 0
+        for path in self.root.rglob("*"):
+            try:
+                size += path.stat().st_size if path.is_file() else 0
+            except OSError:  # removed while we counted
+                pass
+        with self.lock:
+            self.size, self._counted = size, time.monotonic()
+
     def has_room(self, size: int) -> bool:
+        if self.size + size > self.max_bytes and time.monotonic() - self._counted > 10:
+            self.recount()  # full by our count: look again (at most every 10 s)
         return self.size + size <= self.max_bytes
 
     def store(self, series_uid: str, sop_uid: str, encoded: bytes, calling_ae: str) -> bool:
@@ -139,7 +160,7 @@ class Spool:
         """Incoming series folders whose newest instance is older than the quiet period."""
         now = time.time() if now is None else now
         found = []
-        for folder in sorted((self.root / "incoming").iterdir()):
+        for folder in sorted(p for p in (self.root / "incoming").iterdir() if p.is_dir()):
             times = [p.stat().st_mtime for p in folder.iterdir() if p.suffix == ".dcm"]
             if times and now - max(times) >= quiet_seconds:
                 found.append(folder)
