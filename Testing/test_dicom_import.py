@@ -321,3 +321,23 @@ def test_require_tool_fails_when_tools_are_required(monkeypatch):
     monkeypatch.setenv("PROSTATESEG_REQUIRE_DICOM_TOOLS", "0")
     with pytest.raises(pytest.skip.Exception):
         require_tool("no-such-tool-xyz")
+
+
+def test_a_series_split_over_folders_and_exported_twice_imports_once(tmp_path):
+    """Clinics' exports: one series' files spread over two folders, and the same files again in a third
+    (a second export). One case, with the labels exactly."""
+    import shutil
+
+    root = tmp_path / "root"
+    labels, series, _ = write_patient(tmp_path / "ct", 8, np.random.default_rng(2), "Y")
+    files = sorted(series.files)
+    for n, path in enumerate(files):
+        target = root / ("part1" if n % 2 else "part2")
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target / path.name)
+    shutil.copytree(tmp_path / "ct", root / "second_export")
+    write_rtstruct(labels, ORGANS, series, root / "rs.dcm")
+    result = import_dicom(root, tmp_path / "out")
+    assert [row.status for row in result.rows] == ["imported"], [(r.status, r.reason) for r in result.rows]
+    out = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / f"{result.rows[0].case}_labels.nii.gz")))
+    assert np.array_equal(out, sitk.GetArrayFromImage(labels))

@@ -101,14 +101,24 @@ def read_image(path: str | Path, kind: str = "ct") -> sitk.Image:
         image = _read_dicom_file(path)
     else:
         image = _read_volume_file(path)
-    check_volume(image, str(path))
+    return _checked(image, str(path), kind)
+
+
+def read_dicom_series(files, where: str, kind: str = "ct") -> sitk.Image:
+    """Read the DICOM files of one series (from any folders, given in slice order) and check it as
+    `read_image` does; `where` names it in messages."""
+    return _checked(_read_dicom_series([str(f) for f in files], where), where, kind)
+
+
+def _checked(image: sitk.Image, where: str, kind: str) -> sitk.Image:
+    check_volume(image, where)
     if kind == "ct":
-        check_not_tiny(image, str(path))
-        check_finite(image, str(path))
-        check_not_blank(image, str(path))
-        check_ct_like(image, str(path))
+        check_not_tiny(image, where)
+        check_finite(image, where)
+        check_not_blank(image, where)
+        check_ct_like(image, where)
     elif kind == "labels":
-        image = as_labelmap(image, str(path))
+        image = as_labelmap(image, where)
     return image
 
 

@@ -168,7 +168,9 @@ def walk(root, progress=None) -> Walk:
                 log.warning("%s: %s", path, message)
         elif getattr(ds, "Modality", "") == "CT" or str(getattr(ds, "SOPClassUID", "")) == CT_IMAGE_STORAGE:
             uid = str(getattr(ds, "SeriesInstanceUID", ""))
-            result.series.setdefault(uid, SeriesFiles(uid)).headers.append((path, ds))
+            series = result.series.setdefault(uid, SeriesFiles(uid))
+            if str(getattr(ds, "SOPInstanceUID", "")) not in series.instance_uids:  # an exported copy: once
+                series.headers.append((path, ds))
         else:
             result.other_files += 1
         if progress is not None:
@@ -289,6 +291,20 @@ def case_labels(image: sitk.Image, ct: CtSeries, structure_sets, table: SynonymT
 # ------------------------------------------------------------------------------ one case, the run
 
 
+def _in_slice_order(headers) -> list[Path]:
+    """The files of a series sorted along its slice normal (what a series reader needs)."""
+    def position(item) -> float:
+        ds = item[1]
+        try:
+            orientation = np.asarray([float(v) for v in ds.ImageOrientationPatient])
+            return float(np.dot(np.cross(orientation[:3], orientation[3:]),
+                                [float(v) for v in ds.ImagePositionPatient]))
+        except (AttributeError, TypeError, ValueError):
+            return 0.0  # no geometry: the reader's own checks say what is wrong
+
+    return [path for path, _ in sorted(headers, key=position)]
+
+
 def _scrubbed(message: str, root: Path, files) -> str:
     """An error message without the paths of the source tree (folder and file names may name patients)."""
     for folder in sorted({str(p.parent) for p in files} | {str(p.resolve().parent) for p in files}, key=len,
@@ -301,7 +317,7 @@ def _scrubbed(message: str, root: Path, files) -> str:
 
 def _import_series(series: SeriesFiles, structure_sets, table, outdir: Path, root: Path) -> CaseRow:
     from segcore.dataset import training_case_paths, write_training_case
-    from segcore.image import read_image
+    from segcore.image import read_dicom_series
 
     name = case_name(series.uid)
     row = CaseRow(case=name, ct_series_uid=series.uid, slices=len(series.headers))
@@ -312,7 +328,7 @@ def _import_series(series: SeriesFiles, structure_sets, table, outdir: Path, roo
         row.status, row.reason = SKIPPED, "no RTSTRUCT references this CT series"
         return row
     try:
-        image = read_image(series.files[0], kind="ct")
+        image = read_dicom_series(_in_slice_order(series.headers), "the CT series")  # may span folders
         ct = match_series(image, series.headers, "the CT series")
         labels = case_labels(image, ct, structure_sets, table, row)
     except SegcoreError as error:
