@@ -353,3 +353,16 @@ def test_one_file_of_the_series_is_enough(tmp_path):
     assert rtstruct.name == "x_rtstruct.dcm"
     for roi in read_rtstruct(rtstruct).rois:
         assert np.array_equal(rasterise(roi, ct)[0], sitk.GetArrayFromImage(labels) == TG263[roi.name])
+
+
+def test_non_ascii_roi_names_are_declared(tmp_path):
+    folder, _, labels = dicom_case(tmp_path / "ct", matrix=64, spacing=(2.0, 2.0, 3.0))
+    for path in folder.iterdir():  # a CT that declares no character set
+        ds = pydicom.dcmread(path)
+        del ds.SpecificCharacterSet
+        ds.save_as(path)
+    (rtstruct,) = export_labelmap(labels, TARGETS[:2], tmp_path / "out", "x", ("rtstruct",), source=folder,
+                                  roi_names={"bladder": "Blase_ü"})
+    ds = pydicom.dcmread(rtstruct)
+    assert ds.SpecificCharacterSet == "ISO_IR 192" and ds.StructureSetROISequence[1].ROIName == "Blase_ü"
+    assert dciodvfy_errors(rtstruct) == []

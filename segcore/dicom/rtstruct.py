@@ -203,6 +203,8 @@ def structure_set(labelmap: sitk.Image, structures: Sequence[Structure], series:
     ds.ReferencedFrameOfReferenceSequence = [_referenced_frame(series)]
     ds.StructureSetROISequence, ds.ROIContourSequence, ds.RTROIObservationsSequence = _roi_items(
         labelmap, structures, series, names, algorithm)
+    if not all(name.isascii() for name in names.values()) and not ds.get("SpecificCharacterSet"):
+        ds.SpecificCharacterSet = "ISO_IR 192"  # a clinic's ROI names in UTF-8, declared as such
     ds.ApprovalStatus = "UNAPPROVED"  # a proposal until a clinician approves it in the planning system
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
