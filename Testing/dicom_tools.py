@@ -88,3 +88,12 @@ def dcmqi_segments(seg, workdir) -> dict[str, sitk.Image]:
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     total = int(a.sum()) + int(b.sum())
     return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+
+
+def organ_labels(labels: sitk.Image) -> sitk.Image:
+    """A phantom's label map with the six target organs (1-6) only, as UInt8."""
+    array = sitk.GetArrayFromImage(labels)
+    array[array > 6] = 0
+    out = sitk.GetImageFromArray(array.astype(np.uint8))
+    out.CopyInformation(labels)
+    return out

@@ -10,7 +10,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from dicom_tools import dciodvfy_errors, dcmdump, dcmqi_segments, dice, plastimatch_masks
+from dicom_tools import dciodvfy_errors, dcmdump, dcmqi_segments, dice, organ_labels, plastimatch_masks
 
 from segcore import anatomy
 from segcore.cli import main
@@ -35,19 +35,11 @@ POSITIONS = {
 }
 
 
-def _targets_only(labels: sitk.Image) -> sitk.Image:
-    array = sitk.GetArrayFromImage(labels)
-    array[array > 6] = 0
-    image = sitk.GetImageFromArray(array.astype(np.uint8))
-    image.CopyInformation(labels)
-    return image
-
-
 def dicom_case(folder, seed=5, position="HFS", spacing=(1.0, 1.0, 1.0), matrix=112, orientation="LPS"):
     """A phantom written as a DICOM CT series (file names in no slice order); returns (series folder,
     the CT as read back, its target labels on that grid)."""
     case = make_phantom(seed, matrix=matrix, spacing=spacing, orientation=orientation, implant=False)
-    ct, labels = case.ct, _targets_only(case.labels)
+    ct, labels = case.ct, organ_labels(case.labels)
     if POSITIONS.get(position):
         ct, labels = sitk.Flip(ct, POSITIONS[position]), sitk.Flip(labels, POSITIONS[position])
     write_ct_series(ct, folder, patient_position=position, seed=f"{seed}{position}{orientation}",
@@ -338,7 +330,7 @@ def test_phantom_as_a_clinic_would_send_it(tmp_path, caplog):
     assert main(["--quiet", "dataset", "import", str(tmp_path / "cases"), str(tmp_path / "imported")]) == 0
     (labels_path,) = (tmp_path / "imported").glob("*_labels.nii.gz")
     imported = sitk.GetArrayFromImage(sitk.ReadImage(str(labels_path)))
-    phantom = _targets_only(sitk.ReadImage(str(tmp_path / "cases" / "case000_labels.nii.gz")))
+    phantom = organ_labels(sitk.ReadImage(str(tmp_path / "cases" / "case000_labels.nii.gz")))
     expected = sitk.Resample(phantom, ct, sitk.Transform(), sitk.sitkNearestNeighbor)  # reordered, not resampled
     assert np.array_equal(imported, sitk.GetArrayFromImage(expected))
     assert main(["--quiet", "phantom", str(tmp_path / "cases"), "-n", "1", "--size", "64", "--seed", "11",

@@ -12,7 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from dicom_tools import require_tool
+from dicom_tools import organ_labels, require_tool
 
 from segcore import anatomy, metrics
 from segcore.cli import main
@@ -26,15 +26,6 @@ from segcore.phantom import make_phantom
 
 ORGANS = [anatomy.BY_NAME[n] for n in anatomy.TARGET_NAMES]
 PATIENT = "Doe^Johnny"
-
-
-def organ_labels(labels: sitk.Image) -> sitk.Image:
-    """A phantom's label map with the organs (1-6) only."""
-    array = sitk.GetArrayFromImage(labels)
-    array[array > 6] = 0
-    out = sitk.GetImageFromArray(array.astype(np.uint8))
-    out.CopyInformation(labels)
-    return out
 
 
 def write_patient(folder: Path, seed: int, rng, patient_id: str):

@@ -40,10 +40,10 @@ import numpy as np
 import SimpleITK as sitk
 
 from segcore import anatomy
-from segcore.dicom.ct import CT_IMAGE_STORAGE, CtSeries, ct_series_for, match_series
+from segcore.dicom.ct import CT_IMAGE_STORAGE, CtSeries, ct_series_for, match_series, read_header
 from segcore.dicom.names import SynonymTable
 from segcore.dicom.rtstruct import RT_STRUCTURE_SET_STORAGE, Roi, StructureSetFile, rasterise, read_rtstruct
-from segcore.errors import InputNotFoundError, SegcoreError, UnsupportedImageError
+from segcore.errors import InputNotFoundError, SegcoreError, UnreadableImageError, UnsupportedImageError
 
 log = logging.getLogger(__name__)
 
@@ -131,13 +131,11 @@ class ImportResult:
 
 
 def _header(path: Path):
-    """A file's header, or None and why not (no path in the message: it may name a patient)."""
-    import pydicom
-
+    """A file's header, or None and why not (no file name in the message: it may name a patient)."""
     try:
-        return pydicom.dcmread(str(path), stop_before_pixels=True), ""
-    except Exception as error:  # noqa: BLE001 - a damaged file of any kind is reported, not raised
-        return None, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:200]
+        return read_header(path), ""
+    except UnreadableImageError as error:
+        return None, str(error).replace(path.name, "the file").splitlines()[0][:200]
 
 
 def dicom_paths(root: Path) -> list[Path]:
@@ -161,7 +159,7 @@ def walk(root, progress=None) -> Walk:
             result.unreadable.append((path, why))
         elif str(getattr(ds, "SOPClassUID", "")) == RT_STRUCTURE_SET_STORAGE:
             try:
-                result.structure_sets.append(read_rtstruct(path))
+                result.structure_sets.append(read_rtstruct(path, ds))  # read once
             except SegcoreError as error:
                 message = str(error).replace(path.name, "the file")
                 result.failed_rtstructs.append((str(getattr(ds, "SOPInstanceUID", "?")), message))

@@ -280,10 +280,11 @@ def _read_contours(roi: Roi, item, problems: list[str]) -> None:
         roi.contours.append(Contour(np.asarray(data, float).reshape(-1, 3), uids))
 
 
-def read_rtstruct(path) -> StructureSetFile:
-    """Read an RT Structure Set's ROIs and contours; a file of another kind is a one-line error."""
+def read_rtstruct(path, dataset=None) -> StructureSetFile:
+    """Read an RT Structure Set's ROIs and contours (from `dataset` when the file has been read already); a
+    file of another kind is a one-line error."""
     path = Path(path)
-    ds = read_header(path)
+    ds = dataset if dataset is not None else read_header(path)
     if str(getattr(ds, "SOPClassUID", "")) != RT_STRUCTURE_SET_STORAGE:
         raise UnsupportedImageError(f"{path.name} is a DICOM {getattr(ds, 'Modality', '?')} object, not an RT "
                                     "Structure Set (RTSTRUCT)")
