@@ -45,13 +45,15 @@ def _phantom(args) -> int:
 
     if args.orientation not in ("random", *ORIENTATIONS):
         raise SegcoreError(f"--orientation must be 'random' or one of {', '.join(ORIENTATIONS)}")
+    if args.prostate_sv_mm < 0:
+        raise SegcoreError(f"--prostate-sv-mm must be 0 or more millimetres, not {args.prostate_sv_mm:g}")
     check_output_folder(args.outdir)
     implant = {"random": None, "yes": True, "no": False}[args.implant]
     with tqdm(total=args.n, desc="phantoms", unit="case", file=sys.stderr, disable=args.quiet) as bar:
         write_phantoms(
             args.outdir, args.n, seed=args.seed, matrix=args.size, overwrite=args.overwrite,
             progress=lambda done, total: bar.update(1), orientation=args.orientation,
-            oblique=args.oblique, implant=implant, dicom=args.dicom,
+            oblique=args.oblique, implant=implant, dicom=args.dicom, prostate_sv_mm=args.prostate_sv_mm,
         )
     if not args.quiet:
         print(f"wrote {args.n} case(s) and labels.json to {args.outdir}")
@@ -383,6 +385,10 @@ def _add_phantom(commands) -> None:
                    help="also write each case as a clinic's planning system would send it: caseNNN_dicom/ with the "
                    "CT series and RS.dcm, an RT Structure Set of the six organs (for --formats rtstruct, "
                    "`dataset import` and DICOM nodes)")
+    p.add_argument("--prostate-sv-mm", type=float, default=0.0, metavar="MM",
+                   help="contour the prostate as many clinics contour the CTV: the prostate label also covers the "
+                   "seminal vesicles within MM of it, e.g. 10 (default 0: the anatomical prostate); a "
+                   "contouring convention to fine-tune a model to")
     p.add_argument("--overwrite", action="store_true", help="replace existing case files")
     p.set_defaults(run=_phantom)
 

@@ -737,12 +737,30 @@ def write_dicom_case(case: PhantomCase, folder, overwrite: bool = False) -> Path
     return folder
 
 
+def include_proximal_seminal_vesicles(labels: sitk.Image, mm: float) -> sitk.Image:
+    """The label map under a common CTV convention: the prostate label also covers the seminal vesicles'
+    proximal part, the voxels within `mm` of the prostate (straight-line distance in physical space, on
+    any grid), which leave the seminal-vesicle label. The rest is unchanged."""
+    prostate_value = anatomy.structure("prostate").value
+    sv_value = anatomy.structure("seminal_vesicles").value
+    prostate = sitk.Equal(labels, prostate_value)
+    distance = sitk.SignedMaurerDistanceMap(prostate, insideIsPositive=False, squaredDistance=False,
+                                            useImageSpacing=True)
+    out = sitk.GetArrayFromImage(labels)
+    near = (out == sv_value) & (sitk.GetArrayViewFromImage(distance) <= mm)
+    out[near] = prostate_value
+    result = sitk.GetImageFromArray(out)
+    result.CopyInformation(labels)
+    return result
+
+
 def write_phantoms(outdir: str | Path, count: int, seed: int = 0, matrix: int = 512, overwrite: bool = False,
-                   progress=None, dicom: bool = False, **options) -> list[Path]:
+                   progress=None, dicom: bool = False, prostate_sv_mm: float = 0.0, **options) -> list[Path]:
     """Write `count` cases as caseNNN_ct.nii.gz / caseNNN_labels.nii.gz plus
     labels.json (and caseNNN_info.json with the drawn parameters); with `dicom`, also
     caseNNN_dicom/ (`write_dicom_case`). Case i uses seed + i, so any case can be
-    remade alone."""
+    remade alone. `prostate_sv_mm` > 0 contours the prostate under the CTV convention of
+    `include_proximal_seminal_vesicles`."""
     from segcore.dataset import training_case_paths
     from segcore.files import atomic_output
     from segcore.image import write_image
@@ -757,6 +775,9 @@ def write_phantoms(outdir: str | Path, count: int, seed: int = 0, matrix: int = 
     written = []
     for i in range(count):
         case = make_phantom(seed + i, matrix=matrix, **options)
+        if prostate_sv_mm > 0:
+            case.labels = include_proximal_seminal_vesicles(case.labels, prostate_sv_mm)
+            case.info["prostate_includes_seminal_vesicles_mm"] = prostate_sv_mm
         ct_path, labels_path = training_case_paths(outdir, f"case{i:03d}")
         written.append(write_image(case.ct, ct_path, overwrite=overwrite))
         written.append(write_image(case.labels, labels_path, overwrite=overwrite))

@@ -63,6 +63,20 @@ def unknown_keys(config: dict, defaults: dict, where: str = "") -> list[str]:
     return problems
 
 
+def known_part(config: dict, defaults: dict) -> dict:
+    """``config`` without the keys ``defaults`` does not have (free-form sections kept whole): a
+    configuration recorded by another version of a script, made loadable by this one."""
+    out = {}
+    for key, value in config.items():
+        if key not in defaults:
+            continue
+        if isinstance(defaults[key], dict) and isinstance(value, dict) and key not in FREE_FORM:
+            out[key] = known_part(value, defaults[key])
+        else:
+            out[key] = value
+    return out
+
+
 def load_config(path: str | None, overrides: list[str], defaults: dict, script: str) -> dict:
     """``defaults``, the YAML file at ``path`` merged over them, then each ``KEY.SUB=VALUE`` override
     (the value read as YAML). Unknown keys raise a SegcoreError that points to ``script``'s DEFAULTS."""
@@ -236,23 +250,44 @@ def write_scalars(writer, losses: dict, validation: dict, step: int) -> None:
 # --------------------------------------------------------------------------- export
 
 
-def best_weights(architecture: str, arguments: dict, folder: Path, fp16: bool) -> tuple[dict, dict]:
-    """The best checkpoint in ``folder`` as a package stores it: the network's weights only (no optimiser
-    state; fp16 when asked), and the checkpoint's state."""
+def best_weights(architecture: str, arguments: dict, folder: Path, fp16: bool,
+                 checkpoint: str = "best") -> tuple[dict, dict]:
+    """A checkpoint in ``folder`` (``best``, or ``last``) as a package stores it: the network's weights only
+    (no optimiser state; fp16 when asked), and the checkpoint's state."""
     import torch
 
     from segcore import networks
 
+    if checkpoint not in ("best", "last"):
+        raise SegcoreError(f"export.checkpoint must be 'best' or 'last', not {checkpoint!r}")
     network = networks.build(architecture, arguments)
-    state = load_checkpoint(folder, "best", network, None)
+    state = load_checkpoint(folder, checkpoint, network, None)
     dtype = torch.float16 if fp16 else torch.float32
     weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in network.state_dict().items()}
     return weights, state
 
 
+def start_from_package(network, package_name_or_path: str | None, stage: str | None) -> None:
+    """Load a package stage's weights into a freshly built ``network`` (``init_package``: fine-tuning starts
+    from them); nothing when no package is named. The shapes must match, which the network's arguments
+    (taken from the same package) ensure."""
+    if not package_name_or_path:
+        return
+    from segcore import networks
+    from segcore.packages import open_package
+
+    package = open_package(package_name_or_path)
+    networks.load_state(network, package.load_weights(stage), f"model package {package.name!r} {stage or ''}")
+
+
 def best_record(history: list[dict]) -> dict:
     """The history's record with the best validation DSC."""
     return max(history, key=lambda r: r["validation"].get("dsc", -1))
+
+
+def exported_record(history: list[dict], checkpoint: str) -> dict:
+    """The record of the checkpoint a package is made from: the best one, or the last."""
+    return history[-1] if checkpoint == "last" else best_record(history)
 
 
 def rounded(validation: dict) -> dict:

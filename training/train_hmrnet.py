@@ -61,6 +61,8 @@ DEFAULTS = {
     "canvas_margin": 16,            # pixels of canonical slice kept around the window, for translation
     "empty_fraction": 0.1,          # share of training slices without any organ
     "architecture": "hmrnet",
+    # A package folder or name whose weights training starts from (fine-tuning).
+    "init_package": None,
     # The paper's network: ResNet-50, 256-channel pathway, 100/500-filter and 1024-wide heads.
     "arguments": {"num_classes": len(ORGANS), "in_channels": 1, "depth": 50, "points": 50,
                   "anchor_sizes": [16, 32, 64, 128]},
@@ -76,7 +78,8 @@ DEFAULTS = {
     "weight_decay": 1e-4,
     "poly_power": 0.9,
     "validate_every": 1000,
-    "export": {"fp16": True},
+    # checkpoint: which one becomes the package, "best" (validation mean DSC) or "last".
+    "export": {"fp16": True, "checkpoint": "best"},
 }
 
 
@@ -376,7 +379,9 @@ def setup_training(config: dict, settings, device, outdir: Path) -> HMRTraining:
     folder.mkdir(parents=True, exist_ok=True)
     seed = int(config["seed"])
     torch.manual_seed(seed)
-    network = networks.build(config["architecture"], config["arguments"]).to(device)
+    network = networks.build(config["architecture"], config["arguments"])
+    runs.start_from_package(network, config.get("init_package"), None)
+    network = network.to(device)
     loss_config = LossConfig(**config["loss"])
     optimizer = torch.optim.SGD(network.parameters(), lr=config["lr"], momentum=config["momentum"],
                                 nesterov=bool(config["nesterov"]), weight_decay=config["weight_decay"])
@@ -437,9 +442,10 @@ def validate_and_keep(run: HMRTraining, val_cases, state: dict, iteration: int, 
 
 
 def train(config: dict, train_cases, val_cases, settings, device, outdir: Path, resume: bool, restart: bool,
-          log, max_iterations: int | None = None) -> dict:
+          log, max_iterations: int | None = None, on_iteration=None) -> dict:
     """Train (from the last checkpoint with ``resume``; at most ``max_iterations`` more iterations),
-    validating every ``validate_every`` iterations and at the end. The run's state."""
+    validating every ``validate_every`` iterations and at the end; ``on_iteration(done, total)`` follows
+    the steps. The run's state."""
     run = setup_training(config, settings, device, outdir)
     state = {"iteration": 0, "best_dsc": -1.0, "history": []}
     resumed = runs.resume_checkpoint(run.folder, run.network, run.optimizer, resume, restart, "run")
@@ -457,6 +463,8 @@ def train(config: dict, train_cases, val_cases, settings, device, outdir: Path, 
     while iteration < stop:
         terms, lr = train_iteration(run, train_cases, pool, iteration)
         iteration += 1
+        if on_iteration is not None:
+            on_iteration(iteration, run.total)
         for key, value in terms.items():
             sums[key] = sums.get(key, 0.0) + float(value.detach())
         count += 1
@@ -496,11 +504,18 @@ def export_package(config: dict, outdir: Path, target: Path, data_text: str, ove
     """A model package from the best checkpoint; model.json records provenance and validation."""
     from segcore.packages import create_package
 
+    return create_package(target, *package_contents(config, outdir, data_text), overwrite=overwrite)
+
+
+def package_contents(config: dict, outdir: Path, data_text: str) -> tuple[dict, dict]:
+    """model.json (without ``files``) and the weights file of the package the run makes, from its
+    ``export.checkpoint``."""
     settings = settings_of(config)
+    checkpoint = config["export"].get("checkpoint", "best")
     weights, state = runs.best_weights(config["architecture"], config["arguments"], outdir / "hmrnet",
-                                       config["export"].get("fp16"))
+                                       config["export"].get("fp16"), checkpoint)
     last = json.loads((outdir / "hmrnet" / "last.json").read_text())
-    best = runs.best_record(state["history"])
+    best = runs.exported_record(state["history"], checkpoint)
     manifest = {
         **runs.package_header(config, "organs"),
         "stages": {"hmrnet": {"architecture": config["architecture"], "arguments": config["arguments"],
@@ -516,7 +531,7 @@ def export_package(config: dict, outdir: Path, target: Path, data_text: str, ove
             epochs=int(last["iteration"]) * int(config["batch_size"]) // max(1, int(last["slices"]))),
         "validation": {"hmrnet": {"iteration": best["iterations"], **runs.rounded(best["validation"])}},
     }
-    return create_package(target, manifest, {"hmrnet.safetensors": weights}, overwrite=overwrite)
+    return manifest, {"hmrnet.safetensors": weights}
 
 
 # --------------------------------------------------------------------------- command line

@@ -62,6 +62,8 @@ DEFAULTS = {
         "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "poly_power": 0.9,
         # A package folder or name whose trained stage is taken as it is instead of training one.
         "from_package": None,
+        # A package folder or name whose stage weights training starts from (fine-tuning).
+        "init_package": None,
     },
     "stage2": {
         "architecture": "metricunet",
@@ -77,8 +79,10 @@ DEFAULTS = {
         "objective": {},
         "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "poly_power": 0.9,
         "from_package": None,
+        "init_package": None,
     },
-    "export": {"fp16": True},
+    # checkpoint: which one becomes the package, "best" (validation DSC) or "last".
+    "export": {"fp16": True, "checkpoint": "best"},
 }
 
 
@@ -229,6 +233,7 @@ class StageTraining:
     device: object
     use_amp: bool
     scaler: object
+    on_iteration: object = None  # called with (iterations done, total) after every step, for progress bars
 
 
 def setup_stage(stage: str, config: dict, train_cases, settings, device, outdir: Path) -> StageTraining:
@@ -243,7 +248,9 @@ def setup_stage(stage: str, config: dict, train_cases, settings, device, outdir:
     folder.mkdir(parents=True, exist_ok=True)
     seed = int(config["seed"]) + STAGES.index(stage)
     torch.manual_seed(seed)
-    network = networks.build(spec["architecture"], spec["arguments"]).to(device)
+    network = networks.build(spec["architecture"], spec["arguments"])
+    runs.start_from_package(network, spec.get("init_package"), stage)
+    network = network.to(device)
     metric = None
     if spec["architecture"] == "metricunet" and spec.get("metric", {}) is not None:
         metric = VoxelMetricLoss(MetricLossConfig(**spec.get("metric", {})))
@@ -321,6 +328,8 @@ def train_epoch(run: StageTraining, train_cases, epoch: int, log) -> tuple[dict,
                                     rng, generator)
         for key, value in terms.items():
             sums[key] = sums.get(key, 0.0) + float(value.detach())
+        if run.on_iteration is not None:
+            run.on_iteration(epoch * run.per_epoch + b + 1, run.total)
         if (b + 1) % 50 == 0 or b + 1 == run.per_epoch:
             log(f"{run.stage} epoch {epoch + 1}/{run.spec['epochs']} batch {b + 1}/{run.per_epoch} "
                 f"loss {sums['total'] / (b + 1):.4f} lr {lr:.5f}")
@@ -342,10 +351,13 @@ def end_epoch(run: StageTraining, epoch: int, history: list[EpochRecord], best: 
 
 
 def train_stage(stage: str, config: dict, train_cases, val_cases, settings, device, outdir: Path,
-                resume: bool, log, max_epochs: int | None = None, restart: bool = False) -> list[EpochRecord]:
+                resume: bool, log, max_epochs: int | None = None, restart: bool = False,
+                on_iteration=None) -> list[EpochRecord]:
     """Train one stage (from its last checkpoint with ``resume``; at most ``max_epochs`` more epochs),
-    validating and keeping checkpoints after every epoch. The stage's history."""
+    validating and keeping checkpoints after every epoch; ``on_iteration(done, total)`` follows the steps.
+    The stage's history."""
     run = setup_stage(stage, config, train_cases, settings, device, outdir)
+    run.on_iteration = on_iteration
     history: list[EpochRecord] = []
     start_epoch, best = 0, -1.0
     state = runs.resume_checkpoint(run.folder, run.network, run.optimizer, resume, restart, f"{stage} run")
@@ -404,6 +416,12 @@ def export_package(config: dict, outdir: Path, target: Path, data_text: str, ove
     """A model package from the best checkpoint of each stage; model.json records provenance and validation."""
     from segcore.packages import create_package
 
+    return create_package(target, *package_contents(config, outdir, data_text), overwrite=overwrite)
+
+
+def package_contents(config: dict, outdir: Path, data_text: str) -> tuple[dict, dict]:
+    """model.json (without ``files``) and the weights files of the package the run makes: each trained
+    stage's ``export.checkpoint``, each packaged stage as it is."""
     settings = pipeline_settings(config)
     weights, stages, validation, epochs = {}, {}, {}, 0
     for stage in STAGES:
@@ -417,9 +435,10 @@ def export_package(config: dict, outdir: Path, target: Path, data_text: str, ove
                                  "from_package": f"{package.name} {package.version}"}
             continue
         weights[f"{stage}.safetensors"], state = runs.best_weights(
-            spec["architecture"], spec["arguments"], outdir / stage, config["export"].get("fp16"))
-        best = runs.best_record(state["history"])
-        validation[stage] = {"epoch": best["epoch"], **runs.rounded(best["validation"])}
+            spec["architecture"], spec["arguments"], outdir / stage, config["export"].get("fp16"),
+            config["export"].get("checkpoint", "best"))
+        kept = runs.exported_record(state["history"], config["export"].get("checkpoint", "best"))
+        validation[stage] = {"epoch": kept["epoch"], **runs.rounded(kept["validation"])}
         epochs += json.loads((outdir / stage / "last.json").read_text())["epoch"] + 1
     manifest = {
         **runs.package_header(config, "prostate"),
@@ -433,7 +452,7 @@ def export_package(config: dict, outdir: Path, target: Path, data_text: str, ove
             epochs_per_stage={s: config[s]["epochs"] for s in STAGES if not config[s]["from_package"]}),
         "validation": validation,
     }
-    return create_package(target, manifest, weights, overwrite=overwrite)
+    return manifest, weights
 
 
 def open_packaged_stage(name_or_path: str, stage: str):
