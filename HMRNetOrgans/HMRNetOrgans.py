@@ -35,6 +35,8 @@ on the CT's own grid, with 3-D surfaces, volumes and confidences. Correct them w
 Editor); save corrected cases for fine-tuning with <b>Save as training case</b>.
 <b>Export to DICOM</b> (Outputs) writes the segmentation as an RT Structure Set and/or DICOM SEG
 for a CT loaded through the DICOM module.
+<b>Improve the model</b> fine-tunes the chosen model on those saved cases in a background process and
+installs and selects the tuned model, with a table comparing it with the base on held-out cases.
 The bundled model was trained on synthetic phantoms only: check every result.
 The extension's README explains models, the Python-console batch API and training.
 """
@@ -157,7 +159,8 @@ class HMRNetOrgansTest(SelfTestMixin, ScriptedLoadableModuleTest):
     moduleName = "HMRNetOrgans"
     applyText = "Segment organs"
     selfTests = ("test_SegmentPhantom", "test_ChosenOrgansOnly", "test_CancelLeavesSceneClean",
-                 "test_BadInputIsRefused", "test_WidgetSegmentsAndEdits", "test_ExportDicom")
+                 "test_BadInputIsRefused", "test_WidgetSegmentsAndEdits", "test_ExportDicom",
+                 "test_FineTune")
     phantomSeed = 9210
     phantomMatrix = 512
 

@@ -36,6 +36,8 @@ segmentation on the CT's own grid with a 3-D surface, its volume and a confidenc
 <b>Edit</b> (Segment Editor); save corrected cases for fine-tuning with <b>Save as training case</b>.
 <b>Export to DICOM</b> (Outputs) writes the segmentation as an RT Structure Set and/or DICOM SEG
 for a CT loaded through the DICOM module.
+<b>Improve the model</b> fine-tunes the chosen model on those saved cases in a background process and
+installs and selects the tuned model, with a table comparing it with the base on held-out cases.
 The bundled model was trained on synthetic phantoms only: check every result.
 The extension's README explains models, the Python-console batch API and training.
 """
@@ -103,7 +105,8 @@ class ProstateSegTest(SelfTestMixin, ScriptedLoadableModuleTest):
     moduleName = "ProstateSeg"
     applyText = "Segment prostate"
     selfTests = ("test_SegmentPhantom", "test_EveryStage2Network", "test_CancelLeavesSceneClean",
-                 "test_BadInputIsRefused", "test_WidgetSegmentsAndEdits", "test_ExportDicom", "test_SampleData")
+                 "test_BadInputIsRefused", "test_WidgetSegmentsAndEdits", "test_ExportDicom", "test_SampleData",
+                 "test_FineTune")
     phantomSeed = 9200
     phantomMatrix = 256
 

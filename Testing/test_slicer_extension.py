@@ -73,7 +73,7 @@ def test_cmake_lists_every_shipped_file(module):
             assert (tests_cmake.parent / script).is_file(), script
 
 
-def test_top_level_cmake_is_an_extension_shipping_segcore_and_models():
+def test_top_level_cmake_is_an_extension_shipping_segcore_training_and_models():
     text = (ROOT / "CMakeLists.txt").read_text()
     assert "project(ProstateSeg)" in text and 'set(EXTENSION_DEPENDS "PyTorch")' in text
     for key in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS"):
@@ -81,6 +81,12 @@ def test_top_level_cmake_is_an_extension_shipping_segcore_and_models():
     assert re.findall(r"add_subdirectory\((\w+)\)", text) == MODULES
     segcore = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "segcore").rglob("*.py") if "__pycache__" not in p.parts)
     assert sorted(cmake_list(text, "SEGCORE_PYTHON_SCRIPTS")) == segcore
+    # Improve the model runs `python -m training.finetune` beside segcore in the installed extension
+    training = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "training").rglob("*.py")
+                      if "__pycache__" not in p.parts)
+    assert "training/finetune.py" in training and "training/losses/__init__.py" in training
+    assert sorted(cmake_list(text, "TRAINING_PYTHON_SCRIPTS")) == training
+    assert 'SCRIPTS "${TRAINING_PYTHON_SCRIPTS}"' in text
     models = [str(p.relative_to(ROOT)) for p in (ROOT / "Resources" / "Models").rglob("*") if p.is_file()]
     schema = "segcore/packages/model_package.schema.json"
     names = "segcore/dicom/structure_names.yaml"  # the ROI-name synonyms, read by Export to DICOM

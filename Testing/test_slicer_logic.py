@@ -5,6 +5,7 @@ base class (which needs the application); everything it does is here.
 """
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -367,3 +368,125 @@ def test_export_dicom_names_the_model_of_an_unedited_result(mrml_scene, logic, d
     description = pydicom.dcmread(path).SegmentSequence[0]
     assert description.SegmentAlgorithmType == "SEMIAUTOMATIC"
     assert description.SegmentAlgorithmName == result.model
+
+
+# --------------------------------------------------------------------------- Improve the model (fine-tuning)
+
+
+@pytest.fixture(scope="module")
+def three_cases(tmp_path_factory):
+    """Three small phantom training cases, as Save as training case leaves them."""
+    from segcore.phantom import write_phantoms
+
+    folder = tmp_path_factory.mktemp("finetune") / "cases"
+    write_phantoms(folder, 3, seed=7200, matrix=128)
+    return folder
+
+
+def test_fine_tune_command_maps_the_options(monkeypatch, tmp_path):
+    import segcore
+
+    monkeypatch.setenv("PROSTATESEG_HOME", str(tmp_path / "home"))
+    logic = ProstateSegmentationLogic()
+    argv, cwd, run = logic.fineTuneCommand(tmp_path / "cases", iterations=5, stages="all", device="cpu",
+                                           validation=tmp_path / "held", overwrite=True)
+    name = f"{logic.defaultModel()}-ft"
+    folder = tmp_path / "home" / "finetune" / name
+    assert argv[:4] == [sys.executable, "-u", "-m", "training.finetune"]
+    assert argv[4:] == ["--model", logic.defaultModel(), "--data", str(tmp_path / "cases"),
+                        "--export", str(folder / "package"), "--output", str(folder / "run"), "--name", name,
+                        "--install", "--iterations", "5", "--stages", "all", "--device", "cpu",
+                        "--validation", str(tmp_path / "held"), "--overwrite"]
+    assert run == folder / "run"
+    assert (cwd / "segcore").is_dir() and (cwd / "training" / "finetune.py").is_file()
+    argv, _, run = logic.fineTuneCommand("cases", model="prostate-hmedn-demo", name="mine", output=tmp_path / "r")
+    assert "--overwrite" not in argv and "--iterations" not in argv and "--resume" not in argv
+    assert argv[argv.index("--data") + 1] == str(Path("cases").resolve())  # the process runs elsewhere
+    assert argv[argv.index("--name") + 1] == "mine" and run == tmp_path / "r"
+    assert logic.fineTuneProgress("[ 42%] training: iteration 120/600") == (0.42, "training: iteration 120/600")
+    assert logic.fineTuneProgress("  case 1/3 ready") is None
+
+
+def test_training_case_count_says_what_it_found(logic, three_cases, tmp_path):
+    from segcore.phantom import write_phantoms
+
+    assert logic.trainingCaseCount(three_cases) == (3, "3 cases found.")
+    write_phantoms(tmp_path / "one", 1, seed=7200, matrix=128)
+    assert logic.trainingCaseCount(tmp_path / "one") == (1, "1 case found.")
+    assert logic.trainingCaseCount("")[0] == 0 and "Choose the dataset folder" in logic.trainingCaseCount("")[1]
+    count, text = logic.trainingCaseCount(tmp_path / "missing")
+    assert count == 0 and text.endswith("does not exist.")
+    (tmp_path / "one" / "case000_labels.nii.gz").rename(tmp_path / "one" / "elsewhere.nii.gz")
+    count, text = logic.trainingCaseCount(tmp_path / "one")
+    assert count == 0 and "has no label map beside it" in text
+
+
+def test_fine_tune_installs_the_tuned_model_and_compares_it(monkeypatch, tmp_path, three_cases):
+    import json
+
+    from training.finetune import tuned_name
+
+    monkeypatch.setenv("PROSTATESEG_HOME", str(tmp_path / "home"))
+    logic = ProstateSegmentationLogic()
+    reports = []
+    summary = logic.fineTune(three_cases, model="prostate-metricunet-demo", iterations=2, device="cpu",
+                             progress=lambda f, m: reports.append((f, m)))
+    name = "prostate-metricunet-demo-ft"
+    assert logic.tunedModelName("prostate-metricunet-demo") == tuned_name("prostate-metricunet-demo") == name
+    assert summary["package"] == name and summary["installed"] == str(logic.modelsFolder() / name)
+    assert name in logic.modelNames()
+    manifest = json.loads((logic.modelsFolder() / name / "model.json").read_text())
+    assert manifest["lineage"]["base"]["name"] == "prostate-metricunet-demo"
+
+    run = logic.fineTuneFolder(name) / "run"
+    held_out = json.loads((run / "split.json").read_text())["held_out"]
+    assert len(held_out) == summary["held_out"]["cases"] == 2
+    assert sorted((r["case"], r["model"]) for r in summary["rows"]) == sorted(
+        (case, model) for case in held_out for model in ("base", "tuned"))
+    assert set(summary["held_out"]["base"]) == set(summary["held_out"]["tuned"]) == {"prostate"}
+    fractions = [f for f, _ in reports]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert any(m == "training: iteration 2/2" for _, m in reports)
+
+    table = logic.fineTuneTable(summary)
+    assert table[0][:3] == ("mean of 2", "prostate", "DSC") and len(table) == 4 + 2
+    tuned = summary["held_out"]["tuned"]["prostate"]["dsc"]["mean"]
+    assert table[0][4] == f"{tuned:.3f}"
+    assert {row[0] for row in table[4:]} == set(held_out)
+
+    # Fine-tuning again under the same name must not replace the installed model silently, nor its run.
+    with pytest.raises(SegcoreError, match="installed already.*overwrite=True"):
+        logic.fineTune(three_cases, model="prostate-metricunet-demo", iterations=2)
+    assert (run / "summary.json").is_file()
+
+
+def test_fine_tune_refuses_too_few_cases_in_words(monkeypatch, tmp_path):
+    from segcore.phantom import write_phantoms
+
+    monkeypatch.setenv("PROSTATESEG_HOME", str(tmp_path / "home"))
+    write_phantoms(tmp_path / "one", 1, seed=7200, matrix=128)
+    logic = ProstateSegmentationLogic()
+    with pytest.raises(SegcoreError) as refused:
+        logic.fineTune(tmp_path / "one", iterations=2, device="cpu")
+    message = str(refused.value)
+    assert message.startswith(f"{tmp_path / 'one'} has 1 case(s); fine-tuning needs at least 3")
+    assert "Traceback" not in message and "\n" not in message
+    assert not logic.modelsFolder().exists() or not any(logic.modelsFolder().iterdir())
+
+
+def test_cancel_stops_the_fine_tuning_process(monkeypatch, tmp_path, three_cases):
+    import time
+
+    monkeypatch.setenv("PROSTATESEG_HOME", str(tmp_path / "home"))
+    logic = ProstateSegmentationLogic()
+
+    def cancel_when_working(fraction, message):
+        if message.startswith("base model"):
+            logic.cancel()
+
+    start = time.monotonic()
+    with pytest.raises(Cancelled):
+        logic.fineTune(three_cases, iterations=2, device="cpu", progress=cancel_when_working)
+    assert time.monotonic() - start < 120
+    assert logic.tunedModelName() not in logic.modelNames()
+    assert not (logic.modelsFolder() / logic.tunedModelName()).exists()

@@ -9,8 +9,9 @@ DATASET is a folder in the training-case layout (``<name>_ct.nii.gz`` with
 *Save as training case* and ``prostateseg dataset import`` write it.
 
 1. The cases are split into training and held-out ones: 20 % held out (at least
-   2), chosen by a hash of each case's name so that a case keeps its side when
-   cases are added; or the cases of ``--validation DIR``.
+   2), those whose names hash lowest (a choice that depends on the names alone,
+   not on their order or on when they were saved); or the cases of
+   ``--validation DIR``.
 2. The base package's own training settings are taken from its model.json (the
    same networks, grids, windows, patches and losses), and the chosen stages
    train from its weights, at a fifth of its learning rate, for ``--iterations``
@@ -168,7 +169,8 @@ def check_labels(package, split: Split, folders: list[Path]) -> None:
     cases = split.train + split.held_out
     present = {}
     for source in cases:
-        values = np.unique(sitk.GetArrayViewFromImage(sitk.ReadImage(source.labels_path)))
+        image = sitk.ReadImage(source.labels_path)   # kept in a name: an array view does not keep it alive
+        values = np.unique(sitk.GetArrayViewFromImage(image))
         present[source.case_id] = {int(v) for v in values}
     for structure in package.labels:
         lacking = [s.case_id for s in cases if structure.value not in present[s.case_id]]
@@ -196,7 +198,8 @@ def dataset_record(split: Split) -> dict:
 
 
 def open_base(model: str):
-    """The base package, refused when its networks or labels are not ones the training scripts train."""
+    """The base package, refused when its networks are not ones the training scripts train (its label
+    values are ProstateSeg's: opening a package checks them)."""
     from segcore.packages import open_package
 
     base = open_package(model)
@@ -206,11 +209,6 @@ def open_base(model: str):
             raise SegcoreError(f"model {base.name!r}: its {stage.name} network {stage.architecture!r} cannot be "
                                f"fine-tuned (the training scripts train {', '.join(sorted(trainable)) or 'none'} "
                                f"for {base.task!r} models)")
-    for structure in base.labels:
-        known = anatomy.BY_NAME.get(structure.name)
-        if known is None or known.value != structure.value:
-            raise SegcoreError(f"model {base.name!r} gives {structure.name!r} label value {structure.value}, not "
-                               "ProstateSeg's; such a package cannot be fine-tuned")
     return base
 
 

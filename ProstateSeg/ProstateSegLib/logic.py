@@ -7,11 +7,20 @@ batch pays the loading cost once.
 
 import logging
 import re
+import shutil
+import subprocess
+import sys
+from collections import deque
 from pathlib import Path
 
 from segcore.errors import Cancelled, SegcoreError
 
 logger = logging.getLogger(__name__)
+
+# `python -m training.finetune` reports "[ 42%] training: iteration 120/600" on stderr, and a failure as "error: ...".
+FINETUNE_PROGRESS = re.compile(r"\[\s*(\d+)%\]\s*(.*)")
+FINETUNE_ERROR = "error: "
+FINETUNE_METRICS = (("dsc", "DSC"), ("asd", "ASD (mm)"), ("hd95", "HD95 (mm)"), ("sdsc_2mm", "surface Dice 2 mm"))
 
 
 class SegmentationLogicBase:
@@ -170,6 +179,167 @@ class SegmentationLogicBase:
         ct = mrml.volume_node_to_image(volumeNode)
         labels = mrml.segmentation_node_to_labelmap(segmentationNode, volumeNode, segmentNames)
         return write_training_case(ct, labels, Path(datasetFolder), caseName, overwrite=overwrite)
+
+    # ------------------------------------------------------------- fine-tuning
+
+    def trainingCaseCount(self, folder):
+        """(number of training cases in `folder`, a sentence saying so or what is wrong with the folder)."""
+        from segcore.dataset import find_training_cases
+
+        if not folder:
+            return 0, "Choose the dataset folder (the one Save as training case writes)."
+        try:
+            count = len(find_training_cases(folder))
+        except (SegcoreError, OSError) as error:
+            text = str(error)
+            return 0, text[:1].upper() + text[1:] + "."
+        return count, f"{count} case{'' if count == 1 else 's'} found."
+
+    def tunedModelName(self, model=None, name=None):
+        """The name a fine-tune of `model` is installed under: `name`, else the base's name + "-ft"."""
+        return name or f"{Path(str(model or self.defaultModel())).name[:61]}-ft"
+
+    @staticmethod
+    def fineTuneFolder(name):
+        """Where a fine-tune called `name` keeps its run folder (``run``) and exported package (``package``)."""
+        from segcore import packages
+
+        return packages.prostateseg_home() / "finetune" / name
+
+    @staticmethod
+    def pythonExecutable():
+        """Slicer's Python launcher when there is one (inside Slicer), else this interpreter."""
+        return shutil.which("PythonSlicer") or sys.executable
+
+    def fineTuneCommand(self, datasetFolder, model=None, *, iterations=None, stages=None, device=None,
+                        validation=None, name=None, export=None, output=None, overwrite=False, resume=False):
+        """(argv, working directory, run folder) of ``python -m training.finetune`` tuning `model` (default:
+        the module's default model) on the training cases in `datasetFolder` and installing the result.
+        The package and run folder default to ``fineTuneFolder(name) / "package"`` and ``/ "run"``."""
+        import segcore
+        from segcore.packages.manifest import NAME_PATTERN
+
+        def absolute(path):  # the process runs in another folder
+            return str(Path(path).expanduser().resolve())
+
+        model = model or self.defaultModel()
+        name = self.tunedModelName(model, name)
+        model = model if isinstance(model, str) and NAME_PATTERN.fullmatch(model) else absolute(model)
+        runFolder = Path(absolute(output or self.fineTuneFolder(name) / "run"))
+        argv = [self.pythonExecutable(), "-u", "-m", "training.finetune", "--model", model,
+                "--data", absolute(datasetFolder), "--export", absolute(export or self.fineTuneFolder(name) / "package"),
+                "--output", str(runFolder), "--name", name, "--install"]
+        for option, value in (("iterations", iterations), ("stages", stages), ("device", device),
+                              ("validation", validation and absolute(validation))):
+            if value is not None:
+                argv += [f"--{option}", str(value)]
+        argv += [flag for flag, wanted in (("--overwrite", overwrite), ("--resume", resume)) if wanted]
+        return argv, Path(segcore.__file__).resolve().parents[1], runFolder
+
+    def prepareFineTune(self, datasetFolder, model=None, **options):
+        """fineTuneCommand's (argv, working directory, run folder), after the checks a new run needs: the
+        tuned model's name is free (or `overwrite`), and the fine-tune folder of an earlier run of that
+        name is cleared (kept with `resume`)."""
+        name = self.tunedModelName(model, options.get("name"))
+        resume, overwrite = options.get("resume", False), options.get("overwrite", False)
+        if not resume and not overwrite and (self.modelsFolder() / name).exists():
+            raise SegcoreError(f"a model called {name!r} is installed already: give the tuned model another "
+                               "name (name=...), or replace it (overwrite=True).")
+        command = self.fineTuneCommand(datasetFolder, model, **options)
+        if not resume and self.fineTuneFolder(name).exists():
+            shutil.rmtree(self.fineTuneFolder(name))
+        return command
+
+    def fineTune(self, datasetFolder, model=None, progress=None, **options):
+        """Fine-tune `model` (default: the module's default model) on the training cases in `datasetFolder`
+        (the folder Save as training case writes) in a separate process, and install the tuned model.
+
+        `options`: iterations, stages ("stage2" or "all"), device, validation (a folder of held-out cases),
+        name (default: the base's name + "-ft"), overwrite (replace an installed model of that name),
+        resume (continue a run that was stopped), export and output (package and run folder, by default
+        in `fineTuneFolder(name)`). `progress(fraction, message)` follows the run; `cancel()` stops the
+        process (raises `Cancelled`; nothing is installed). Returns the run's summary (summary.json:
+        package, version, installed path, base, held-out means and per-case rows of base and tuned model);
+        a refused or failed run raises SegcoreError with the reason.
+        """
+        argv, workingDirectory, runFolder = self.prepareFineTune(datasetFolder, model, **options)
+        self.cancelRequested = False
+        report = self._watched(progress)
+        lines = deque(maxlen=200)
+        process = subprocess.Popen(argv, cwd=workingDirectory, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace")
+        try:
+            report(0.0, "starting the fine-tuning process")
+            for line in process.stdout:
+                self._fineTuneLine(line.rstrip(), lines, report)
+        except BaseException:
+            self.stopProcess(process)
+            raise
+        finally:
+            process.stdout.close()
+        return self.fineTuneOutcome(process.wait(), lines, runFolder)
+
+    def _fineTuneLine(self, line, lines, report):
+        lines.append(line)
+        parsed = self.fineTuneProgress(line)
+        if parsed:
+            report(*parsed)
+        elif line:
+            logger.info("fine-tune: %s", line)
+
+    @staticmethod
+    def stopProcess(process, wait=5.0):
+        """Terminate a subprocess.Popen, killing it when it has not stopped after `wait` seconds."""
+        process.terminate()
+        try:
+            process.wait(wait)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    @staticmethod
+    def fineTuneProgress(line):
+        """(fraction, message) of a ``[ NN%] message`` line of the fine-tuning process, else None."""
+        match = FINETUNE_PROGRESS.match(line)
+        return (int(match.group(1)) / 100, match.group(2)) if match else None
+
+    def fineTuneOutcome(self, returncode, lines, runFolder):
+        """The summary of a finished fine-tuning process (exit status and output lines); a failure raises
+        SegcoreError with its ``error:`` line, or the last line of its output."""
+        import json
+
+        if returncode != 0:
+            errors = [line[len(FINETUNE_ERROR):] for line in lines if line.startswith(FINETUNE_ERROR)]
+            if errors:
+                raise SegcoreError(errors[-1])
+            logger.error("fine-tuning failed:\n%s", "\n".join(lines))
+            last = next((line for line in reversed(lines) if line.strip()), "no output")
+            raise SegcoreError(f"fine-tuning stopped (exit status {returncode}): {last}")
+        self._segmenters.clear()  # an overwritten model must be loaded again
+        return json.loads((Path(runFolder) / "summary.json").read_text(encoding="utf-8"))
+
+    @staticmethod
+    def fineTuneTable(summary):
+        """Rows (cases, structure, metric, base, tuned) as text comparing the models on the held-out cases:
+        each metric's mean, then each case's DSC."""
+        import math
+
+        def number(value):
+            return "n/a" if value is None or not math.isfinite(value) else f"{value:.3f}"
+
+        heldOut = summary["held_out"]
+        meanOf = f"mean of {heldOut['cases']}"
+        rows = []
+        for structure, tuned in heldOut["tuned"].items():
+            base = heldOut["base"].get(structure, {})
+            for key, label in FINETUNE_METRICS:
+                rows.append((meanOf, structure, label, number(base.get(key, {}).get("mean")),
+                             number(tuned.get(key, {}).get("mean"))))
+        scores = {(r["case"], r["structure"], r["model"]): r["dsc"] for r in summary["rows"]}
+        for case, structure in sorted({(case, structure) for case, structure, _ in scores}):
+            rows.append((case, structure, "DSC", number(scores.get((case, structure, "base"))),
+                         number(scores.get((case, structure, "tuned")))))
+        return [(cases, structure.replace("_", " "), *rest) for cases, structure, *rest in rows]
 
     # ------------------------------------------------------------- DICOM export
 

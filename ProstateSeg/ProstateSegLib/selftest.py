@@ -5,12 +5,14 @@ A module's test class derives from `SelfTestMixin` and Slicer's
 and `selfTests` and a phantom (`phantomSeed`, `phantomMatrix`), makes its logic
 in `createLogic`, and keeps only its own tests. The shared ones: Cancel leaves
 the scene as it was, bad input is refused with nothing added, the panel
-segments and opens the result in the Segment Editor, and a CT loaded through the
-DICOM database exports RTSTRUCT and DICOM SEG (logic and panel).
+segments and opens the result in the Segment Editor, a CT loaded through the
+DICOM database exports RTSTRUCT and DICOM SEG (logic and panel), and Improve the
+model fine-tunes the module's default model on saved cases (logic and panel).
 """
 
 import os
 import tempfile
+import time
 
 import slicer
 
@@ -97,7 +99,87 @@ class SelfTestMixin:
     def moduleBadInput(self, logic, volume):
         """A module's own refused inputs for `test_BadInputIsRefused` (a CT `volume` is loaded)."""
 
+    def waitForFineTune(self, widget, seconds=900):
+        """Keep Slicer's event loop running until the panel's fine-tuning process has finished."""
+        deadline = time.monotonic() + seconds
+        while widget._fineTune is not None:
+            self.assertLess(time.monotonic(), deadline, "the fine-tuning process did not finish")
+            slicer.app.processEvents()
+            time.sleep(0.05)
+
+    def fineTuneWithLogic(self, cases, folder):
+        """The console's fineTune: a refused dataset, then a short run whose tuned model is installed."""
+        import json
+
+        from segcore.errors import SegcoreError
+        from segcore.phantom import write_phantoms
+
+        logic = self.createLogic()
+        write_phantoms(os.path.join(folder, "one"), 1, seed=7200, matrix=128)
+        with self.assertRaises(SegcoreError) as refused:
+            logic.fineTune(os.path.join(folder, "one"), device="cpu", iterations=2)
+        self.assertIn("fine-tuning needs at least", str(refused.exception))
+        self.assertNotIn("Traceback", str(refused.exception))
+
+        self.delayDisplay(f"Fine-tuning {logic.defaultModel()} for 2 iterations (console)")
+        summary = logic.fineTune(cases, device="cpu", iterations=2, name="selftest-ft")
+        self.assertEqual(summary["package"], "selftest-ft")
+        self.assertIn("selftest-ft", logic.modelNames())
+        manifest = json.loads((logic.modelsFolder() / "selftest-ft" / "model.json").read_text())
+        self.assertEqual(manifest["lineage"]["base"]["name"], logic.defaultModel())
+        self.assertEqual({row["model"] for row in summary["rows"]}, {"base", "tuned"})
+
+    def fineTuneInPanel(self, cases):
+        """The panel's Improve the model: the folder of Save as training case, the case count, Fine-tune in a
+        background process, then the tuned model installed and selected and the table shown."""
+        volume, _ = self.loadPhantom()
+        widget = self.moduleWidget(volume)
+        widget.refreshModels()
+        widget.ui.datasetFolderPathLineEdit.currentPath = cases
+        self.assertTrue(os.path.samefile(widget.ui.fineTuneFolderPathLineEdit.currentPath, cases))
+        self.assertEqual(widget.ui.fineTuneCasesLabel.text, "3 cases found.")
+        widget.ui.fineTuneIterationsSpinBox.value = 2
+        self.delayDisplay("Fine-tuning in the panel (background process)")
+        widget.ui.fineTuneButton.click()
+        self.assertTrue(widget.ui.fineTuneCancelButton.enabled)
+        self.assertFalse(widget.ui.fineTuneButton.enabled)
+        self.waitForFineTune(widget)
+        tuned = widget.logic.tunedModelName(widget.logic.defaultModel())
+        self.assertEqual(widget.ui.modelComboBox.currentData, tuned, widget.ui.fineTuneStatusLabel.text)
+        self.assertTrue(widget.ui.fineTuneTableWidget.visible)
+        self.assertGreaterEqual(widget.ui.fineTuneTableWidget.rowCount, 4)
+
+        self.delayDisplay("Cancel stops the process; nothing is installed")
+        widget.ui.fineTuneIterationsSpinBox.value = 600
+        widget.logic.removeModel(tuned)
+        widget.refreshModels()
+        widget.ui.fineTuneButton.click()
+        widget.ui.fineTuneCancelButton.click()
+        self.waitForFineTune(widget, seconds=30)
+        self.assertIn("Cancelled", widget.ui.fineTuneStatusLabel.text)
+        self.assertNotIn(tuned, widget.logic.modelNames())
+
     # -------------------------------------------------------------------- tests
+
+    def test_FineTune(self):
+        """Improve the model on three phantom cases, with its own model folder (PROSTATESEG_HOME)."""
+        from segcore.phantom import write_phantoms
+
+        folder = tempfile.mkdtemp(prefix=f"{self.moduleName}FineTuneTest-")
+        cases = os.path.join(folder, "cases")
+        write_phantoms(cases, 3, seed=7200, matrix=128)
+        home = os.environ.get("PROSTATESEG_HOME")
+        os.environ["PROSTATESEG_HOME"] = os.path.join(folder, "home")
+        try:
+            self.fineTuneWithLogic(cases, folder)
+            self.fineTuneInPanel(cases)
+        finally:
+            if home is None:
+                os.environ.pop("PROSTATESEG_HOME", None)
+            else:
+                os.environ["PROSTATESEG_HOME"] = home
+            widget = getattr(slicer.modules, self.moduleName.lower()).widgetRepresentation().self()
+            widget.refreshModels()
 
     def test_CancelLeavesSceneClean(self):
         from segcore.errors import Cancelled

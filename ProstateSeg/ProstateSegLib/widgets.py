@@ -3,13 +3,14 @@
 A module's widget subclasses `SegmentationWidgetBase`, names its .ui file and
 logic, and gets: model choice with install/remove, device choice (GPU only when
 torch sees one), Segment/Cancel with a progress bar and status text, the
-result's volume and confidence, Edit (Segment Editor), Export to DICOM (RTSTRUCT / DICOM SEG) and Save as
-training case.
+result's volume and confidence, Edit (Segment Editor), Export to DICOM (RTSTRUCT / DICOM SEG), Save as
+training case, and Improve the model (fine-tuning in a background process).
 The .ui must hold the widgets named in `REQUIRED_WIDGETS`.
 """
 
 import logging
 import traceback
+from collections import deque
 
 import qt
 import slicer
@@ -27,9 +28,25 @@ REQUIRED_WIDGETS = (
     "outputSegmentationSelector", "show3DCheckBox", "smoothingSliderWidget", "applyButton", "progressBar",
     "statusLabel", "resultLabel", "editButton", "datasetFolderPathLineEdit", "caseNameLineEdit",
     "saveCaseButton", "rtstructCheckBox", "dicomSegCheckBox", "dicomFolderPathLineEdit", "exportDicomButton",
+    "fineTuneCollapsibleButton", "fineTuneFolderPathLineEdit", "fineTuneCasesLabel", "fineTuneIterationsSpinBox",
+    "fineTuneButton", "fineTuneCancelButton", "fineTuneProgressBar", "fineTuneStatusLabel", "fineTuneTableWidget",
 )
 
 DEVICES = (("Automatic (GPU if available)", "auto"), ("CPU", "cpu"), ("GPU (CUDA)", "cuda"))
+FINETUNE_COLUMNS = ("Cases", "Structure", "Metric", "Base", "Tuned")
+KILL_AFTER_MS = 5000  # Cancel terminates the fine-tuning process, and kills it when it is still there after this
+
+
+class FineTuneRun:
+    """A fine-tuning process started by the panel: the QProcess, its run folder, its output so far."""
+
+    def __init__(self, process, runFolder, name):
+        self.process = process
+        self.runFolder = runFolder
+        self.name = name
+        self.lines = deque(maxlen=200)
+        self.pending = b""
+        self.cancelled = False
 
 
 class SegmentationWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -53,6 +70,8 @@ class SegmentationWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._running = False
         self._lastSegmentation = None
+        self._fineTune = None  # the FineTuneRun in progress
+        self._followedFolder = ""  # the Save-as-training-case folder the fine-tune folder follows
 
     # ------------------------------------------------------------ set-up
 
@@ -79,6 +98,7 @@ class SegmentationWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.editButton.enabled = False
         self.ui.saveCaseButton.enabled = False
         self.ui.exportDicomButton.enabled = False
+        self.setupFineTune()
 
         self.offerRequirements()
         self.refreshModels()
@@ -97,6 +117,10 @@ class SegmentationWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self):
         self.removeObservers()
+        run, self._fineTune = self._fineTune, None
+        if run is not None:  # the panel goes away (Slicer closes): so does its fine-tuning process
+            run.process.kill()
+            run.process.waitForFinished(KILL_AFTER_MS)
 
     def enter(self):
         self.initializeParameterNode()
@@ -279,22 +303,8 @@ class SegmentationWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         parameters = self._parameterNode
         self.ui.resultLabel.text = ""
-        try:
-            torchWasThere = dependencies.torchInstalled()
-            requirementsWereThere = not dependencies.missingRequirements()
-            dependencies.ensureDependencies(askConfirmation=not slicer.app.testingEnabled())
-        except SegcoreError as error:
-            self._showError(str(error))
+        if not self.installDependencies():
             return
-        except Exception as error:  # noqa: BLE001  pip or the PyTorch installer failed (offline, ...)
-            logger.error(traceback.format_exc())
-            self._showError(f"Installing the Python packages ProstateSeg needs failed: {error}",
-                            detailedText=traceback.format_exc())
-            return
-        if not torchWasThere:
-            self.refreshDevices()  # a GPU can be offered now that torch is there
-        if not requirementsWereThere:
-            self.refreshModels()  # every package can be checked now
         show3D = bool(parameters.show3D)
         self._setRunning(True)
         try:
@@ -314,6 +324,27 @@ class SegmentationWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._showError(f"Segmentation failed: {error}", detailedText=traceback.format_exc())
         finally:
             self._setRunning(False)
+
+    def installDependencies(self):
+        """Install the Python packages still missing (asking first); False, with the reason shown, when that
+        failed or was declined."""
+        try:
+            torchWasThere = dependencies.torchInstalled()
+            requirementsWereThere = not dependencies.missingRequirements()
+            dependencies.ensureDependencies(askConfirmation=not slicer.app.testingEnabled())
+        except SegcoreError as error:
+            self._showError(str(error))
+            return False
+        except Exception as error:  # noqa: BLE001  pip or the PyTorch installer failed (offline, ...)
+            logger.error(traceback.format_exc())
+            self._showError(f"Installing the Python packages ProstateSeg needs failed: {error}",
+                            detailedText=traceback.format_exc())
+            return False
+        if not torchWasThere:
+            self.refreshDevices()  # a GPU can be offered now that torch is there
+        if not requirementsWereThere:
+            self.refreshModels()  # every package can be checked now
+        return True
 
     def showResult(self, segmentation, show3D=True):
         result = self.logic.lastResult
@@ -364,6 +395,7 @@ class SegmentationWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(str(error), windowTitle="Save as training case")
             return
         self.ui.statusLabel.text = "Saved " + " and ".join(p.name for p in paths) + f" in {folder}."
+        self.refreshCaseCount()
 
     # ------------------------------------------------------- export to DICOM
 
@@ -405,3 +437,154 @@ class SegmentationWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
         lines = ["Exported " + " and ".join(p.name for p in paths) + f" to {folder}."]
         lines += [note[:1].upper() + note[1:] + "." for note in self.logic.lastExportNotes]
         self.ui.statusLabel.text = "\n".join(lines)
+
+    # ------------------------------------------------------ improve the model
+
+    def setupFineTune(self):
+        ui = self.ui
+        ui.datasetFolderPathLineEdit.connect("currentPathChanged(QString)", self.onDatasetFolderChanged)
+        ui.fineTuneFolderPathLineEdit.connect("currentPathChanged(QString)", self.refreshCaseCount)
+        ui.fineTuneCollapsibleButton.connect("contentsCollapsed(bool)", self.onFineTuneSectionToggled)
+        ui.fineTuneButton.connect("clicked(bool)", self.onFineTune)
+        ui.fineTuneCancelButton.connect("clicked(bool)", self.onCancelFineTune)
+        table = ui.fineTuneTableWidget
+        table.setColumnCount(len(FINETUNE_COLUMNS))
+        table.setHorizontalHeaderLabels(list(FINETUNE_COLUMNS))
+        table.hide()
+        self.onDatasetFolderChanged(ui.datasetFolderPathLineEdit.currentPath)
+        self._setFineTuning(False)
+
+    def onDatasetFolderChanged(self, path=None):
+        """The fine-tune folder follows the Save-as-training-case folder until the user picks another."""
+        current = self.ui.fineTuneFolderPathLineEdit.currentPath
+        if path and current in ("", self._followedFolder):
+            self.ui.fineTuneFolderPathLineEdit.currentPath = path
+        self._followedFolder = path or ""
+
+    def onFineTuneSectionToggled(self, collapsed):
+        if not collapsed:
+            self.refreshCaseCount()
+
+    def refreshCaseCount(self, path=None):
+        count, text = self.logic.trainingCaseCount(self.ui.fineTuneFolderPathLineEdit.currentPath)
+        self.ui.fineTuneCasesLabel.text = text
+        self.ui.fineTuneButton.enabled = count > 0 and self._fineTune is None
+        return count
+
+    def _setFineTuning(self, running):
+        for name in ("fineTuneFolderPathLineEdit", "fineTuneIterationsSpinBox"):
+            getattr(self.ui, name).enabled = not running
+        self.ui.fineTuneCancelButton.enabled = running
+        self.ui.fineTuneProgressBar.value = 0
+        self.ui.fineTuneProgressBar.setVisible(running)
+        self.refreshCaseCount()
+
+    def onFineTune(self):
+        """Fine-tune the chosen model on the dataset folder's cases in a background process."""
+        folder = self.ui.fineTuneFolderPathLineEdit.currentPath
+        model = self.ui.modelComboBox.currentData
+        if not folder or not model or not self.installDependencies():
+            return
+        name = self.logic.tunedModelName(model)
+        overwrite = (self.logic.modelsFolder() / name).exists()
+        if overwrite and (slicer.app.testingEnabled() or not slicer.util.confirmOkCancelDisplay(
+                f"A tuned model called {name!r} is installed already. Fine-tune again and replace it?",
+                windowTitle="Improve the model")):
+            self.ui.fineTuneStatusLabel.text = f"Not started: {name} is installed already."
+            return
+        options = dict(iterations=self.ui.fineTuneIterationsSpinBox.value, overwrite=overwrite,
+                       device=(self._parameterNode.device if self._parameterNode else "") or "auto")
+        try:
+            argv, workingDirectory, runFolder = self.logic.prepareFineTune(folder, model, **options)
+        except (SegcoreError, OSError) as error:
+            self._showError(str(error))
+            return
+        self.ui.fineTuneTableWidget.hide()
+        self._startFineTune(argv, workingDirectory, runFolder, name)
+
+    def _startFineTune(self, argv, workingDirectory, runFolder, name):
+        process = qt.QProcess()
+        process.setWorkingDirectory(str(workingDirectory))
+        process.setProcessChannelMode(qt.QProcess.MergedChannels)
+        process.connect("readyReadStandardOutput()", self.onFineTuneOutput)
+        process.connect("finished(int,QProcess::ExitStatus)", self.onFineTuneFinished)
+        process.connect("errorOccurred(QProcess::ProcessError)", self.onFineTuneError)
+        self._fineTune = FineTuneRun(process, runFolder, name)
+        self._setFineTuning(True)
+        self.ui.fineTuneStatusLabel.text = "Starting the fine-tuning process..."
+        logger.info("fine-tune: %s (in %s)", " ".join(argv), workingDirectory)
+        process.start(argv[0], argv[1:])
+
+    def onFineTuneOutput(self):
+        run = self._fineTune
+        if run is None:
+            return
+        *complete, run.pending = (run.pending + run.process.readAllStandardOutput().data()).split(b"\n")
+        for raw in complete:
+            line = raw.decode("utf-8", "replace").rstrip()
+            run.lines.append(line)
+            progress = self.logic.fineTuneProgress(line)
+            if progress:
+                self.ui.fineTuneProgressBar.value = round(100 * progress[0])
+                self.ui.fineTuneStatusLabel.text = progress[1][:1].upper() + progress[1][1:]
+            elif line:
+                logger.info("fine-tune: %s", line)
+
+    def onCancelFineTune(self):
+        run = self._fineTune
+        if run is None:
+            return
+        run.cancelled = True
+        self.ui.fineTuneStatusLabel.text = "Cancelling..."
+        run.process.terminate()
+        process = run.process
+        qt.QTimer.singleShot(KILL_AFTER_MS, lambda: process.state() != qt.QProcess.NotRunning and process.kill())
+
+    def onFineTuneError(self, error):
+        """The process could not be started (no `finished` follows); other errors end in `finished`."""
+        run = self._fineTune
+        if run is None or error != qt.QProcess.FailedToStart:
+            return
+        self._fineTune = None
+        self._setFineTuning(False)
+        self.ui.fineTuneStatusLabel.text = "Not started."
+        self._showError(f"The fine-tuning process could not be started: {run.process.errorString()}")
+
+    def onFineTuneFinished(self, exitCode, exitStatus):
+        run = self._fineTune
+        if run is None:
+            return
+        self.onFineTuneOutput()
+        if run.pending:
+            run.lines.append(run.pending.decode("utf-8", "replace").rstrip())
+        self._fineTune = None
+        self._setFineTuning(False)
+        if run.cancelled:
+            self.refreshModels()
+            self.ui.fineTuneStatusLabel.text = (f"Cancelled: {run.name} was not installed. The run folder "
+                                                f"{run.runFolder} is kept until the next Fine-tune.")
+            return
+        code = exitCode if exitStatus == qt.QProcess.NormalExit else -1
+        try:
+            summary = self.logic.fineTuneOutcome(code, run.lines, run.runFolder)
+        except (SegcoreError, OSError, ValueError) as error:
+            self.ui.fineTuneStatusLabel.text = "Fine-tuning failed."
+            self._showError(str(error))
+            return
+        self.showFineTuneResult(summary, run.runFolder)
+
+    def showFineTuneResult(self, summary, runFolder):
+        """Select the installed tuned model and show the base-versus-tuned table."""
+        self.refreshModels(select=summary["package"])
+        rows = self.logic.fineTuneTable(summary)
+        table = self.ui.fineTuneTableWidget
+        table.setRowCount(len(rows))
+        for r, row in enumerate(rows):
+            for c, text in enumerate(row):
+                table.setItem(r, c, qt.QTableWidgetItem(text))
+        table.resizeColumnsToContents()
+        table.show()
+        self.ui.fineTuneStatusLabel.text = (
+            f"Installed and selected {summary['package']} {summary['version']} (from {summary['base']}, "
+            f"{summary['seconds']:.0f} s). Base against tuned on the held-out cases below; the run's files "
+            f"are in {runFolder}.")
