@@ -384,8 +384,6 @@ def three_cases(tmp_path_factory):
 
 
 def test_fine_tune_command_maps_the_options(monkeypatch, tmp_path):
-    import segcore
-
     monkeypatch.setenv("PROSTATESEG_HOME", str(tmp_path / "home"))
     logic = ProstateSegmentationLogic()
     argv, cwd, run = logic.fineTuneCommand(tmp_path / "cases", iterations=5, stages="all", device="cpu",

@@ -17,10 +17,11 @@ from segcore.errors import Cancelled, SegcoreError
 
 logger = logging.getLogger(__name__)
 
-# `python -m training.finetune` reports "[ 42%] training: iteration 120/600" on stderr, and a failure as "error: ...".
+# `python -m training.finetune` reports "[ 42%] training: iteration 120/600" on stderr, a failure as "error: ...".
 FINETUNE_PROGRESS = re.compile(r"\[\s*(\d+)%\]\s*(.*)")
 FINETUNE_ERROR = "error: "
-FINETUNE_METRICS = (("dsc", "DSC"), ("asd", "ASD (mm)"), ("hd95", "HD95 (mm)"), ("sdsc_2mm", "surface Dice 2 mm"))
+FINETUNE_METRICS = (("dsc", "DSC"), ("asd", "ASD (mm)"), ("hd95", "HD95 (mm)"),
+                    ("sdsc_2mm", "surface Dice 2 mm"))
 
 
 class SegmentationLogicBase:
@@ -196,8 +197,10 @@ class SegmentationLogicBase:
         return count, f"{count} case{'' if count == 1 else 's'} found."
 
     def tunedModelName(self, model=None, name=None):
-        """The name a fine-tune of `model` is installed under: `name`, else the base's name + "-ft"."""
-        return name or f"{Path(str(model or self.defaultModel())).name[:61]}-ft"
+        """The name a fine-tune of `model` is installed under: `name`, else the command's default."""
+        from training.finetune import tuned_name
+
+        return name or tuned_name(Path(str(model or self.defaultModel())).name)
 
     @staticmethod
     def fineTuneFolder(name):
@@ -226,9 +229,10 @@ class SegmentationLogicBase:
         name = self.tunedModelName(model, name)
         model = model if isinstance(model, str) and NAME_PATTERN.fullmatch(model) else absolute(model)
         runFolder = Path(absolute(output or self.fineTuneFolder(name) / "run"))
+        export = absolute(export or self.fineTuneFolder(name) / "package")
         argv = [self.pythonExecutable(), "-u", "-m", "training.finetune", "--model", model,
-                "--data", absolute(datasetFolder), "--export", absolute(export or self.fineTuneFolder(name) / "package"),
-                "--output", str(runFolder), "--name", name, "--install"]
+                "--data", absolute(datasetFolder), "--export", export, "--output", str(runFolder),
+                "--name", name, "--install"]
         for option, value in (("iterations", iterations), ("stages", stages), ("device", device),
                               ("validation", validation and absolute(validation))):
             if value is not None:

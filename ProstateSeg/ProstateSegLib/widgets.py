@@ -492,10 +492,11 @@ class SegmentationWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 windowTitle="Improve the model")):
             self.ui.fineTuneStatusLabel.text = f"Not started: {name} is installed already."
             return
-        options = dict(iterations=self.ui.fineTuneIterationsSpinBox.value, overwrite=overwrite,
-                       device=(self._parameterNode.device if self._parameterNode else "") or "auto")
+        device = (self._parameterNode.device if self._parameterNode else "") or "auto"
         try:
-            argv, workingDirectory, runFolder = self.logic.prepareFineTune(folder, model, **options)
+            argv, workingDirectory, runFolder = self.logic.prepareFineTune(
+                folder, model, iterations=self.ui.fineTuneIterationsSpinBox.value, device=device,
+                overwrite=overwrite)
         except (SegcoreError, OSError) as error:
             self._showError(str(error))
             return
@@ -536,9 +537,14 @@ class SegmentationWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         run.cancelled = True
         self.ui.fineTuneStatusLabel.text = "Cancelling..."
-        run.process.terminate()
         process = run.process
-        qt.QTimer.singleShot(KILL_AFTER_MS, lambda: process.state() != qt.QProcess.NotRunning and process.kill())
+        process.terminate()
+        qt.QTimer.singleShot(KILL_AFTER_MS, lambda: self._killIfRunning(process))
+
+    @staticmethod
+    def _killIfRunning(process):
+        if process.state() != qt.QProcess.NotRunning:
+            process.kill()
 
     def onFineTuneError(self, error):
         """The process could not be started (no `finished` follows); other errors end in `finished`."""
@@ -561,7 +567,7 @@ class SegmentationWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._setFineTuning(False)
         if run.cancelled:
             self.refreshModels()
-            self.ui.fineTuneStatusLabel.text = (f"Cancelled: {run.name} was not installed. The run folder "
+            self.ui.fineTuneStatusLabel.text = (f"Cancelled before {run.name} was installed. The run folder "
                                                 f"{run.runFolder} is kept until the next Fine-tune.")
             return
         code = exitCode if exitStatus == qt.QProcess.NormalExit else -1
