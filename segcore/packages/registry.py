@@ -168,6 +168,9 @@ class ModelPackage:
             "  stages:",
         ]
         lines += [f"    {s.name}: {s.architecture} ({s.weights})" for s in self.stages.values()]
+        base = self.manifest.get("lineage", {}).get("base")
+        if base:
+            lines.append(f"  tuned from:  {base['name']} {base['version']}")
         lines.append("  labels:")
         lines += [f"    {s.value}: {s.name}" for s in self.labels]
         if self.training:
