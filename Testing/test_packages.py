@@ -193,7 +193,7 @@ def test_schema_agrees_with_the_python_constants():
     assert fields["schema_version"]["const"] == packages.SCHEMA_VERSION
     assert tuple(fields["task"]["enum"]) == packages.TASKS
     assert fields["name"]["pattern"] == f"^{packages.NAME_PATTERN.pattern}$"
-    assert set(schema["required"]) == set(fields) - {"pipeline"}  # the one optional block
+    assert set(schema["required"]) == set(fields) - {"pipeline", "lineage"}  # the optional blocks
     schema["properties"].clear()  # a copy: the validator's schema is untouched
     assert packages.manifest_problems(manifest_json()) == []
 
@@ -242,6 +242,8 @@ def manifest_json(**changes) -> dict:
          "files['fine.safetensors']", '"BBBB'),
         ({"stages": {"net": {"architecture": "unet", "arguments": {}, "weights": "net.pt"}},
           "files": {"net.safetensors": "a" * 64}}, "stages.net.weights", '"net.pt"'),
+        ({"lineage": {"method": "fine-tune", "base": {"name": "b", "version": "1", "files": {"w.safetensors": "x"}}}},
+         "lineage.base.files['w.safetensors']", '"x"'),
     ],
 )
 def test_a_schema_violation_is_one_sentence_naming_the_field(changes, location, shown):
