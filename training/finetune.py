@@ -41,12 +41,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
 from segcore import anatomy
 from segcore.errors import SegcoreError
-from segcore.files import atomic_output, write_json
+from segcore.files import write_json
 
 from . import data, runs
 
@@ -73,7 +74,7 @@ class Progress:
     """``[ NN%] message`` lines on stderr, over phases of fixed weight; the training phase moves with its
     iterations (only when the whole percentage changes, so the log stays short)."""
 
-    PHASES = {"check": (0.0, 0.02), "base": (0.02, 0.1), "prepare": (0.1, 0.2), "train": (0.2, 0.85),
+    PHASES: ClassVar[dict] = {"check": (0.0, 0.02), "base": (0.02, 0.1), "prepare": (0.1, 0.2), "train": (0.2, 0.85),
               "tuned": (0.85, 0.95), "export": (0.95, 1.0)}
 
     def __init__(self):
@@ -400,47 +401,32 @@ def comparison_table(rows: list[dict]) -> str:
                      + "".join(f" {cell(base.get(k)):>12s} {cell(tuned.get(k)):>12s}" for k in METRIC_KEYS))
     summary = summarise(rows)
     for structure in sorted({s for _, s in keys}):
-        def mean(model, k):
-            return summary.get(model, {}).get(structure, {}).get(k, {}).get("mean")
+        means = {model: {k: summary.get(model, {}).get(structure, {}).get(k, {}).get("mean") for k in METRIC_KEYS}
+                 for model in ("base", "tuned")}
         lines.append(f"{'mean':24s} {structure[:18]:18s}"
-                     + "".join(f" {cell(mean('base', k)):>12s} {cell(mean('tuned', k)):>12s}" for k in METRIC_KEYS))
+                     + "".join(f" {cell(means['base'][k]):>12s} {cell(means['tuned'][k]):>12s}" for k in METRIC_KEYS))
     return "\n".join(lines)
 
 
 def write_comparison(rows: list[dict], outdir: Path) -> None:
     """heldout_metrics.csv (one row per case, structure and model) and heldout_dsc.png (each case's DSC,
     base to tuned, one panel per structure; skipped without matplotlib)."""
-    import csv
-
-    with atomic_output(outdir / "heldout_metrics.csv", overwrite=True) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["case", "structure", "model", *METRIC_KEYS])
-        writer.writeheader()
-        writer.writerows(rows)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
+    runs.write_csv(outdir / "heldout_metrics.csv", rows, ["case", "structure", "model", *METRIC_KEYS])
     structures = list(dict.fromkeys(r["structure"] for r in rows))
-    fig, axes = plt.subplots(1, len(structures), figsize=(3 * len(structures) + 1, 4), squeeze=False)
-    for ax, structure in zip(axes[0], structures):
-        by_case: dict = {}
-        for r in rows:
-            if r["structure"] == structure:
-                by_case.setdefault(r["case"], {})[r["model"]] = r["dsc"]
-        for scores in by_case.values():
-            ax.plot([0, 1], [scores.get("base", np.nan), scores.get("tuned", np.nan)], "o-", color="0.5", alpha=0.6)
-        ax.set(title=structure, xticks=[0, 1], xticklabels=["base", "tuned"], ylim=(0, 1), xlim=(-0.3, 1.3))
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("held-out DSC")
-    fig.tight_layout()
-    try:
-        with atomic_output(outdir / "heldout_dsc.png", overwrite=True) as tmp:
-            fig.savefig(tmp, dpi=80)
-    finally:
-        plt.close(fig)
+
+    def draw(axes):
+        for ax, structure in zip(axes, structures):
+            by_case: dict = {}
+            for r in rows:
+                if r["structure"] == structure:
+                    by_case.setdefault(r["case"], {})[r["model"]] = r["dsc"]
+            for scores in by_case.values():
+                ax.plot([0, 1], [scores.get("base", np.nan), scores.get("tuned", np.nan)], "o-", color="0.5",
+                        alpha=0.6)
+            ax.set(title=structure, xticks=[0, 1], xticklabels=["base", "tuned"], ylim=(0, 1), xlim=(-0.3, 1.3))
+        axes[0].set_ylabel("held-out DSC")
+
+    runs.draw_figure(outdir / "heldout_dsc.png", len(structures), draw, (3 * len(structures) + 1, 4))
 
 
 # --------------------------------------------------------------------------- export
@@ -582,9 +568,9 @@ def prepare_run(args) -> tuple:
 
 
 def finetune(args) -> int:
-    from segcore.pipeline import resolve_device
-
     import torch
+
+    from segcore.pipeline import resolve_device
 
     tick = time.perf_counter()
     progress = Progress()

@@ -205,11 +205,21 @@ def write_log(outdir: Path, records: list[EpochRecord], draw: Callable) -> None:
     """``log.csv`` (one row per record) and ``curves.png``, whose two side-by-side plots ``draw(axes)``
     fills (the curves are skipped when matplotlib is not installed)."""
     rows = [r.row() for r in records]
-    fields = list(dict.fromkeys(k for row in rows for k in row))
-    with atomic_output(outdir / "log.csv", overwrite=True) as tmp, open(tmp, "w", newline="") as handle:
+    write_csv(outdir / "log.csv", rows, list(dict.fromkeys(k for row in rows for k in row)))
+    draw_figure(outdir / "curves.png", 2, draw, (10, 4))
+
+
+def write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
+    """Rows of a table as a CSV file with a header."""
+    with atomic_output(path, overwrite=True) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
+
+
+def draw_figure(path: Path, panels: int, draw: Callable, size: tuple) -> None:
+    """A PNG of ``panels`` side-by-side plots that ``draw(axes)`` fills, gridded; nothing when matplotlib
+    is not installed."""
     try:
         import matplotlib
 
@@ -217,13 +227,13 @@ def write_log(outdir: Path, records: list[EpochRecord], draw: Callable) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, panels, figsize=size, squeeze=False)
     try:
-        draw(axes)
-        for ax in axes:
+        draw(axes[0])
+        for ax in axes[0]:
             ax.grid(alpha=0.3)
         fig.tight_layout()
-        with atomic_output(outdir / "curves.png", overwrite=True) as tmp:
+        with atomic_output(path, overwrite=True) as tmp:
             fig.savefig(tmp, dpi=80)
     finally:
         plt.close(fig)
