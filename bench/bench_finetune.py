@@ -9,6 +9,8 @@
 2. Forgetting: fine-tuned on 10 standard phantoms (seeds 9440-9449), both models
    are scored on the standard held-out phantoms 9200-9219 (those of the bundled
    models' own evaluation).
+3. Ten cases: a clinic's first fine-tune with the defaults, timed: 10 standard
+   phantoms (seeds 9460-9469) in one folder, 2 of them held out by the command.
 
 Each fine-tune is one run of ``python -m training.finetune`` in a fresh process
 (``--validation`` gives the held-out phantoms), timed from start to exported
@@ -30,6 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = {
     "convention": {"train": (9400, 10), "held_out": (9420, 20), "sv_mm": 10.0},
     "forgetting": {"train": (9440, 10), "held_out": (9200, 20), "sv_mm": 0.0},
+    # A clinic's first fine-tune, timed: 10 cases in one folder, the command's own split (8 + 2).
+    "ten_cases": {"train": (9460, 10), "held_out": None, "sv_mm": 0.0},
 }
 
 
@@ -45,12 +49,14 @@ def phantoms(folder: Path, seed: int, count: int, sv_mm: float, size: int) -> Pa
 def run(name: str, spec: dict, args, workdir: Path) -> dict:
     size = args.size
     train = phantoms(workdir / f"{name}_train", *spec["train"], spec["sv_mm"], size)
-    held = phantoms(workdir / f"{name}_held_out", *spec["held_out"], spec["sv_mm"], size)
     outdir = workdir / f"{name}_run"
     command = [sys.executable, "-m", "training.finetune", "--model", args.model, "--data", str(train),
-               "--validation", str(held), "--export", str(workdir / f"{name}_package"), "--overwrite",
+               "--export", str(workdir / f"{name}_package"), "--overwrite",
                "--iterations", str(args.iterations), "--stages", args.stages, "--output", str(outdir),
                "--name", f"bench-{name}"]
+    if spec["held_out"]:
+        held = phantoms(workdir / f"{name}_held_out", *spec["held_out"], spec["sv_mm"], size)
+        command += ["--validation", str(held)]
     if (outdir / "split.json").is_file():
         command.append("--resume")
     tick = time.perf_counter()
