@@ -56,8 +56,8 @@ MIN_HELD_OUT = 2
 MIN_TRAINING = 1
 DEFAULT_ITERATIONS = 600
 MONITORED_CASES = 3
-# Fine-tuning moves weights that already work: a fifth of the learning rate they were trained with keeps the
-# first steps from undoing them (a tenth learned the convention-shift experiment too slowly in 600 steps).
+# Fine-tuning moves weights that already work: a fifth of the learning rate they were trained with (a choice,
+# not a tuned value) keeps the first steps from undoing them, and the poly decay still runs it down to zero.
 LR_FACTOR = 0.2
 # Architectures each training script trains (and so fine-tunes).
 TRAINABLE = {"prostate": {"unet2p5d", "metricunet", "hfunet", "hmedn"}, "organs": {"hmrnet"}}
