@@ -245,7 +245,7 @@ def finetune_config(base, args, stages: tuple[str, ...], split: Split, outdir: P
     iterations = int(args.iterations)
     config.update(name=args.name or tuned_name(base.name), version=tuned_version(base.version, datetime.date.today()),
                   description=f"{base.description} Fine-tuned from {base.name} {base.version} on "
-                              f"{len(split.train)} cases of a local dataset.",
+                              f"{len(split.train)} case(s) of a local dataset.",
                   output=str(outdir), cache=str(outdir / "cache"), device=args.device)
     config["data"] = {**config["data"], "source": "folder", "folder": None, "validation_folder": None,
                       "cases": len(split.train), "validation_cases": len(split.held_out)}
@@ -260,6 +260,8 @@ def finetune_config(base, args, stages: tuple[str, ...], split: Split, outdir: P
             spec.update(architecture=packaged.architecture, arguments=dict(packaged.arguments))
             spec.update(from_package=None if name in stages else str(base.path),
                         init_package=str(base.path) if name in stages else None)
+            if name not in stages:
+                continue
             epochs = max(1, min(3, iterations // 200))
             spec.update(epochs=epochs, lr=spec["lr"] * args.lr_factor,
                         patches_per_case=math.ceil(iterations * spec["batch_size"] / (epochs * len(split.train))))
@@ -450,7 +452,7 @@ def tuned_manifest(base, config: dict, outdir: Path, split: Split, stages) -> tu
     """The tuned package's model.json (without files) and weights; the base's package paths in the
     recorded configuration are replaced by its name (model.json names no folder of this machine)."""
     trainer = trainer_of(base.task)
-    text = (f"fine-tuned from {base.name} {base.version} on {len(split.train)} cases of a local dataset "
+    text = (f"fine-tuned from {base.name} {base.version} on {len(split.train)} case(s) of a local dataset "
             f"({len(split.held_out)} more held out)")
     manifest, weights = trainer.package_contents(config, outdir, text)
     recorded = manifest["training"]["config"]
