@@ -600,14 +600,8 @@ def finetune(args) -> int:
 
 
 def main(argv=None) -> int:
-    import torch
-
     args = build_parser().parse_args(argv)
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    try:
-        return runs.run_command(lambda: finetune(args))
-    finally:
-        torch.use_deterministic_algorithms(was_deterministic)
+    return runs.run_deterministic_command(lambda: finetune(args))
 
 
 if __name__ == "__main__":

@@ -369,6 +369,18 @@ def start_run(args: argparse.Namespace, defaults: dict, script: str) -> Run:
     return Run(config, outdir, device, target)
 
 
+def run_deterministic_command(body: Callable[[], int]) -> int:
+    """`run_command`, with torch's deterministic-algorithms setting (which a training run sets for the CPU)
+    put back as it was afterwards."""
+    import torch
+
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        return run_command(body)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
 def run_command(body: Callable[[], int]) -> int:
     """A script's exit status: ``body()``'s, or 1 with a one-line error for a SegcoreError or a wrong key in
     a free-form configuration section (the TypeError of the constructor it feeds)."""

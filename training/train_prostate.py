@@ -539,14 +539,8 @@ def train(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    import torch
-
     args = build_parser().parse_args(argv)
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    try:
-        return runs.run_command(lambda: train(args))
-    finally:
-        torch.use_deterministic_algorithms(was_deterministic)
+    return runs.run_deterministic_command(lambda: train(args))
 
 
 if __name__ == "__main__":
