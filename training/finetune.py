@@ -50,6 +50,7 @@ from segcore.errors import SegcoreError
 from segcore.files import write_json
 
 from . import data, runs
+from .runs import log
 
 HELD_OUT_FRACTION = 0.2
 MIN_HELD_OUT = 2
@@ -64,10 +65,6 @@ TRAINABLE = {"prostate": {"unet2p5d", "metricunet", "hfunet", "hmedn"}, "organs"
 METRIC_KEYS = ("dsc", "asd", "hd95", "sdsc_2mm")
 STAGE_CHOICES = {"prostate": {"stage2": ("stage2",), "all": ("stage1", "stage2")},
                  "organs": {"stage2": ("hmrnet",), "all": ("hmrnet",)}}
-
-
-def log(message: str) -> None:
-    runs.log(message)
 
 
 class Progress:
@@ -117,13 +114,13 @@ def name_rank(name: str) -> str:
 def split_cases(folder: Path, validation: Path | None) -> Split:
     """Training and held-out cases: those of ``validation`` when given, else the 20 % (at least 2) of
     ``folder`` whose names hash lowest. Too few cases are refused."""
+    if validation is not None and Path(folder).resolve() == Path(validation).resolve():
+        raise SegcoreError("--validation must be another folder than --data: a model cannot be judged on "
+                           "the cases it was tuned on")
     sources = data.folder_sources(folder)
     if validation is not None:
         held_out = data.folder_sources(validation)
         names = {s.case_id for s in sources} & {s.case_id for s in held_out}
-        if Path(folder).resolve() == Path(validation).resolve():
-            raise SegcoreError("--validation must be another folder than --data: a model cannot be judged on "
-                               "the cases it was tuned on")
         train = sources
         if len(held_out) < MIN_HELD_OUT:
             raise SegcoreError(f"{validation} has {len(held_out)} case(s); at least {MIN_HELD_OUT} are needed "
@@ -300,11 +297,11 @@ def train(config: dict, task: str, stages, split: Split, device, outdir: Path, r
         def step(done, total, n=n):
             progress.iterations(n * total + done, total * len(stages))
         if task == "prostate":
-            if finished(outdir / stage, "epoch", config[stage]["epochs"]):
+            if runs.checkpoint_reached(outdir / stage, "epoch", config[stage]["epochs"]):
                 continue
             trainer.train_stage(stage, config, train_cases, held_out, settings, device, outdir, resume, log,
                                 restart=not resume, on_iteration=step)
-        elif not finished(outdir / "hmrnet", "iteration", config["iterations"]):
+        elif not runs.checkpoint_reached(outdir / "hmrnet", "iteration", config["iterations"]):
             trainer.train(config, train_cases, held_out, settings, device, outdir, resume, not resume, log,
                           on_iteration=step)
 
@@ -312,15 +309,6 @@ def train(config: dict, task: str, stages, split: Split, device, outdir: Path, r
 def stage_iterations(spec: dict, cases: int) -> int:
     """The iterations of a prostate stage, as its epochs, patches and batch size make them."""
     return spec["epochs"] * math.ceil(cases * spec["patches_per_case"] / spec["batch_size"])
-
-
-def finished(folder: Path, key: str, goal: int) -> bool:
-    """Whether a stage's last checkpoint is at its goal (epochs count from 0, iterations from 1)."""
-    path = folder / "last.json"
-    if not path.is_file():
-        return False
-    done = json.loads(path.read_text())[key]
-    return (done + 1 if key == "epoch" else done) >= goal
 
 
 # --------------------------------------------------------------------------- base against tuned

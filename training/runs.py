@@ -173,6 +173,16 @@ def keep_checkpoints(folder: Path, network, optimizer, state: dict, improved: bo
     save_checkpoint(folder, "last", network, optimizer, state)
 
 
+def checkpoint_reached(folder: Path, key: str, goal: int) -> bool:
+    """Whether the last checkpoint in ``folder`` is at ``goal``: ``key`` "epoch" (counted from 0) or
+    "iteration" (counted from 1)."""
+    path = folder / "last.json"
+    if not path.is_file():
+        return False
+    done = json.loads(path.read_text())[key]
+    return (done + 1 if key == "epoch" else done) >= goal
+
+
 def finite_dsc(validation: dict) -> float:
     """The validation's mean DSC, 0 when it is undefined (NaN: nothing to compare)."""
     return validation["dsc"] if math.isfinite(validation["dsc"]) else 0.0

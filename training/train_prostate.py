@@ -488,11 +488,6 @@ def pipeline_settings(config: dict) -> PipelineSettings:
 # --------------------------------------------------------------------------- command line
 
 
-def _finished(folder: Path, epochs: int) -> bool:
-    path = folder / "last.json"
-    return path.is_file() and json.loads(path.read_text())["epoch"] + 1 >= epochs
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training.train_prostate",
@@ -529,7 +524,7 @@ def train(args: argparse.Namespace) -> int:
             continue
         train_stage(stage, config, train_cases, val_cases, settings, run.device, outdir, args.resume, log,
                     args.max_epochs, args.restart)
-    untrained = [s for s in STAGES if s not in packaged and not _finished(outdir / s, config[s]["epochs"])]
+    untrained = [s for s in STAGES if s not in packaged and not runs.checkpoint_reached(outdir / s, "epoch", config[s]["epochs"])]
     if untrained:
         log(f"not exporting a package yet: {', '.join(untrained)} not trained in {outdir}")
         return 0
