@@ -102,7 +102,7 @@ def test_folder_inputs_and_dicom_series(package, inputs, tmp_path, small_phantom
     code = cli(["-q", "segment", str(inputs / "dicom" / "series1"), str(inputs / "b_ct.nrrd"), "-o", str(out),
                 "--model", str(package.path), "--formats", "nii.gz"])
     assert code == 0
-    assert sorted(p.name for p in out.iterdir()) == ["b_ct_seg.json", "b_ct_seg.nii.gz", "series1_seg.json",
+    assert sorted(p.name for p in out.iterdir()) == ["b_ct_seg.json", "b_ct_seg.nii.gz", "manifest.jsonl", "series1_seg.json",
                                                      "series1_seg.nii.gz"]
     seg = sitk.ReadImage(str(out / "series1_seg.nii.gz"))
     assert seg.GetSize() == small_phantom.ct.GetSize()

@@ -7,6 +7,7 @@ warning is given when the image is read.
 """
 
 import gzip
+import json
 import shutil
 import sys
 from dataclasses import replace
@@ -56,7 +57,10 @@ def refused(tmp_path, capsys, bad, *phrases, error=errors.SegcoreError):
     assert len(lines) == 1, stderr
     for phrase in phrases:
         assert phrase in lines[0], lines[0]
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    manifest = after.pop("manifest.jsonl", b"")  # the batch's record of the failure, nothing else
+    assert after == before
+    assert [json.loads(line)["status"] for line in manifest.splitlines()] in ([], ["failed"])
     with pytest.raises(error) as caught:
         segment_prostate(bad, device="cpu")
     for phrase in phrases:

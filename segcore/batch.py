@@ -10,11 +10,19 @@ folder, then swapped in as a whole with the report last, the previous set's
 other files removed, and SIGINT/SIGTERM held back during the swap. So an
 interrupted batch leaves each input's set complete-old, complete-new or absent,
 and the next run clears what an interrupted one left (`segcore.files.StagedSet`).
+
+``OUTDIR/manifest.jsonl`` gets one JSON line per input as its result arrives
+(`Manifest`): status, outputs, error, model and version, timings, where it ran.
+With `resume`, inputs whose last line says done by the same model version, with
+every output still there, are skipped; the others are done again, replacing
+their earlier results. The same batch runs on a Dask cluster (`segcore.cluster`).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,6 +36,50 @@ from segcore.result import Result
 
 # progress(done_inputs + fraction_of_current, total_inputs, input_name, message)
 BatchProgress = Callable[[float, int, str, str], None]
+ModelId = tuple[str, str]  # a model package's name and version
+MANIFEST = "manifest.jsonl"
+
+
+def input_key(path) -> str:
+    """How the manifest names an input: its absolute path (symbolic links kept as given)."""
+    return os.path.abspath(path)
+
+
+class Manifest:
+    """``manifest.jsonl`` in an output folder: one JSON line per input as its result arrives, appended in
+    one write each (a torn last line after a crash is skipped when read). An input's last line counts."""
+
+    def __init__(self, folder):
+        self.path = Path(folder) / MANIFEST
+
+    def last_lines(self) -> dict[str, dict]:
+        """Each input's last line, by `input_key`."""
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return {}
+        lines = {}
+        for row in text.splitlines():
+            try:
+                line = json.loads(row)
+            except ValueError:
+                continue
+            if isinstance(line, dict) and isinstance(line.get("input"), str):
+                lines[line["input"]] = line
+        return lines
+
+    def finished(self, model: ModelId) -> set[str]:
+        """Inputs done by this model version whose outputs are all still there."""
+        return {key for key, line in self.last_lines().items()
+                if line.get("status") == "done" and (line.get("model"), line.get("model_version")) == tuple(model)
+                and all(isinstance(n, str) and Path(n).name == n and (self.path.parent / n).is_file()
+                        for n in line.get("outputs") or [None])}
+
+    def record(self, item: BatchItem, model: ModelId) -> None:
+        from segcore.files import append_line
+
+        with signals_deferred():
+            append_line(self.path, json.dumps(item.manifest_line(model), allow_nan=False))
 
 
 @dataclass
@@ -38,10 +90,25 @@ class BatchItem:
     outputs: list[Path] = field(default_factory=list)
     result: Result | None = None
     error: str | None = None
+    attempts: int = 1
+    where: dict = field(default_factory=dict)      # host and process (and Dask worker) that did it
+    seconds: dict = field(default_factory=dict)    # beyond the pipeline's own timings: model_load, write
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    def manifest_line(self, model: ModelId) -> dict:
+        """Its line in manifest.jsonl."""
+        import datetime
+
+        timings = {**(self.result.timings if self.result else {}), **self.seconds}
+        return {"input": input_key(self.input), "status": "done" if self.ok else "failed",
+                "outputs": [p.name for p in self.outputs], "error": self.error,
+                "model": model[0], "model_version": model[1],
+                "timings_s": {k: round(v, 3) for k, v in timings.items()}, **self.where,
+                "attempts": self.attempts,
+                "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
     def summary(self) -> str:
         """One line (plus notes) for a log: volumes and confidence, or the error."""
@@ -98,6 +165,7 @@ class BatchPlan:
     output_dir: Path
     overwrite: bool
     roi_names: dict[str, str] | None = None  # structure (ours or TG-263) -> the clinic's ROI name
+    skipped: list[Path] = field(default_factory=list)  # done before by the same model (resume)
 
     def previous_names(self, stem: str) -> list[str]:
         """The files of an earlier result set of `stem`: its report and what the report lists. Only these
@@ -112,6 +180,14 @@ class BatchPlan:
             pass
         return list(dict.fromkeys([*listed, report.name]))
 
+    def reported_input(self, stem: str) -> str | None:
+        """The input (by `input_key`) that the report of `stem` in the output folder says it came from."""
+        try:
+            given = json.loads((self.output_dir / f"{stem}.json").read_text(encoding="utf-8")).get("input")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return input_key(given) if isinstance(given, str) else None
+
     def planned_names(self, stem: str, structure_names: Sequence[str] = anatomy.TARGET_NAMES) -> list[str]:
         """The files the new set of `stem` may write in the asked formats (surfaces: one per structure)."""
         from segcore.export import SURFACE_FORMATS, output_name
@@ -119,18 +195,39 @@ class BatchPlan:
         return [output_name(stem, fmt, name)
                 for fmt in self.formats for name in (structure_names if fmt in SURFACE_FORMATS else [None])]
 
-    def existing(self) -> list[Path]:
+    def existing(self, known: frozenset[str] = frozenset()) -> list[Path]:
         """Outputs in the way of this batch: an earlier set of one of its inputs, or a file of a name it
-        would write."""
-        return [self.output_dir / name for (_, problem), stem in zip(self.inputs, self.stems) if not problem
+        would write; inputs in `known` (by `input_key`) are left out."""
+        return [self.output_dir / name for (path, problem), stem in zip(self.inputs, self.stems)
+                if not problem and input_key(path) not in known
                 for name in dict.fromkeys([*self.previous_names(stem), *self.planned_names(stem)])
                 if (self.output_dir / name).exists()]
 
+    def skip_finished(self, model: ModelId) -> None:
+        """Resume: leave out the inputs the manifest says this model version has done; refuse (without
+        `overwrite`) outputs in the way of an input the manifest does not know, since then we cannot tell
+        they are ours; the earlier results of the inputs it does know are replaced."""
+        manifest = Manifest(self.output_dir)
+        finished = manifest.finished(model)
+        # Ours too: a set whose report names this input (written while a stopped batch was ending).
+        known = frozenset([*manifest.last_lines(), *(input_key(path) for (path, _), stem in zip(self.inputs, self.stems)
+                                                      if self.reported_input(stem) == input_key(path))])
+        keep = [n for n, (path, _) in enumerate(self.inputs) if input_key(path) not in finished]
+        self.skipped = [path for path, _ in self.inputs if input_key(path) in finished]
+        self.inputs, self.stems = [self.inputs[n] for n in keep], [self.stems[n] for n in keep]
+        if not self.overwrite:
+            existing = self.existing(known)
+            if existing:
+                raise OutputExistsError(exists_message(existing))
+        self.overwrite = True
+
 
 def plan_batch(paths, output_dir, formats: Sequence[str] = ("seg.nrrd",), *, overwrite: bool = False,
-               roi_names: dict[str, str] | None = None) -> BatchPlan:
+               roi_names: dict[str, str] | None = None, resume: ModelId | None = None) -> BatchPlan:
     """Check a batch before the work: formats, the output folder, clashing names, inputs that cannot give
-    the DICOM formats, the ROI name map and, without `overwrite`, existing outputs. Creates nothing."""
+    the DICOM formats, the ROI name map and, without `overwrite`, existing outputs. With `resume` (the
+    model's name and version), inputs that model version has done are skipped (`BatchPlan.skip_finished`).
+    Creates nothing."""
     from segcore.export import dicom_input_problem, normalise_formats
     from segcore.files import check_output_folder
 
@@ -147,7 +244,9 @@ def plan_batch(paths, output_dir, formats: Sequence[str] = ("seg.nrrd",), *, ove
         raise SegcoreError(f"several inputs would write the same output names ({', '.join(clashes)}); "
                            "segment them into different output folders.")
     plan = BatchPlan(inputs, stems, formats, output_dir, overwrite, roi_names)
-    if not overwrite:
+    if resume:
+        plan.skip_finished(resume)
+    elif not overwrite:
         existing = plan.existing()
         if existing:
             raise OutputExistsError(exists_message(existing))
@@ -228,7 +327,8 @@ def _write_failure(error: Exception, plan: BatchPlan, path: Path) -> Exception |
 def segment_files(segment: Callable[..., Result], structures: Sequence[Structure], paths, output_dir,
                   formats: Sequence[str] = ("seg.nrrd",), *, overwrite: bool = False,
                   roi_names: dict[str, str] | None = None, progress: BatchProgress | None = None,
-                  on_item: Callable[[BatchItem], None] | None = None) -> list[BatchItem]:
+                  on_item: Callable[[BatchItem], None] | None = None, resume: bool = False,
+                  model: ModelId | None = None) -> list[BatchItem]:
     """Run ``segment(path, progress)`` on every input and write its outputs into `output_dir`.
 
     `structures` are the labels written to every output (also when nothing was
@@ -237,37 +337,91 @@ def segment_files(segment: Callable[..., Result], structures: Sequence[Structure
     Everything that can be checked before segmenting is (`plan_batch`); each
     input's outputs replace its previous ones as a whole; a failure to write
     (full disk, read-only folder) stops the batch with an OutputWriteError.
+    `model` (name, version; by default the segmenter's package) goes into each
+    manifest line; `resume` skips what that model version has done.
     """
-    from segcore.files import make_folder, recover_staging, remove_empty_folders, remove_temporary_leftovers
-
-    plan = plan_batch(paths, output_dir, formats, overwrite=overwrite, roi_names=roi_names)
-    created = [] if all(problem for _, problem in plan.inputs) else make_folder(plan.output_dir)
-    if plan.output_dir.is_dir():  # clear what an interrupted run left
-        recover_staging(plan.output_dir)
-        from segcore.export import possible_names
-
-        # Only our own `.tmp-<random>-NAME` files are matched, so every name we could ever write is safe here.
-        remove_temporary_leftovers(plan.output_dir, [
-            name for stem in plan.stems
-            for name in [*possible_names(stem, [s.name for s in anatomy.STRUCTURES]), *plan.previous_names(stem)]])
+    model = model or model_of(segment)
+    plan = plan_batch(paths, output_dir, formats, overwrite=overwrite, roi_names=roi_names,
+                      resume=resume_model(resume, model))
+    created = open_output_folder(plan)
     report = progress or (lambda done, total, name, message: None)
     items: list[BatchItem] = []
     try:
         for n, ((path, problem), stem) in enumerate(zip(plan.inputs, plan.stems)):
-            item = _segment_one(segment, structures, plan, path, problem, stem,
+            item = segment_one(segment, structures, plan, path, problem, stem,
                                 lambda fraction, message, n=n, name=path.name:
                                 report(n + fraction, len(plan.inputs), name, message))
+            item.where = where_it_ran()
+            record(plan, item, model)
             items.append(item)
             report(n + 1, len(plan.inputs), path.name, "done" if item.ok else "failed")
             if on_item is not None:
                 on_item(item)
     finally:
-        remove_empty_folders(created)
+        close_output_folder(plan, created, items)
     return items
 
 
-def _segment_one(segment, structures, plan: BatchPlan, path: Path, problem: str | None, stem: str,
-                 progress) -> BatchItem:
+def close_output_folder(plan: BatchPlan, created: list[Path], items: list[BatchItem]) -> None:
+    """A folder this batch made and wrote no result into is removed again, with its manifest."""
+    from segcore.files import remove_empty_folders
+
+    if created and not any(item.outputs for item in items):
+        Manifest(plan.output_dir).path.unlink(missing_ok=True)
+    remove_empty_folders(created)
+
+
+def model_of(segment) -> ModelId | None:
+    """A segmenter's model package name and version (None for a plain function)."""
+    package = getattr(segment, "package", None)
+    return (package.name, package.version) if package is not None else None
+
+
+def resume_model(resume: bool, model: ModelId | None) -> ModelId | None:
+    if resume and model is None:
+        raise SegcoreError("resuming needs the model's name and version, to tell which results are its own")
+    return model if resume else None
+
+
+def open_output_folder(plan: BatchPlan) -> list[Path]:
+    """Make the output folder (unless no input can give outputs) and clear what an interrupted run left in
+    it; the folders made, for `remove_empty_folders`."""
+    from segcore.files import make_folder
+
+    created = [] if all(problem for _, problem in plan.inputs) else make_folder(plan.output_dir)
+    if plan.output_dir.is_dir():
+        clear_leftovers(plan)
+    return created
+
+
+def clear_leftovers(plan: BatchPlan) -> None:
+    """Finish or remove staging folders of stopped runs and remove their temporary files."""
+    from segcore.export import possible_names
+    from segcore.files import recover_staging, remove_temporary_leftovers
+
+    recover_staging(plan.output_dir)
+    # Only our own `.tmp-<random>-NAME` files are matched, so every name we could ever write is safe here.
+    remove_temporary_leftovers(plan.output_dir, [
+        name for stem in plan.stems
+        for name in [*possible_names(stem, [s.name for s in anatomy.STRUCTURES]), *plan.previous_names(stem)]])
+
+
+def record(plan: BatchPlan, item: BatchItem, model: ModelId | None) -> None:
+    """The item's manifest line (when the model is known and the output folder exists)."""
+    if model is not None and plan.output_dir.is_dir():
+        Manifest(plan.output_dir).record(item, model)
+
+
+def where_it_ran() -> dict:
+    import socket
+
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def segment_one(segment, structures, plan: BatchPlan, path: Path, problem: str | None, stem: str,
+                progress) -> BatchItem:
+    """Segment one input and write its result set; its item (a bad input gives an error, not an
+    exception). A failure to write stops the batch: OutputWriteError."""
     item = BatchItem(path)
     try:
         if problem:
@@ -283,7 +437,9 @@ def _segment_one(segment, structures, plan: BatchPlan, path: Path, problem: str 
         item.error = f"could not be processed: {type(error).__name__}: {error}"
         return item
     try:
+        tick = time.perf_counter()
         item.outputs = write_case(plan, stem, path, item.result, structures)
+        item.seconds["write"] = time.perf_counter() - tick
     except (SegcoreError, OSError, RuntimeError, MemoryError, ValueError) as error:
         stop = _write_failure(error, plan, path)
         if stop is not None:

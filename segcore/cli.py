@@ -12,6 +12,7 @@ import signal
 import sys
 import warnings
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 from segcore import __version__
@@ -160,17 +161,30 @@ def _dataset(args) -> int:
 
 
 def _segment(args) -> int:
-    _check_batch(args)
-    from segcore.prostate import ProstateSegmenter
-
-    return _run_batch(ProstateSegmenter(args.model, args.device), args)
+    return _run_batch("prostate", args)
 
 
 def _organs(args) -> int:
-    _check_batch(args)
+    return _run_batch("organs", args)
+
+
+def _segmenter_class(task: str):
+    if task == "prostate":
+        from segcore.prostate import ProstateSegmenter
+
+        return ProstateSegmenter
     from segcore.organs import OrganSegmenter
 
-    return _run_batch(OrganSegmenter(args.model, args.device, args.organs), args)
+    return OrganSegmenter
+
+
+def _model_id(segmenter_class, args) -> tuple[str, str]:
+    """The chosen package's name and version, read from its model.json (no weights loaded)."""
+    from segcore.pipeline import open_model
+
+    c = segmenter_class
+    package = open_model(args.model, c.TASK, c.DEFAULT_MODEL, c.STAGES, c.KIND)
+    return package.name, package.version
 
 
 def _formats(args) -> list[str]:
@@ -185,11 +199,21 @@ def _roi_names(args) -> dict[str, str] | None:
     return {str(k): str(v) for k, v in read_mapping_file(args.names, "name map").items()}
 
 
-def _check_batch(args) -> None:
-    """Formats, the output folder and existing outputs, before a model is loaded or anything segmented."""
+def _check_batch(args, model: tuple[str, str]):
+    """Formats, the output folder, existing outputs and what --resume skips, before a model is loaded or
+    anything segmented."""
     from segcore.batch import plan_batch
 
-    plan_batch(args.inputs, args.output, _formats(args), overwrite=args.overwrite, roi_names=_roi_names(args))
+    return plan_batch(args.inputs, args.output, _formats(args), overwrite=args.overwrite, roi_names=_roi_names(args),
+                      resume=model if args.resume else None)
+
+
+def _check_outputs(args) -> None:
+    """The output folder, formats and names, before the model package is even opened."""
+    from segcore.batch import plan_batch
+
+    plan_batch(args.inputs, args.output, _formats(args), overwrite=args.overwrite or args.resume,
+               roi_names=_roi_names(args))
 
 
 # Library warnings about things we handle (they would only break into the progress on stderr); any other
@@ -211,26 +235,38 @@ def _known_warnings_silenced():
         yield
 
 
-def _run_batch(segmenter, args) -> int:
-    """Segment every input with one loaded model, a progress bar on stderr and a line per input."""
-    from tqdm import tqdm
+def _run_batch(task: str, args) -> int:
+    """Segment every input with one loaded model (or one per Dask worker), a progress bar on stderr and a
+    line per input."""
+    from segcore.batch import model_of, segment_files
 
-    from segcore.batch import segment_files
+    kind = _segmenter_class(task)
+    distributed = args.workers is not None or args.scheduler is not None
+    if distributed:
+        from segcore.cluster import import_distributed
 
-    formats = _formats(args)
-    with _known_warnings_silenced(), tqdm(total=100, file=sys.stderr, disable=args.quiet, unit="%",
-              bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}") as bar:
-        def progress(done, total, name, message):
-            bar.set_description_str(f"[{min(int(done) + 1, total)}/{total}] {name}: {message}")
-            bar.n = int(100 * done / max(total, 1))
-            bar.refresh()
+        import_distributed()  # says how to install Dask before anything else
+    _check_outputs(args)
+    model = _model_id(kind, args)
+    plan = _check_batch(args, model)
+    if plan.skipped:
+        logging.getLogger("segcore").info(
+            f"{len(plan.skipped)} input(s) already done by {model[0]} {model[1]} (manifest.jsonl): skipped")
+    extra = (args.organs,) if task == "organs" else ()
+    options = {"overwrite": args.overwrite, "roi_names": _roi_names(args), "resume": args.resume}
+    with _known_warnings_silenced(), _BatchBar(len(plan.inputs), args.quiet) as bar:
+        if distributed:
+            from segcore.cluster import segment_files_on_cluster
 
-        def show(item):
-            bar.write(item.summary(), file=sys.stdout if item.ok else sys.stderr)
-
-        items = segment_files(segmenter, segmenter.structures, args.inputs, args.output, formats,
-                              overwrite=args.overwrite, roi_names=_roi_names(args), progress=progress,
-                              on_item=show)
+            structures = kind(args.model, "cpu", *extra).structures  # checks the package here first
+            factory = partial(kind, _model_for_workers(args.model), args.device, *extra)
+            items = segment_files_on_cluster(factory, structures, args.inputs, args.output, _formats(args),
+                                             model=model, workers=args.workers, scheduler=args.scheduler,
+                                             progress=bar.progress, on_item=bar.show, **options)
+        else:
+            segmenter = kind(args.model, args.device, *extra)
+            items = segment_files(segmenter, segmenter.structures, args.inputs, args.output, _formats(args),
+                                  model=model_of(segmenter), progress=bar.progress, on_item=bar.show, **options)
     failures = [item for item in items if not item.ok]
     if failures and len(items) == 1:
         return 1  # its one error line has been shown
@@ -240,6 +276,41 @@ def _run_batch(segmenter, args) -> int:
             print(f"  {item.input}: {item.error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _model_for_workers(model: str | None) -> str | None:
+    """A package folder given by a relative path, made absolute: workers may run elsewhere."""
+    return str(Path(model).resolve()) if model and Path(model).exists() else model
+
+
+class _BatchBar:
+    """The batch's one progress bar on stderr: cases done of total (and how far the current one is, in a
+    serial run), failures, time left; each finished input's line printed above it."""
+
+    def __init__(self, total: int, quiet: bool):
+        from tqdm import tqdm
+
+        self.failed = 0
+        self.bar = tqdm(total=max(total, 1), file=sys.stderr, disable=quiet, unit="case",
+                        bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
+
+    def progress(self, done: float, total: int, name: str, message: str) -> None:
+        case = int(done) if message in ("done", "failed") else min(int(done) + 1, total)
+        self.bar.set_description_str(f"[{case}/{total}] {name}: {message}", refresh=False)
+        self.bar.n = done
+        self.bar.refresh()
+
+    def show(self, item) -> None:
+        self.bar.write(item.summary(), file=sys.stdout if item.ok else sys.stderr)
+        if not item.ok:
+            self.failed += 1
+            self.bar.set_postfix_str(f"{self.failed} failed")
 
 
 def _node_config(args):
@@ -327,6 +398,18 @@ def _batch_arguments(p: argparse.ArgumentParser, default_model: str) -> None:
                    "'Prostate: CTV_Prostate_AI' (default: TG-263 names: Prostate, Bladder, Rectum, Femur_Head_L, "
                    "Femur_Head_R, SeminalVes)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (never done otherwise)")
+    p.add_argument("--resume", action="store_true",
+                   help="skip the inputs that OUTPUT/manifest.jsonl says this model version has done (outputs "
+                   "all there) and do the rest, replacing their earlier results")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, metavar="N",
+                       help="segment on a local Dask cluster of N worker processes (each loads the model "
+                       "once and gets its share of the cores); needs the cluster extra: "
+                       'pip install "prostateseg[cluster]"')
+    where.add_argument("--scheduler", metavar="ADDRESS",
+                       help="segment on an existing Dask cluster, e.g. tcp://10.0.0.5:8786 (started with "
+                       "`dask scheduler` and `dask worker ADDRESS`): every worker needs prostateseg, the "
+                       "model package, and the inputs and output folder at the same paths")
 
 
 def _add_segment(commands) -> None:

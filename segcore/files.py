@@ -170,6 +170,26 @@ def write_text(path, text: str, overwrite: bool = False, sync: bool = False, new
     return path
 
 
+def append_line(path, text: str) -> None:
+    """Append one line to a log file (made if missing) in a single write, flushed to disk: a reader sees
+    whole lines only, except perhaps a torn last one after a crash, which the next append ends first."""
+    data = (text.rstrip("\n") + "\n").encode("utf-8")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise write_error(path, error) from error
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data
+        os.write(fd, data)
+        os.fsync(fd)
+    except OSError as error:
+        raise write_error(path, error) from error
+    finally:
+        os.close(fd)
+
+
 def fsync_folder(folder) -> None:
     """Make a rename or a new file in `folder` durable (a folder's entries are synced separately from the
     files' data). Windows has no folder handles to sync: there it does nothing."""
