@@ -115,6 +115,8 @@ class BatchItem:
         if not self.ok:
             return f"{self.input}: error: {self.error}"
         result = self.result
+        if result is None:  # found complete on disk (segcore.cluster): the report has the details
+            return f"{self.input}: done ({', '.join(p.name for p in self.outputs)})"
         found = ", ".join(f"{s.name} {s.volume_cc:.1f} cc" for s in result.segments) or "nothing found"
         line = f"{self.input}: {found}; confidence {result.confidence:.2f} ({result.timings.get('total', 0):.1f} s)"
         return line + "".join(f"\n  note: {message}" for message in result.messages)

@@ -24,11 +24,12 @@ Dask is optional: ``pip install "prostateseg[cluster]"``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
 import threading
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
@@ -70,6 +71,16 @@ def import_distributed():
 
 # --------------------------------------------------------------------------- on a worker
 
+
+def dask_setup(worker) -> None:
+    """Run by each worker of a local cluster as it starts (Dask's preload): Ctrl-C in the terminal reaches
+    the whole process group, but the workers are this process's to stop, after it has cancelled the
+    tasks, not in the middle of writing a case."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 _loaded: dict[bytes, object] = {}   # this worker process's segmenters, by their pickled factory
 _loading = threading.Lock()
 
@@ -99,14 +110,44 @@ def loaded_segmenter(factory: Callable, share: int) -> tuple[object, float]:
         return segmenter, time.perf_counter() - tick
 
 
+def report_stamp(plan: BatchPlan, stem: str) -> int | None:
+    """When the report of `stem` was last written (None: there is none)."""
+    try:
+        return (plan.output_dir / f"{stem}.json").stat().st_mtime_ns
+    except OSError:
+        return None
+
+
+def written_in_this_batch(plan: BatchPlan, stem: str, path: Path, model: ModelId, stamp: int | None):
+    """The item of an input whose result set this batch has already written (its report changed since
+    `stamp`, names this input and model version, and its outputs are all there), else None. A finished
+    task's record lives in its worker's memory until this process fetches it: when the worker dies first,
+    Dask runs the task again, and this tells that the work is done."""
+    report = plan.output_dir / f"{stem}.json"
+    try:
+        written = report.stat().st_mtime_ns
+        facts = json.loads(report.read_text(encoding="utf-8"))
+        outputs = [plan.output_dir / name for name in facts["outputs"]]
+        ours = (input_key(facts["input"]) == input_key(path)
+                and (facts["model"], facts["model_version"]) == tuple(model))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if written == stamp or not ours or not all(p.is_file() for p in outputs):
+        return None
+    return BatchItem(path, outputs=outputs)
+
+
 def segment_on_worker(factory: Callable, model: ModelId, plan: BatchPlan, path: Path, problem: str | None,
-                      stem: str, threads_in_host: dict[str, int]) -> BatchItem:
+                      stem: str, stamp: int | None, threads_in_host: dict[str, int]) -> BatchItem:
     """One task: segment one input with the worker's model and write its result set; the item goes back
-    without its label map."""
+    without its label map. Done already in this batch (`written_in_this_batch`): that item."""
     import distributed
 
     worker = distributed.get_worker()
-    item = BatchItem(path, where={**where_it_ran(), "worker": worker.address})
+    item = written_in_this_batch(plan, stem, path, model, stamp) or BatchItem(path)
+    item.where = {**where_it_ran(), "worker": worker.address}
+    if item.outputs:
+        return item
     try:
         segmenter, load_seconds = loaded_segmenter(factory, threads_in_host.get(worker.address, 1))
     except SegcoreError as error:
@@ -143,7 +184,7 @@ def cluster_client(workers: int | None, scheduler: str | None) -> Iterator[objec
                 if workers < 1:
                     raise SegcoreError(f"--workers must be at least 1, not {workers}")
                 cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                                   dashboard_address=None)
+                                                   dashboard_address=None, preload=[__name__])
             client = distributed.Client(cluster or scheduler, timeout="30s", set_as_default=False)
         except (OSError, TimeoutError) as error:
             if cluster is not None:
@@ -158,14 +199,14 @@ def cluster_client(workers: int | None, scheduler: str | None) -> Iterator[objec
                 cluster.close()
 
 
-def threads_in_host(client) -> dict[str, int]:
-    """For each worker, how many threads all the workers on its host run together: each worker gives torch
-    its host's cores divided by that number."""
+def cluster_threads(client) -> tuple[int, dict[str, int]]:
+    """The cluster's worker threads in all, and for each worker how many threads all the workers on its
+    host run together (each worker gives torch its host's cores divided by that number)."""
     workers = client.scheduler_info(n_workers=-1)["workers"]
     per_host = Counter()
     for info in workers.values():
         per_host[info["host"]] += int(info.get("nthreads", 1))
-    return {address: per_host[info["host"]] for address, info in workers.items()}
+    return sum(per_host.values()), {address: per_host[info["host"]] for address, info in workers.items()}
 
 
 def segment_files_on_cluster(factory: Callable, structures: Sequence[Structure], paths, output_dir,
@@ -196,49 +237,61 @@ def segment_files_on_cluster(factory: Callable, structures: Sequence[Structure],
 
 
 def _run_tasks(client, factory, plan: BatchPlan, model: ModelId, items: list, progress, on_item) -> None:
+    """Keep one task per worker thread in flight (so that a dying worker holds no queued case besides
+    the one it runs; Dask would otherwise hand out short task lists up front), collect each as it
+    finishes, and send a case whose worker died once more, ahead of the rest."""
     from distributed import as_completed
 
     report = progress or (lambda done, total, name, message: None)
-    shares = threads_in_host(client)
     task_plan = replace(plan, inputs=[], stems=[], skipped=[])  # what writing a case needs, kept small
     total = len(plan.inputs)
+    stamps = [report_stamp(plan, stem) for stem in plan.stems]
+    waiting = deque((n, 1) for n in range(total))
     pending = {}
+    tasks = as_completed(loop=client.loop)
 
-    def submit(n: int, attempt: int):
-        path, problem = plan.inputs[n]
-        future = client.submit(segment_on_worker, factory, model, task_plan, Path(input_key(path)), problem,
-                               plan.stems[n], shares, pure=False, key=f"segment-{plan.stems[n]}-{os.urandom(6).hex()}")
-        pending[future] = (n, attempt)
-        return future
+    def fill():
+        threads, shares = cluster_threads(client)  # workers may come and go (an adaptive cluster)
+        while waiting and len(pending) < max(1, threads):
+            n, attempt = waiting.popleft()
+            path, problem = plan.inputs[n]
+            future = client.submit(segment_on_worker, factory, model, task_plan, Path(input_key(path)), problem,
+                                   plan.stems[n], stamps[n], shares, pure=False,
+                                   key=f"segment-{plan.stems[n]}-{os.urandom(6).hex()}")
+            pending[future] = (n, attempt)
+            tasks.add(future)
 
-    tasks = as_completed([submit(n, 1) for n in range(total)], loop=client.loop)
     try:
+        fill()
         for future in tasks:
             n, attempt = pending.pop(future)
-            item = _finished(future, plan.inputs[n][0], attempt)
+            item = _collect(future, plan, n, model, stamps[n], attempt)
             if item is None:
-                tasks.add(submit(n, attempt + 1))
-                continue
-            record(plan, item, model)
-            items.append(item)
-            report(len(items), total, item.input.name, "done" if item.ok else "failed")
-            if on_item is not None:
-                on_item(item)
+                waiting.appendleft((n, attempt + 1))
+            else:
+                record(plan, item, model)
+                items.append(item)
+                report(len(items), total, item.input.name, "done" if item.ok else "failed")
+                if on_item is not None:
+                    on_item(item)
+            fill()
     finally:
         client.cancel(list(pending), force=True)
 
 
-def _finished(future, path: Path, attempt: int) -> BatchItem | None:
-    """The item of a finished task; None when its worker died and the case should be sent again. A failure
-    to write (full disk, read-only folder) stops the batch, as in a serial run."""
+def _collect(future, plan: BatchPlan, n: int, model: ModelId, stamp: int | None, attempt: int) -> BatchItem | None:
+    """The item of a finished task; None when its worker died first and the case should be sent again. A
+    failure to write (full disk, read-only folder) stops the batch, as in a serial run."""
+    path, stem = plan.inputs[n][0], plan.stems[n]
     try:
         item = future.result()
     except SegcoreError:
         raise
-    except Exception as error:  # noqa: BLE001 - the worker died or was lost, or the task broke: try once more
-        if attempt <= RETRIES:
+    except Exception as error:  # noqa: BLE001 - the worker died or was lost, or the task broke
+        item = written_in_this_batch(plan, stem, path, model, stamp)  # it died after the work was done
+        if item is None and attempt <= RETRIES:
             return None
         what = "its worker died" if type(error).__name__ == "KilledWorker" else f"{type(error).__name__}: {error}"
-        item = BatchItem(path, error=f"failed {attempt} times ({what}); the batch went on")
+        item = item or BatchItem(path, error=f"failed {attempt} times ({what}); the batch went on")
     item.input, item.attempts = path, attempt
     return item
