@@ -222,3 +222,14 @@ def test_without_dask_workers_say_how_to_install_it(package, cases, tmp_path, mo
     err = capsys.readouterr().err
     assert 'pip install "prostateseg[cluster]"' in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_bad_cluster_options_are_one_clear_line(package, cases, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli(segment_args([cases / "a_ct.nii.gz"], out, package, "--workers", "0")) == 1
+    assert "--workers must be 1 or more" in capsys.readouterr().err
+    nobody = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there
+    assert cli(segment_args([cases / "a_ct.nii.gz"], out, package, "--scheduler", nobody)) == 1
+    err = capsys.readouterr().err
+    assert f"cannot reach the Dask scheduler at {nobody}" in err and "Traceback" not in err
+    assert not out.exists()

@@ -10,12 +10,12 @@ process appends the manifest line as each record arrives, so the manifest is
 written by one process and never interleaved.
 
 A worker that dies (killed, out of memory) loses only the case it was running:
-the scheduler is told to give up on a task at the first death
-(``allowed-failures`` 0, and ``worker-saturation`` 1.0 so that a worker holds
-no queued task besides the one it runs), and this process sends the case again,
-once; a case whose worker dies twice is recorded as failed and the batch goes
-on. An existing scheduler keeps its own settings (Dask's default lets a task
-kill three workers before it gives up). Ctrl-C or SIGTERM cancels what is
+this process keeps one task per worker thread in flight, so no worker holds a
+queue of cases; a local scheduler is told to give up on a task at the first
+death (``allowed-failures`` 0), and this process sends the case again, once; a
+case whose worker dies twice is recorded as failed and the batch goes on. An
+existing scheduler keeps its own settings (with Dask's default a task may kill
+several workers before the scheduler gives up on it). Ctrl-C or SIGTERM cancels what is
 left, stops a local cluster, and then finishes or removes whatever result set
 a stopped worker was writing, so each input's outputs are complete or absent.
 
@@ -85,19 +85,14 @@ _loaded: dict[bytes, object] = {}   # this worker process's segmenters, by their
 _loading = threading.Lock()
 
 
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def loaded_segmenter(factory: Callable, share: int) -> tuple[object, float]:
     """The worker's segmenter made by `factory`, loaded at the first call (with this process's share of
     the host's cores as torch threads: cores / `share`); the seconds spent loading it now."""
     import time
 
     import torch
+
+    from segcore.pipeline import available_cores
 
     key = pickle.dumps(factory)
     with _loading:
@@ -174,18 +169,18 @@ def cluster_client(workers: int | None, scheduler: str | None) -> Iterator[objec
     distributed = import_distributed()
     import dask
 
-    quiet = {"distributed.scheduler.allowed-failures": 0, "distributed.scheduler.worker-saturation": 1.0,
-             "distributed.logging.distributed": "critical"}
-    logging.getLogger("distributed").setLevel(logging.CRITICAL)  # its notes would break into the progress bar
-    cluster = None
-    with dask.config.set(quiet if scheduler is None else {}):
+    # A local cluster gives up on a task at the first worker death (we send it again ourselves), and its
+    # processes keep their log notes to themselves: they would break into the progress bar.
+    local = {"distributed.scheduler.allowed-failures": 0, "distributed.logging.distributed": "critical"}
+    log = logging.getLogger("distributed")
+    level, cluster = log.level, None
+    log.setLevel(logging.CRITICAL)
+    with dask.config.set(local if scheduler is None else {}):
         try:
             if scheduler is None:
-                if workers < 1:
-                    raise SegcoreError(f"--workers must be at least 1, not {workers}")
                 cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                                    dashboard_address=None, preload=[__name__])
-            client = distributed.Client(cluster or scheduler, timeout="30s", set_as_default=False)
+            client = distributed.Client(cluster or scheduler, timeout="10s", set_as_default=False)
         except (OSError, TimeoutError) as error:
             if cluster is not None:
                 cluster.close()
@@ -197,6 +192,7 @@ def cluster_client(workers: int | None, scheduler: str | None) -> Iterator[objec
             client.close()
             if cluster is not None:
                 cluster.close()
+            log.setLevel(level)
 
 
 def cluster_threads(client) -> tuple[int, dict[str, int]]:
@@ -220,6 +216,8 @@ def segment_files_on_cluster(factory: Callable, structures: Sequence[Structure],
     ``functools.partial(ProstateSegmenter, model, device)``); `model` is its package's (name, version),
     which every worker must have. Each finished item (in the order they finish) goes to `on_item` and to
     the manifest. The items, in the order they finished."""
+    if scheduler is None and (workers is None or workers < 1):
+        raise SegcoreError(f"--workers must be 1 or more, not {workers}")
     plan = plan_batch(paths, output_dir, formats, overwrite=overwrite, roi_names=roi_names,
                       resume=resume_model(resume, model))
     if not plan.inputs:

@@ -84,16 +84,20 @@ def resolve_device(device: str = "auto"):
         raise SegcoreError(f"unknown device {device!r}: {error}") from None
 
 
+def available_cores() -> int:
+    """The cores this process may use (containers and batch systems limit them)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def use_available_cores() -> None:
-    """Never run more CPU threads than this process may use (containers and batch systems limit it)."""
+    """Never run more CPU threads than this process may use."""
     import torch
 
-    try:
-        available = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        available = os.cpu_count() or 1
-    if torch.get_num_threads() > available:
-        torch.set_num_threads(available)
+    if torch.get_num_threads() > available_cores():
+        torch.set_num_threads(available_cores())
 
 
 # --------------------------------------------------------------------------- packages
