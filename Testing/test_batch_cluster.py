@@ -233,3 +233,19 @@ def test_bad_cluster_options_are_one_clear_line(package, cases, tmp_path, capsys
     err = capsys.readouterr().err
     assert f"cannot reach the Dask scheduler at {nobody}" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_organs_on_a_worker_equal_the_serial_run(tmp_path):
+    from segcore.anatomy import structure
+
+    case = make_phantom(20, matrix=96, orientation="LPS")
+    bladder = np.flatnonzero((sitk.GetArrayFromImage(case.labels) == structure("bladder").value).any(axis=(1, 2)))
+    middle = int(bladder.mean())
+    sitk.WriteImage(case.ct[:, :, middle - 5: middle + 5], str(tmp_path / "a_ct.nii.gz"))  # HMR-Net: per slice
+    args = ["-q", "organs", str(tmp_path / "a_ct.nii.gz"), "--organs", "bladder,rectum", "--device", "cpu",
+            "--formats", "nii.gz"]
+    assert cli(args + ["-o", str(tmp_path / "serial")]) == 0
+    assert cli(args + ["-o", str(tmp_path / "dask"), "--workers", "1"]) == 0
+    serial, dask = labels_of(tmp_path / "serial", "a_ct_seg"), labels_of(tmp_path / "dask", "a_ct_seg")
+    assert serial.any() and np.array_equal(serial, dask)
+    assert [line["model"] for line in manifest(tmp_path / "dask")] == ["organs-hmrnet-demo"]

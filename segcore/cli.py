@@ -26,6 +26,7 @@ examples:
   prostateseg segment ct.nii.gz -o results/ --model prostate-hmedn-demo   HMEDN: + bladder, rectum
   prostateseg organs ct.nii.gz -o results/          bladder, rectum, femoral heads, prostate, vesicles
   prostateseg organs ct.nii.gz -o results/ --organs bladder,rectum
+  prostateseg segment archive/ -o results/ --workers 2 --resume    two processes; skip what is done
   prostateseg phantom cases/ -n 3 --seed 1          three synthetic pelvic CTs with labels
   prostateseg evaluate pred.nii.gz ref.nii.gz       DSC, ASD, HD, HD95, SEN, PPV, volumes
   prostateseg evaluate pred.nii.gz rtstruct.dcm --ct ct_series/    against clinical contours
@@ -419,6 +420,7 @@ def _add_segment(commands) -> None:
         "segments it, and the result is placed on each input's own voxel grid. For each input INPUT the "
         "output folder gets INPUT_seg.<format> for each label-map format, INPUT_seg_prostate.<format> for "
         "each surface format (stl, obj, vtp, ply) and INPUT_seg.json (volume, confidence, notes, timings). "
+        "OUTDIR/manifest.jsonl gets one line per input as it finishes (see --resume). "
         "A batch goes on past a bad input; the exit code is 1 if any input failed.",
         epilog="Stage-2 networks, chosen with --model: prostate-metricunet-demo (MetricUNet, the default), "
         "prostate-hfunet-demo (HF-UNet) and prostate-hmedn-demo (HMEDN, which also segments the bladder "
@@ -436,6 +438,7 @@ def _add_organs(commands) -> None:
         "regresses its contour; the contours are made consistent from slice to slice, filled, and placed on "
         "each input's own voxel grid. Outputs are named as for `prostateseg segment`: INPUT_seg.<format> "
         "(one label per organ), INPUT_seg_<organ>.<format> for surfaces, INPUT_seg.json. "
+        "OUTDIR/manifest.jsonl gets one line per input as it finishes (see --resume). "
         "A batch goes on past a bad input; the exit code is 1 if any input failed.",
         epilog="The bundled default is demo weights trained on synthetic phantoms, not validated on patient "
         "data. Organ names: prostate, bladder, rectum, femoral_head_left, femoral_head_right, "
