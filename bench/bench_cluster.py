@@ -83,7 +83,7 @@ def main() -> None:
     for row in rows:
         name = f"{row['workers']} worker" + ("s" if row["workers"] > 1 else "") if row["workers"] else "serial"
         print(f"{name:>10} {row['wall_s']:>8} {row['cases_per_hour']:>8} {row['mean_case_s']:>7} "
-              f"{row['overhead_per_case_s']:>16} {str(row['same_labels_as_serial']):>12}")
+              f"{row['overhead_per_case_s']:>16} {row['same_labels_as_serial']!s:>12}")
     best = max(rows, key=lambda r: r["cases_per_hour"])
     hours = 10000 / (20 * best["cases_per_hour"])
     print(f"\nAt {best['cases_per_hour']} cases/h per node like this one, 10 000 CTs on 20 such nodes take "

@@ -85,24 +85,33 @@ _loaded: dict[bytes, object] = {}   # this worker process's segmenters, by their
 _loading = threading.Lock()
 
 
-def loaded_segmenter(factory: Callable, share: int) -> tuple[object, float]:
-    """The worker's segmenter made by `factory`, loaded at the first call (with this process's share of
-    the host's cores as torch threads: cores / `share`); the seconds spent loading it now."""
+def loaded_segmenter(factory: Callable) -> tuple[object, float]:
+    """The worker's segmenter made by `factory`, loaded at the first call; the seconds spent loading it now."""
     import time
-
-    import torch
-
-    from segcore.pipeline import available_cores
 
     key = pickle.dumps(factory)
     with _loading:
         if key in _loaded:
             return _loaded[key], 0.0
         tick = time.perf_counter()
-        segmenter = factory()
-        torch.set_num_threads(max(1, available_cores() // max(1, share)))
-        _loaded[key] = segmenter
-        return segmenter, time.perf_counter() - tick
+        _loaded[key] = factory()
+        return _loaded[key], time.perf_counter() - tick
+
+
+def share_of_cores(threads_in_host: int) -> int:
+    """A worker thread's share of its host's cores, when `threads_in_host` worker threads run there."""
+    from segcore.pipeline import available_cores
+
+    return max(1, available_cores() // max(1, threads_in_host))
+
+
+def use_share_of_cores(threads_in_host: int) -> None:
+    """Give torch this task's share of the cores. Set at every task: torch's setting (OpenMP's) belongs to
+    the thread that makes it, and Dask may run the next task on a new thread, which starts from
+    OMP_NUM_THREADS (1 in a Dask worker)."""
+    import torch
+
+    torch.set_num_threads(share_of_cores(threads_in_host))
 
 
 def report_stamp(plan: BatchPlan, stem: str) -> int | None:
@@ -143,8 +152,9 @@ def segment_on_worker(factory: Callable, model: ModelId, plan: BatchPlan, path: 
     item.where = {**where_it_ran(), "worker": worker.address}
     if item.outputs:
         return item
+    use_share_of_cores(threads_in_host.get(worker.address, 1))
     try:
-        segmenter, load_seconds = loaded_segmenter(factory, threads_in_host.get(worker.address, 1))
+        segmenter, load_seconds = loaded_segmenter(factory)
     except SegcoreError as error:
         item.error = f"{item.where['host']} could not load the model: {error}"
         return item
@@ -171,7 +181,12 @@ def cluster_client(workers: int | None, scheduler: str | None) -> Iterator[objec
 
     # A local cluster gives up on a task at the first worker death (we send it again ourselves), and its
     # processes keep their log notes to themselves: they would break into the progress bar.
-    local = {"distributed.scheduler.allowed-failures": 0, "distributed.logging.distributed": "critical"}
+    # The workers' environment: the libraries' own thread pools (BLAS...) get the workers' share of the
+    # cores, and Dask's MALLOC_TRIM_THRESHOLD_ is left out: it makes glibc map and unmap every large
+    # array, which costs our pipeline half as much time again (bench/bench_cluster.py).
+    local = {"distributed.scheduler.allowed-failures": 0, "distributed.logging.distributed": "critical",
+             "distributed.nanny.pre-spawn-environ": {name: share_of_cores(workers or 1) for name in
+                                                     ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}}
     log = logging.getLogger("distributed")
     level, cluster = log.level, None
     log.setLevel(logging.CRITICAL)

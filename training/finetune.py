@@ -28,6 +28,10 @@ DATASET is a folder in the training-case layout (``<name>_ct.nii.gz`` with
 
 Progress lines on stderr start with ``[ NN%]``; ``summary.json`` in the run
 folder holds the outcome (what Slicer's *Improve the model* reads).
+
+Under torchrun (``torchrun --nproc_per_node=N -m training.finetune ...``) the training step runs on
+the N processes with DistributedDataParallel (see `training.distributed`); rank 0 alone scores the base
+and tuned models on the held-out cases, writes the run's files, exports and installs.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from segcore import anatomy
 from segcore.errors import SegcoreError
 from segcore.files import write_json
 
-from . import data, runs
+from . import data, distributed, runs
 from .runs import log
 
 HELD_OUT_FRACTION = 0.2
@@ -287,9 +291,11 @@ def train(config: dict, task: str, stages, split: Split, device, outdir: Path, r
     trainer = trainer_of(task)
     settings = settings_for(config, task)
     progress.start("prepare", f"preparing {len(split.train)} training cases")
-    train_cases = trainer.prepare(split.train, settings, config, log)
+    train_cases = distributed.main_first(lambda: trainer.prepare(split.train, settings, config, log))
     # The curves in log.csv follow a few held-out cases; the comparison after training scores them all.
-    held_out = trainer.prepare(split.held_out[:MONITORED_CASES], settings, config, log)
+    # Under torchrun rank 0 alone validates, and so alone needs them.
+    held_out = trainer.prepare(split.held_out[:MONITORED_CASES], settings, config, log) \
+        if distributed.is_main() else []
     runs.write_config(outdir, config)
     per_stage = config["iterations"] if task == "organs" else stage_iterations(config[stages[0]], len(split.train))
     progress.start("train", f"training {', '.join(stages)}: {per_stage} iterations each")
@@ -552,7 +558,9 @@ def prepare_run(args) -> tuple:
         raise SegcoreError(f"{outdir} holds a fine-tuning run: continue it with --resume, or choose another "
                            "--output to start afresh")
     outdir.mkdir(parents=True, exist_ok=True)
-    write_json(split_path, split.names(), overwrite=True, indent=1)
+    distributed.barrier()   # under torchrun every rank has checked the run folder before rank 0 writes to it
+    if distributed.is_main():
+        write_json(split_path, split.names(), overwrite=True, indent=1)
     config = finetune_config(base, args, stages, split, outdir)
     return base, stages, split, outdir, config
 
@@ -565,13 +573,19 @@ def finetune(args) -> int:
     tick = time.perf_counter()
     progress = Progress()
     progress.start("check", f"checking the dataset {args.data} and the model {args.model}")
+    several = distributed.from_environment().distributed
+    if several:   # under torchrun: join the other processes first (the device is then this rank's GPU)
+        device = distributed.start(resolve_device(args.device))
     base, stages, split, outdir, config = prepare_run(args)
     log(f"base {base.name} {base.version}; {len(split.train)} training and {len(split.held_out)} held-out cases; "
         f"tuning {', '.join(stages)}; run folder {outdir}")
-    device = resolve_device(args.device)
+    if not several:
+        device = resolve_device(args.device)
     torch.use_deterministic_algorithms(device.type == "cpu", warn_only=True)
-    base_rows = base_scores(base, split, args.device, outdir, progress)
+    base_rows = base_scores(base, split, args.device, outdir, progress) if distributed.is_main() else []
     train(config, base.task, stages, split, device, outdir, args.resume, progress)
+    if not distributed.is_main():
+        return 0        # rank 0 scores the tuned model, exports and installs it
     package, rows = export(base, config, outdir, split, stages, args.export, args.overwrite, args.device,
                            base_rows, progress)
     write_comparison(rows, outdir)

@@ -11,7 +11,9 @@
 - export: the best checkpoint as a model package's weights and the
   ``model.json`` parts every package records (`best_weights`, `package_header`,
   `training_record`);
-- the command line: the options, the start of a run and its error handling.
+- the command line: the options, the start of a run and its error handling;
+- several processes (torchrun): the writers here write on rank 0 only, `log` is rank 0's, the
+  process group is joined by `start_run` and left by `run_command` (see `training.distributed`).
 
 Every file goes through `segcore.files`, so a crash never leaves half of one.
 """
@@ -31,6 +33,8 @@ from pathlib import Path
 
 from segcore.errors import SegcoreError
 from segcore.files import atomic_output, write_json, write_text
+
+from . import distributed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,7 +107,9 @@ def load_config(path: str | None, overrides: list[str], defaults: dict, script: 
 
 
 def write_config(outdir: Path, config: dict) -> None:
-    """The run's full configuration as ``config.json`` in the run folder."""
+    """The run's full configuration as ``config.json`` in the run folder (rank 0's)."""
+    if not distributed.is_main():
+        return
     write_json(outdir / "config.json", config, overwrite=True, indent=1)
 
 
@@ -167,7 +173,11 @@ def resume_checkpoint(folder: Path, network, optimizer, resume: bool, restart: b
 
 
 def keep_checkpoints(folder: Path, network, optimizer, state: dict, improved: bool) -> None:
-    """``last`` after every validation, and ``best`` too when the validation improved."""
+    """``last`` after every validation, and ``best`` too when the validation improved (rank 0 writes them;
+    ``network`` unwrapped from DDP, so that the names are a single process's)."""
+    if not distributed.is_main():
+        return
+    network = distributed.unwrap(network)
     if improved:
         save_checkpoint(folder, "best", network, optimizer, state)
     save_checkpoint(folder, "last", network, optimizer, state)
@@ -213,7 +223,9 @@ class EpochRecord:
 
 def write_log(outdir: Path, records: list[EpochRecord], draw: Callable) -> None:
     """``log.csv`` (one row per record) and ``curves.png``, whose two side-by-side plots ``draw(axes)``
-    fills (the curves are skipped when matplotlib is not installed)."""
+    fills (the curves are skipped when matplotlib is not installed). Rank 0's."""
+    if not distributed.is_main():
+        return
     rows = [r.row() for r in records]
     write_csv(outdir / "log.csv", rows, list(dict.fromkeys(k for row in rows for k in row)))
     draw_figure(outdir / "curves.png", 2, draw, (10, 4))
@@ -250,7 +262,10 @@ def draw_figure(path: Path, panels: int, draw: Callable, size: tuple) -> None:
 
 
 def tensorboard_writer(folder: Path):
-    """A TensorBoard writer into ``folder/tensorboard``, or None when tensorboard is not installed."""
+    """A TensorBoard writer into ``folder/tensorboard``, or None when tensorboard is not installed (or on
+    ranks other than 0)."""
+    if not distributed.is_main():
+        return None
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
@@ -332,7 +347,9 @@ def training_record(config: dict, data_text: str, **details) -> dict:
 
 
 def log(message: str) -> None:
-    """Progress of a run, on stderr."""
+    """Progress of a run, on stderr (rank 0's only: the other ranks are quiet)."""
+    if not distributed.is_main():
+        return
     print(message, file=sys.stderr, flush=True)
 
 
@@ -363,7 +380,8 @@ class Run:
 
 def start_run(args: argparse.Namespace, defaults: dict, script: str) -> Run:
     """The configuration (with ``--output``), the run folder (made), the device, and the package folder,
-    checked not to exist unless ``--overwrite`` (before training, so that no training is wasted)."""
+    checked not to exist unless ``--overwrite`` (before training, so that no training is wasted). Under
+    torchrun, the process group is joined here and the device is this rank's."""
     from segcore.pipeline import resolve_device
 
     config = load_config(args.config, args.set, defaults, script)
@@ -371,7 +389,7 @@ def start_run(args: argparse.Namespace, defaults: dict, script: str) -> Run:
         config["output"] = args.output
     outdir = Path(config["output"])
     outdir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(args.device or config["device"])
+    device = distributed.start(resolve_device(args.device or config["device"]))
     target = Path(args.export) if args.export else outdir / "package"
     if target.exists() and not args.overwrite:
         raise SegcoreError(f"{target} exists: choose another --export folder or add --overwrite "
@@ -392,13 +410,30 @@ def run_deterministic_command(body: Callable[[], int]) -> int:
 
 
 def run_command(body: Callable[[], int]) -> int:
-    """A script's exit status: ``body()``'s, or 1 with a one-line error for a SegcoreError or a wrong key in
-    a free-form configuration section (the TypeError of the constructor it feeds)."""
+    """A script's exit status: ``body()``'s, or 1 with a one-line error for a SegcoreError, a wrong key in
+    a free-form configuration section (the TypeError of the constructor it feeds) or the loss of the other
+    training processes. A process group joined by the run is left in every case."""
     try:
-        return body()
+        code = body()
+        distributed.stop(finished=True)
+        return code
     except SegcoreError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {where()}{error}", file=sys.stderr)
         return 1
     except TypeError as error:  # a wrong key in a free-form section (network arguments, loss, augment)
-        print(f"error: bad configuration: {error}", file=sys.stderr)
+        print(f"error: {where()}bad configuration: {error}", file=sys.stderr)
         return 1
+    except RuntimeError as error:
+        message = distributed.describe(error)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    finally:
+        distributed.stop()
+
+
+def where() -> str:
+    """``rank R/N: `` in front of the errors of a process other than rank 0 under torchrun, else nothing."""
+    world = distributed.world()
+    return f"rank {world.rank}/{world.size}: " if world.distributed and not world.main else ""

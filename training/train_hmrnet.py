@@ -17,6 +17,10 @@ point means the same place on every slice. SGD with Nesterov momentum as in the
 paper, linear warm-up then poly decay. Validation runs the pipeline's own
 slice-to-organ steps on held-out cases: DSC, HD95 and HD per organ on the
 canonical grid, and mAP50-95 of the slice detections.
+
+Under torchrun (``torchrun --nproc_per_node=N -m training.train_hmrnet ...``) the run trains with
+DistributedDataParallel: each step's ``batch_size`` slices are shared between the N processes, and
+rank 0 alone validates and writes the run's files (see `training.distributed`).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from segcore.organs import OrganSettings, OrganTrack, collect_detections, make_c
 from segcore.pipeline import normalise, settings_to_json
 from segcore.postprocess import polygon_mask
 
-from . import data, runs
+from . import data, distributed, runs
 from .runs import EpochRecord
 
 ORGANS = anatomy.TARGET_NAMES
@@ -367,6 +371,7 @@ class HMRTraining:
     total: int                  # iterations of the whole run
     batch_size: int
     device: object
+    model: object = None        # the loss as one forward: under torchrun in DDP (`distributed.objective`)
 
 
 def setup_training(config: dict, settings, device, outdir: Path) -> HMRTraining:
@@ -387,6 +392,7 @@ def setup_training(config: dict, settings, device, outdir: Path) -> HMRTraining:
                                 nesterov=bool(config["nesterov"]), weight_decay=config["weight_decay"])
     augment_spec = data.AugmentSpec(**{**{k: tuple(v) if isinstance(v, list) else v
                                           for k, v in config["augment"].items()}, "flip": False})
+    distributed.check_batch(int(config["batch_size"]), "batch_size")   # under torchrun: a share for each rank
     return HMRTraining(config, settings, folder, seed, network, loss_config, optimizer, augment_spec,
                        int(config["iterations"]), int(config["batch_size"]), device)
 
@@ -400,7 +406,8 @@ def learning_rate(config: dict, iteration: int, total: int) -> float:
 
 def train_iteration(run: HMRTraining, train_cases, pool, iteration: int) -> tuple[dict, float]:
     """One SGD step on a batch of slices drawn from ``pool``, seeded by (seed, iteration) so that a resumed
-    run repeats it exactly. The loss terms and the learning rate."""
+    run repeats it exactly. The loss terms and the learning rate. Under torchrun every rank draws the same
+    picks and trains on its share of them (`distributed.share`), augmented from its own stream."""
     import torch
 
     from .losses.hmrnet import hmrnet_loss
@@ -411,10 +418,19 @@ def train_iteration(run: HMRTraining, train_cases, pool, iteration: int) -> tupl
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     picks = [pool[i] for i in rng.integers(0, len(pool), run.batch_size)]
-    x, targets = make_batch(train_cases, picks, run.config, run.settings, rng, run.augment)
-    terms = hmrnet_loss(run.network, x.to(run.device), targets, run.loss, generator)
+    mine = distributed.share(picks)
+    own = distributed.rank_seed(run.seed, iteration)
+    if own is not None:
+        rng = np.random.default_rng(own)
+        generator = torch.Generator().manual_seed(run.seed * 100003 + iteration + 1_000_003 * own[-1])
+    x, targets = make_batch(train_cases, mine, run.config, run.settings, rng, run.augment)
+    if run.model is None:
+        terms = hmrnet_loss(run.network, x.to(run.device), targets, run.loss, generator)
+    else:
+        terms = run.model(x.to(run.device), targets, run.loss, generator)
+    weight = distributed.share_weight(len(mine), len(picks))
     run.optimizer.zero_grad(set_to_none=True)
-    terms["total"].backward()
+    (terms["total"] * weight if weight != 1.0 else terms["total"]).backward()
     torch.nn.utils.clip_grad_norm_(run.network.parameters(), 10.0)  # early RPN steps can spike
     run.optimizer.step()
     return terms, lr
@@ -424,7 +440,7 @@ def validate_and_keep(run: HMRTraining, val_cases, state: dict, iteration: int, 
                       tick: float, writer, outdir: Path, log) -> None:
     """Validate after ``iteration`` iterations and add the record (``losses``: their means since the last
     one, which ended at ``tick``) to the history; log it, keep the checkpoints (``best`` when the mean DSC
-    improved), log.csv and curves.png."""
+    improved), log.csv and curves.png. Rank 0's work: the other ranks do not call it."""
     validation = validate(run.network, val_cases, run.config, run.settings, run.device)
     record = EpochRecord("hmrnet", iteration // run.config["validate_every"], iteration, lr,
                          time.perf_counter() - tick, losses, validation)
@@ -445,13 +461,19 @@ def train(config: dict, train_cases, val_cases, settings, device, outdir: Path, 
           log, max_iterations: int | None = None, on_iteration=None) -> dict:
     """Train (from the last checkpoint with ``resume``; at most ``max_iterations`` more iterations),
     validating every ``validate_every`` iterations and at the end; ``on_iteration(done, total)`` follows
-    the steps. The run's state."""
+    the steps. The run's state (under torchrun, rank 0 validates and keeps the history)."""
+    from .losses.hmrnet import hmrnet_loss
+
     run = setup_training(config, settings, device, outdir)
     state = {"iteration": 0, "best_dsc": -1.0, "history": []}
     resumed = runs.resume_checkpoint(run.folder, run.network, run.optimizer, resume, restart, "run")
     if resumed is not None:
         state = resumed
         log(f"resuming after iteration {state['iteration']}")
+    if distributed.world().distributed:
+        # The loss calls the network's parts, not its forward: DDP wraps the loss as one forward. Some
+        # parameters take no part in a step (no positive box, no shape target): DDP looks for them.
+        run.model = distributed.wrap(distributed.objective(run.network, hmrnet_loss), device, find_unused=True)
     writer = runs.tensorboard_writer(run.folder)
     stop = run.total if max_iterations is None else min(run.total, state["iteration"] + max_iterations)
     pool = training_slices(train_cases, config["empty_fraction"], np.random.default_rng(run.seed))
@@ -472,11 +494,16 @@ def train(config: dict, train_cases, val_cases, settings, device, outdir: Path, 
             log(f"iteration {iteration}/{run.total} lr {lr:.5f} "
                 + " ".join(f"{k} {v / count:.4f}" for k, v in sums.items()))
         if iteration % config["validate_every"] == 0 or iteration == stop:
-            validate_and_keep(run, val_cases, state, iteration, lr, {k: v / max(count, 1) for k, v in sums.items()},
-                              tick, writer, outdir, log)
+            losses = distributed.mean_across({k: v / max(count, 1) for k, v in sums.items()})
+            distributed.sync_buffers(run.network)
+            if distributed.is_main():
+                validate_and_keep(run, val_cases, state, iteration, lr, losses, tick, writer, outdir, log)
+            distributed.barrier()   # the others wait for rank 0's validation and checkpoints
             sums, count, tick = {}, 0, time.perf_counter()
     if writer is not None:
         writer.close()
+    state["iteration"] = iteration
+    distributed.check_weights(run.network, "hmrnet")
     return state
 
 
@@ -559,14 +586,17 @@ def train_and_export(args: argparse.Namespace) -> int:
         raise SegcoreError("arguments.num_classes must equal the number of pipeline.organ_classes")
     train_sources, val_sources, data_text = data.case_sources(config)
     log(f"preparing {len(train_sources)} training and {len(val_sources)} validation cases")
-    train_cases = prepare(train_sources, settings, config, log)
-    val_cases = prepare(val_sources, settings, config, log)
+    # Under torchrun rank 0 prepares (and caches) the cases first, and alone needs the validation ones.
+    train_cases = distributed.main_first(lambda: prepare(train_sources, settings, config, log))
+    val_cases = prepare(val_sources, settings, config, log) if distributed.is_main() else []
     runs.write_config(outdir, config)
     state = train(config, train_cases, val_cases, settings, run.device, outdir, args.resume, args.restart, log,
                   args.max_iterations)
     if state["iteration"] < int(config["iterations"]):
         log(f"not exporting a package yet: {state['iteration']} of {config['iterations']} iterations done")
         return 0
+    if not distributed.is_main():
+        return 0        # rank 0 exports the package
     package = export_package(config, outdir, run.target, data_text, overwrite=args.overwrite)
     log(f"exported model package {package.name} to {package.path}")
     return 0

@@ -10,6 +10,10 @@ ASD on held-out cases), keeps a checkpoint per epoch (safetensors + JSON, so a
 run resumes exactly), writes ``log.csv`` and ``curves.png`` (and TensorBoard
 scalars when tensorboard is installed), and finally exports a model package.
 Runs are seeded and deterministic on the CPU.
+
+Under torchrun (``torchrun --nproc_per_node=N -m training.train_prostate ...``) the stages train with
+DistributedDataParallel: each step's batch of ``batch_size`` patches is shared between the N processes,
+and rank 0 alone validates and writes the run's files (see `training.distributed`).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from segcore.errors import SegcoreError
 from segcore.pipeline import normalise, settings_to_json
 from segcore.prostate import PipelineSettings, predict_slices
 
-from . import data, runs
+from . import data, distributed, runs
 from .runs import EpochRecord
 
 STAGES = ("stage1", "stage2")
@@ -234,6 +238,7 @@ class StageTraining:
     use_amp: bool
     scaler: object
     on_iteration: object = None  # called with (iterations done, total) after every step, for progress bars
+    model: object = None         # what the steps run: the network, or under torchrun its DDP wrapper
 
 
 def setup_stage(stage: str, config: dict, train_cases, settings, device, outdir: Path) -> StageTraining:
@@ -261,6 +266,9 @@ def setup_stage(stage: str, config: dict, train_cases, settings, device, outdir:
                                        for k, v in config["augment"].items()})
     per_epoch = math.ceil(len(train_cases) * spec["patches_per_case"] / spec["batch_size"])
     total = per_epoch * spec["epochs"]
+    # Under torchrun each step's batch is shared between the processes: even the epoch's last, short one.
+    distributed.check_batch(len(train_cases) * spec["patches_per_case"] - (per_epoch - 1) * spec["batch_size"],
+                            f"{stage}.batch_size")
     cold_iterations = round(total * float(spec["objective"].get("cold_start", 0.1))) \
         if spec["architecture"] == "hfunet" else 0
     use_amp = device.type == "cuda"
@@ -282,9 +290,11 @@ def epoch_patches(run: StageTraining, train_cases, rng):
     return images, tissues, targets, rng.permutation(len(images))
 
 
-def train_iteration(run: StageTraining, batch, iteration: int, rng, generator) -> tuple[dict, float]:
+def train_iteration(run: StageTraining, batch, iteration: int, rng, generator,
+                    weight: float = 1.0) -> tuple[dict, float]:
     """One SGD step on a batch of patches: poly learning rate, augmentation, the network's loss (AMP on
-    CUDA; HF-UNet's cold start while it lasts). The loss terms and the learning rate."""
+    CUDA; HF-UNet's cold start while it lasts), times ``weight`` under torchrun (`distributed.share_weight`).
+    The loss terms and the learning rate."""
     import torch
 
     spec = run.spec
@@ -298,34 +308,45 @@ def train_iteration(run: StageTraining, batch, iteration: int, rng, generator) -
     if run.cold_iterations:
         run.network.cold_start(cold)
     with torch.autocast(run.device.type, dtype=torch.float16, enabled=run.use_amp):
-        terms = stage_loss(run.network, spec, x, y, run.metric, generator, cold)
+        terms = stage_loss(run.network if run.model is None else run.model, spec, x, y, run.metric, generator, cold)
+    total = terms["total"] * weight if weight != 1.0 else terms["total"]
     run.optimizer.zero_grad(set_to_none=True)
     if run.scaler is not None:
-        run.scaler.scale(terms["total"]).backward()
+        run.scaler.scale(total).backward()
         run.scaler.step(run.optimizer)
         run.scaler.update()
     else:
-        terms["total"].backward()
+        total.backward()
         run.optimizer.step()
     return terms, lr
 
 
 def train_epoch(run: StageTraining, train_cases, epoch: int, log) -> tuple[dict, float]:
     """One epoch, seeded by (seed, epoch) so that a resumed run repeats it exactly: the mean of each loss
-    term and the last learning rate."""
+    term (over all ranks under torchrun) and the last learning rate."""
     import torch
 
     rng = np.random.default_rng([run.seed, epoch])
     torch.manual_seed(run.seed * 1000 + epoch)
     generator = torch.Generator().manual_seed(run.seed * 1000 + epoch)
     images, tissues, targets, order = epoch_patches(run, train_cases, rng)
+    # Under torchrun every rank draws the same patches and order from the shared epoch rng, so that the
+    # ranks' shares of each batch make up exactly the single-process batch; the augmentation (and the
+    # metric loss's sampling) then draws from the rank's own stream, so that no two ranks augment alike.
+    # A single process keeps the one stream for both, as it always has.
+    own = distributed.rank_seed(run.seed, epoch)
+    if own is not None:
+        rng = np.random.default_rng(own)
+        torch.manual_seed(run.seed * 1000 + epoch + 1_000_003 * own[-1])
+        generator = torch.Generator().manual_seed(run.seed * 1000 + epoch + 1_000_003 * own[-1])
     run.network.train()
     batch_size = run.spec["batch_size"]
     sums: dict[str, float] = {}
     for b in range(run.per_epoch):
         pick = order[(b * batch_size) % len(order):][:batch_size]
-        terms, lr = train_iteration(run, (images[pick], tissues[pick], targets[pick]), epoch * run.per_epoch + b,
-                                    rng, generator)
+        mine = distributed.share(pick)
+        terms, lr = train_iteration(run, (images[mine], tissues[mine], targets[mine]), epoch * run.per_epoch + b,
+                                    rng, generator, distributed.share_weight(len(mine), len(pick)))
         for key, value in terms.items():
             sums[key] = sums.get(key, 0.0) + float(value.detach())
         if run.on_iteration is not None:
@@ -333,7 +354,7 @@ def train_epoch(run: StageTraining, train_cases, epoch: int, log) -> tuple[dict,
         if (b + 1) % 50 == 0 or b + 1 == run.per_epoch:
             log(f"{run.stage} epoch {epoch + 1}/{run.spec['epochs']} batch {b + 1}/{run.per_epoch} "
                 f"loss {sums['total'] / (b + 1):.4f} lr {lr:.5f}")
-    return {k: v / run.per_epoch for k, v in sums.items()}, lr
+    return distributed.mean_across({k: v / run.per_epoch for k, v in sums.items()}), lr
 
 
 def end_epoch(run: StageTraining, epoch: int, history: list[EpochRecord], best: float, writer,
@@ -355,7 +376,8 @@ def train_stage(stage: str, config: dict, train_cases, val_cases, settings, devi
                 on_iteration=None) -> list[EpochRecord]:
     """Train one stage (from its last checkpoint with ``resume``; at most ``max_epochs`` more epochs),
     validating and keeping checkpoints after every epoch; ``on_iteration(done, total)`` follows the steps.
-    The stage's history."""
+    The stage's history. Under torchrun every rank trains and loads the last checkpoint, rank 0 alone
+    validates and writes (its history is the whole one; the others' lack the validations)."""
     run = setup_stage(stage, config, train_cases, settings, device, outdir)
     run.on_iteration = on_iteration
     history: list[EpochRecord] = []
@@ -365,18 +387,24 @@ def train_stage(stage: str, config: dict, train_cases, val_cases, settings, devi
         start_epoch, best = state["epoch"] + 1, state["best_dsc"]
         history = [EpochRecord(**r) for r in state["history"]]
         log(f"{stage}: resuming after epoch {state['epoch'] + 1}")
+    # HF-UNet's cold start freezes parameters for a while: DDP must then look for the unused ones.
+    run.model = distributed.wrap(run.network, device, find_unused=run.cold_iterations > 0)
     writer = runs.tensorboard_writer(run.folder)
     stop = run.spec["epochs"] if max_epochs is None else min(run.spec["epochs"], start_epoch + max_epochs)
     for epoch in range(start_epoch, stop):
         tick = time.perf_counter()
         losses, lr = train_epoch(run, train_cases, epoch, log)
-        validation = validate(run.network, val_cases, stage, settings, config, device)
-        history.append(EpochRecord(stage, epoch + 1, (epoch + 1) * run.per_epoch, lr, time.perf_counter() - tick,
-                                   losses, validation))
-        log(f"{stage} epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in validation.items()))
-        best = end_epoch(run, epoch, history, best, writer, outdir)
+        distributed.sync_buffers(run.network)
+        if distributed.is_main():
+            validation = validate(run.network, val_cases, stage, settings, config, device)
+            history.append(EpochRecord(stage, epoch + 1, (epoch + 1) * run.per_epoch, lr,
+                                       time.perf_counter() - tick, losses, validation))
+            log(f"{stage} epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in validation.items()))
+            best = end_epoch(run, epoch, history, best, writer, outdir)
+        distributed.barrier()   # the others wait for rank 0's validation and checkpoints
     if writer is not None:
         writer.close()
+    distributed.check_weights(run.network, stage)
     return history
 
 
@@ -513,8 +541,9 @@ def train(args: argparse.Namespace) -> int:
     settings = pipeline_settings(config)
     train_sources, val_sources, data_text = data.case_sources(config)
     log(f"preparing {len(train_sources)} training and {len(val_sources)} validation cases")
-    train_cases = prepare(train_sources, settings, config, log)
-    val_cases = prepare(val_sources, settings, config, log)
+    # Under torchrun rank 0 prepares (and caches) the cases first, and alone needs the validation ones.
+    train_cases = distributed.main_first(lambda: prepare(train_sources, settings, config, log))
+    val_cases = prepare(val_sources, settings, config, log) if distributed.is_main() else []
     runs.write_config(outdir, config)
     for stage in [s.strip() for s in args.stages.split(",") if s.strip()]:
         if stage not in STAGES:
@@ -528,6 +557,8 @@ def train(args: argparse.Namespace) -> int:
     if untrained:
         log(f"not exporting a package yet: {', '.join(untrained)} not trained in {outdir}")
         return 0
+    if not distributed.is_main():
+        return 0        # rank 0 exports the package
     package = export_package(config, outdir, run.target, data_text, overwrite=args.overwrite)
     log(f"exported model package {package.name} to {package.path}")
     return 0
