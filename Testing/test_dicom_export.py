@@ -238,7 +238,8 @@ def test_cli_writes_rtstruct_and_seg_for_a_dicom_series(tmp_path, capsys):
     assert main(["--quiet", "organs", str(folder), "-o", str(tmp_path / "out"), "--formats",
                  "rtstruct,dicom-seg,nii.gz", "--names", str(names)]) == 0
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["ct_rtstruct.dcm", "ct_seg.dcm", "ct_seg.json", "ct_seg.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["ct_rtstruct.dcm", "ct_seg.dcm", "ct_seg.json", "ct_seg.nii.gz",
+                                                     "manifest.jsonl"]
     ds = pydicom.dcmread(out / "ct_rtstruct.dcm")
     assert sorted(r.ROIName for r in ds.StructureSetROISequence) == sorted(
         ["Prostate_AI", "Bladder", "Rectum", "FemurHead_Lt", "Femur_Head_R", "SeminalVes"])
