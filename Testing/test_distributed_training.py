@@ -18,10 +18,9 @@ import torch
 from safetensors.torch import load_file
 from test_train_hmrnet import TINY as HMR_TINY
 from test_train_prostate import TINY as PROSTATE_TINY
-from training_runs import run_args
+from training_runs import install_and_segment, run_args
 
 from segcore import networks, packages
-from segcore.cli import main as cli
 from segcore.errors import SegcoreError
 from training import distributed, runs
 
@@ -94,14 +93,7 @@ def test_a_two_process_prostate_run_agrees_writes_once_installs_and_segments(tmp
     stage2 = load_file(str(package.path / "stage2.safetensors"))
     assert set(stage2) == set(networks.build("metricunet", manifest["stages"]["stage2"]["arguments"]).state_dict())
     monkeypatch.setenv("PROSTATESEG_HOME", str(tmp_path / "home"))
-    archive = packages.zip_package(package.path, tmp_path / "tiny.zip")
-    assert cli(["models", "install", str(archive), "--sha256", packages.sha256_file(archive)]) == 0
-    from segcore.phantom import make_phantom
-
-    case = make_phantom(21, matrix=96, orientation="RAS")
-    sitk.WriteImage(case.ct, str(tmp_path / "p_ct.nii.gz"))
-    out = tmp_path / "seg"
-    assert cli(["-q", "segment", str(tmp_path / "p_ct.nii.gz"), "-o", str(out), "--model", "prostate-tiny"]) == 0
+    case, out = install_and_segment(package, tmp_path, "segment")
     assert sitk.ReadImage(str(out / "p_ct_seg.nii.gz")).GetSize() == case.ct.GetSize()
 
 

@@ -7,10 +7,9 @@ import pytest
 import SimpleITK as sitk
 import torch
 from safetensors.torch import load_file
-from training_runs import run_args
+from training_runs import install_and_segment, run_args
 
 from segcore import packages
-from segcore.cli import main as cli
 from training import train_hmrnet as th
 
 TINY = [
@@ -46,14 +45,7 @@ def test_tiny_training_run_exports_installs_and_segments(tmp_path, monkeypatch):
     assert set(weights) == set(build("hmrnet", manifest["stages"]["hmrnet"]["arguments"]).state_dict())
     assert weights["class_logits.weight"].dtype == torch.float16
 
-    archive = packages.zip_package(package.path, tmp_path / "tiny.zip")
-    assert cli(["models", "install", str(archive), "--sha256", packages.sha256_file(archive)]) == 0
-    from segcore.phantom import make_phantom
-
-    case = make_phantom(21, matrix=96, orientation="RAS")
-    sitk.WriteImage(case.ct, str(tmp_path / "p_ct.nii.gz"))
-    out = tmp_path / "seg"
-    assert cli(["-q", "organs", str(tmp_path / "p_ct.nii.gz"), "-o", str(out), "--model", "organs-tiny"]) == 0
+    case, out = install_and_segment(package, tmp_path, "organs")
     labelmap = sitk.ReadImage(str(out / "p_ct_seg.nii.gz"))
     assert labelmap.GetSize() == case.ct.GetSize()
     assert labelmap.GetDirection() == pytest.approx(case.ct.GetDirection())
