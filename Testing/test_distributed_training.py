@@ -134,7 +134,6 @@ def test_a_two_process_hmrnet_run_agrees_and_exports(tmp_path):
     assert set(weights) == set(networks.build("hmrnet", config["arguments"]).state_dict())
 
 
-@pytest.mark.slow
 def test_a_two_process_fine_tune_scores_exports_and_installs_on_rank_0(tmp_path):
     from segcore.phantom import write_phantoms
 
@@ -192,11 +191,12 @@ def test_the_ranks_shares_partition_every_batch_and_the_epoch(size):
 
 def test_the_loss_weights_make_the_mean_over_the_whole_batch(monkeypatch):
     monkeypatch.setattr(distributed, "_world", distributed.World(3, 1, 1))
-    sizes = [len(distributed.share(list(range(7)), r, 3)) for r in range(3)]
-    weights = [distributed.share_weight(n, 7) for n in sizes]
-    # DDP averages the ranks' gradients: sum(weight * mean over share) / 3 is the mean over the batch.
-    assert sum(w * n / n for w, n in zip(weights, sizes)) / 3 == pytest.approx(1.0)
-    assert sum(w / 3 for w in weights) == pytest.approx(1.0)
+    per_sample = np.arange(7.0) ** 2   # a loss term of each sample of a batch of 7
+    shares = [distributed.share(list(range(7)), r, 3) for r in range(3)]
+    assert sorted(map(len, shares)) == [2, 2, 3]
+    # DDP averages the ranks' gradients: the mean of (weight x mean over the share) is the batch mean.
+    ddp_mean = sum(distributed.share_weight(len(s), 7) * per_sample[s].mean() for s in shares) / 3
+    assert ddp_mean == pytest.approx(per_sample.mean())
     with pytest.raises(SegcoreError, match="cannot be shared between 3 processes"):
         distributed.check_batch(2, "stage2.batch_size")
     distributed.check_batch(3, "stage2.batch_size")
