@@ -173,21 +173,23 @@ class BatchPlan:
         """The files of an earlier result set of `stem`: its report and what the report lists. Only these
         are removed when a new set replaces it; a file we did not write is never touched, even when it is
         named like one of ours (a user's own `<case>_seg.nii.gz`)."""
-        report = self.output_dir / f"{stem}.json"
-        listed = []
+        outputs = self.report(stem).get("outputs")
+        listed = [n for n in outputs if isinstance(n, str) and n.startswith(stem) and Path(n).name == n] \
+            if isinstance(outputs, list) else []
+        return list(dict.fromkeys([*listed, f"{stem}.json"]))
+
+    def report(self, stem: str) -> dict:
+        """The report ``<stem>.json`` in the output folder, as written by `write_case` ({} when there is
+        none or it cannot be read)."""
         try:
-            outputs = json.loads(report.read_text(encoding="utf-8")).get("outputs", [])
-            listed = [n for n in outputs if isinstance(n, str) and n.startswith(stem) and Path(n).name == n]
-        except (OSError, ValueError, AttributeError):
-            pass
-        return list(dict.fromkeys([*listed, report.name]))
+            facts = json.loads((self.output_dir / f"{stem}.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return facts if isinstance(facts, dict) else {}
 
     def reported_input(self, stem: str) -> str | None:
-        """The input (by `input_key`) that the report of `stem` in the output folder says it came from."""
-        try:
-            given = json.loads((self.output_dir / f"{stem}.json").read_text(encoding="utf-8")).get("input")
-        except (OSError, ValueError, AttributeError):
-            return None
+        """The input (by `input_key`) that the report of `stem` says it came from."""
+        given = self.report(stem).get("input")
         return input_key(given) if isinstance(given, str) else None
 
     def planned_names(self, stem: str, structure_names: Sequence[str] = anatomy.TARGET_NAMES) -> list[str]:

@@ -200,21 +200,14 @@ def _roi_names(args) -> dict[str, str] | None:
     return {str(k): str(v) for k, v in read_mapping_file(args.names, "name map").items()}
 
 
-def _check_batch(args, model: tuple[str, str]):
-    """Formats, the output folder, existing outputs and what --resume skips, before a model is loaded or
-    anything segmented."""
+def _check_batch(args, resume: tuple[str, str] | None = None):
+    """Formats, the output folder and existing outputs, before a model is loaded or anything segmented;
+    with `resume` (the model's name and version), also what --resume skips. Without it, a --resume run's
+    earlier outputs are not refused yet: the model's version tells which are its own."""
     from segcore.batch import plan_batch
 
-    return plan_batch(args.inputs, args.output, _formats(args), overwrite=args.overwrite, roi_names=_roi_names(args),
-                      resume=model if args.resume else None)
-
-
-def _check_outputs(args) -> None:
-    """The output folder, formats and names, before the model package is even opened."""
-    from segcore.batch import plan_batch
-
-    plan_batch(args.inputs, args.output, _formats(args), overwrite=args.overwrite or args.resume,
-               roi_names=_roi_names(args))
+    return plan_batch(args.inputs, args.output, _formats(args), overwrite=args.overwrite or (args.resume and resume is None),
+                      roi_names=_roi_names(args), resume=resume)
 
 
 # Library warnings about things we handle (they would only break into the progress on stderr); any other
@@ -247,9 +240,10 @@ def _run_batch(task: str, args) -> int:
         from segcore.cluster import import_distributed
 
         import_distributed()  # says how to install Dask before anything else
-    _check_outputs(args)
+    plan = _check_batch(args)  # before the model package is even opened
     model = _model_id(kind, args)
-    plan = _check_batch(args, model)
+    if args.resume:
+        plan = _check_batch(args, model)
     if plan.skipped:
         logging.getLogger("segcore").info(
             f"{len(plan.skipped)} input(s) already done by {model[0]} {model[1]} (manifest.jsonl): skipped")

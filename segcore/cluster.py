@@ -24,7 +24,6 @@ Dask is optional: ``pip install "prostateseg[cluster]"``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pickle
@@ -127,16 +126,10 @@ def written_in_this_batch(plan: BatchPlan, stem: str, path: Path, model: ModelId
     `stamp`, names this input and model version, and its outputs are all there), else None. A finished
     task's record lives in its worker's memory until this process fetches it: when the worker dies first,
     Dask runs the task again, and this tells that the work is done."""
-    report = plan.output_dir / f"{stem}.json"
-    try:
-        written = report.stat().st_mtime_ns
-        facts = json.loads(report.read_text(encoding="utf-8"))
-        outputs = [plan.output_dir / name for name in facts["outputs"]]
-        ours = (input_key(facts["input"]) == input_key(path)
-                and (facts["model"], facts["model_version"]) == tuple(model))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if written == stamp or not ours or not all(p.is_file() for p in outputs):
+    facts = plan.report(stem)
+    outputs = [plan.output_dir / name for name in facts.get("outputs") or [] if isinstance(name, str)]
+    ours = plan.reported_input(stem) == input_key(path) and (facts.get("model"), facts.get("model_version")) == tuple(model)
+    if report_stamp(plan, stem) == stamp or not ours or not outputs or not all(p.is_file() for p in outputs):
         return None
     return BatchItem(path, outputs=outputs)
 
