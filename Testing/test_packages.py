@@ -180,7 +180,7 @@ def test_schema_file_is_valid_json_schema_and_accepts_the_bundled_manifests():
     assert packages.SCHEMA_FILE.name == "model_package.schema.json"
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
     jsonschema.Draft202012Validator.check_schema(schema)
-    assert len(BUNDLED_MANIFESTS) == 4
+    assert len(BUNDLED_MANIFESTS) == 5
     for path in BUNDLED_MANIFESTS:
         data = json.loads(path.read_text(encoding="utf-8"))
         jsonschema.Draft202012Validator(schema).validate(data)  # any standard validator accepts them

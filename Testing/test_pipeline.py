@@ -15,9 +15,11 @@ from segcore.errors import ModelPackageError, NotCTError, SegcoreError
 from segcore.organs import OrganSegmenter, OrganSettings
 from segcore.pipeline import normalise, read_input, settings_from_package, settings_to_json
 from segcore.prostate import PipelineSettings, ProstateSegmenter
+from segcore.refinement import Refiner, RefineSettings
 
-BUNDLED = {"prostate": "prostate-metricunet-demo", "organs": "organs-hmrnet-demo"}
-SETTINGS = {"prostate": (PipelineSettings, ProstateSegmenter), "organs": (OrganSettings, OrganSegmenter)}
+BUNDLED = {"prostate": "prostate-metricunet-demo", "organs": "organs-hmrnet-demo", "refine": "refine-demo"}
+SETTINGS = {"prostate": (PipelineSettings, ProstateSegmenter), "organs": (OrganSettings, OrganSegmenter),
+            "refine": (RefineSettings, Refiner)}
 
 
 def manifest(task, pipeline):
@@ -40,7 +42,7 @@ def settings_of(task, pipeline):
     return settings_from_package(settings_class, package, **segmenter.input_settings(package))
 
 
-@pytest.mark.parametrize("task", ["prostate", "organs"])
+@pytest.mark.parametrize("task", ["prostate", "organs", "refine"])
 def test_the_schema_lists_exactly_the_settings_a_package_may_set(task):
     """Adding a setting to a pipeline without describing it in the schema (or the reverse) fails here."""
     schema = packages.manifest_schema()["$defs"][f"{task}_pipeline"]

@@ -25,7 +25,7 @@ from segcore.errors import InputNotFoundError, ModelPackageError
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "model.json"
 WEIGHTS_SUFFIX = ".safetensors"
-TASKS = ("prostate", "organs")
+TASKS = ("prostate", "organs", "refine")
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 SCHEMA_FILE = Path(__file__).with_name("model_package.schema.json")
 
