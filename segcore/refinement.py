@@ -34,8 +34,15 @@ import SimpleITK as sitk
 from . import anatomy
 from . import image as imageio
 from .errors import ModelPackageError, SegcoreError
-from .pipeline import labelmap_like, normalise, open_model, read_input, resolve_device, settings_from_package
-from .pipeline import use_available_cores
+from .pipeline import (
+    labelmap_like,
+    normalise,
+    open_model,
+    read_input,
+    resolve_device,
+    settings_from_package,
+    use_available_cores,
+)
 from .prostate import pad_to_multiple, slice_stacks
 from .result import Result, SegmentResult, label_volume_cc
 

@@ -139,7 +139,7 @@ def cached_case(source: data.CaseSource, config: dict, settings: RefineSettings)
     if path.is_file():
         with np.load(path) as stored:
             return RefineCase(source.case_id, stored["ct"], stored["labels"],
-                              stored["starts"] if "starts" in stored else None, tuple(stored["spacing"]))
+                              stored.get("starts"), tuple(stored["spacing"]))
     case = prepare_case(source, config, settings)
     arrays = {"ct": case.ct, "labels": case.labels, "spacing": np.asarray(case.spacing)}
     if case.starts is not None:
@@ -191,7 +191,7 @@ def sample_slab(case: RefineCase, value: int, config: dict, settings: RefineSett
     """Slices around one organ (as far as clicks reach), centred in-plane near the organ, with an imperfect
     starting mask and its first clicks."""
     zs, ys, xs = case.voxels(value)
-    half_z = int(math.ceil(settings.reach_mm / case.spacing[2])) + settings.slices // 2 + 1
+    half_z = math.ceil(settings.reach_mm / case.spacing[2]) + settings.slices // 2 + 1
     pick = int(rng.integers(len(zs)))
     half = int(config["window"]) // 2
     yc, xc = (int(v + rng.integers(-half // 4, half // 4 + 1)) for v in (ys[pick], xs[pick]))
@@ -320,27 +320,21 @@ def validate(network, cases, values, config: dict, settings: RefineSettings, dev
                 continue
             truth, normalised = case.labels[box] == value, normalise(case.ct[box], settings.window)
             mask, clicks = simulated.poor_mask(truth, spacing_zyx, np.random.default_rng([c, value])), []
-            for n in range(rounds + 1):
-                if n in scores:
-                    scores[n].append(simulated.dice(mask, truth))
+            after = [simulated.dice(mask, truth)]   # DSC after 0, 1, ... clicks
+            for _ in range(rounds):
                 click = simulated.next_click(mask, truth, spacing_zyx)
-                if click is None or n == rounds:
-                    scores = _fill(scores, n, simulated.dice(mask, truth)) if click is None else scores
+                if click is None:
                     break
                 clicks.append((*click[0], click[1]))
                 mask, _ = refine_on_grid(network, normalised, mask, clicks, case.spacing, settings, device)
+                after.append(simulated.dice(mask, truth))
+            after += [after[-1]] * (rounds + 1 - len(after))   # a perfect mask needs no more clicks
+            for n, values_after in scores.items():
+                values_after.append(after[n])
     network.train()
     out = {f"dsc_{n}_clicks": float(np.mean(v)) if v else math.nan for n, v in scores.items()}
     out["dsc"] = out[f"dsc_{rounds}_clicks"]
     return out
-
-
-def _fill(scores: dict, done: int, value: float) -> dict:
-    """A perfect mask before the last round: the later rounds score what it has."""
-    for n in scores:
-        if n > done:
-            scores[n].append(value)
-    return scores
 
 
 # --------------------------------------------------------------------------- training
@@ -353,8 +347,9 @@ def refine_settings(config: dict) -> RefineSettings:
 
 
 def train_network(config: dict, cases, val_cases, settings: RefineSettings, device, outdir: Path, resume: bool,
-                  restart: bool, log) -> list[EpochRecord]:
-    """The seeded training loop: SGD with poly decay, a validation and checkpoints after every epoch."""
+                  restart: bool, log, max_epochs: int | None = None) -> list[EpochRecord]:
+    """The seeded training loop: SGD with poly decay, a validation and checkpoints after every epoch (at most
+    ``max_epochs`` more of them)."""
     import torch
     from torch.nn import functional as F
 
@@ -374,7 +369,8 @@ def train_network(config: dict, cases, val_cases, settings: RefineSettings, devi
     total = int(config["epochs"]) * int(config["steps_per_epoch"])
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
-    for epoch in range(start, int(config["epochs"])):
+    stop = int(config["epochs"]) if max_epochs is None else min(int(config["epochs"]), start + max_epochs)
+    for epoch in range(start, stop):
         tick, rng, sums = time.perf_counter(), np.random.default_rng([int(config["seed"]), epoch]), {}
         torch.manual_seed(int(config["seed"]) * 1000 + epoch)
         slabs = slab_stream(cases, values, config, settings, (int(config["seed"]), epoch), device)
@@ -452,7 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Example: python -m training.train_refine --config training/configs/refine_demo.yaml "
                "--export Resources/Models/refine-demo",
     )
-    return runs.add_run_options(parser, "epochs=2")
+    runs.add_run_options(parser, "epochs=2")
+    parser.add_argument("--max-epochs", type=int, metavar="N",
+                        help="stop after N more epochs (continue later with --resume)")
+    return parser
 
 
 def train(args: argparse.Namespace) -> int:
@@ -469,7 +468,11 @@ def train(args: argparse.Namespace) -> int:
     cases = prepare(train_sources, config, settings, log)
     val_cases = prepare(val_sources, config, settings, log)
     runs.write_config(outdir, config)
-    train_network(config, cases, val_cases, settings, run.device, outdir, args.resume, args.restart, log)
+    train_network(config, cases, val_cases, settings, run.device, outdir, args.resume, args.restart, log,
+                  args.max_epochs)
+    if not runs.checkpoint_reached(outdir / STAGE, "epoch", int(config["epochs"])):
+        log(f"not exporting a package yet: {config['epochs']} epochs not trained in {outdir}")
+        return 0
     package = create_package(run.target, *package_contents(config, outdir, data_text, settings),
                              overwrite=args.overwrite)
     log(f"exported model package {package.name} to {package.path}")
