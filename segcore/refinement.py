@@ -107,7 +107,7 @@ def network_input(ct: np.ndarray, mask: np.ndarray, clicks, z_indices, spacing,
 
 
 def predict(network, ct: np.ndarray, mask: np.ndarray, clicks, spacing, settings: RefineSettings, device,
-            batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+            batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """The network's probability of the structure on every slice a click reaches: (indices, (n, y, x))."""
     import torch
 
@@ -242,6 +242,10 @@ class Refiner:
         from .pipeline import load_network
 
         self.network = load_network(self.package, STAGE, self.device)
+        if self.device.type == "cpu":  # about a fifth faster on CPUs (oneDNN's preferred layout)
+            import torch
+
+            self.network = self.network.to(memory_format=torch.channels_last)
         if self.network.in_channels != 2 * self.settings.slices + 2 or self.network.num_classes != 2:
             raise ModelPackageError(
                 f"model package {self.package.name!r}: a refinement network takes {2 * self.settings.slices + 2} "
