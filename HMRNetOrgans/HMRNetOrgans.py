@@ -32,7 +32,9 @@ Segments the pelvic organs in a planning CT: bladder, rectum, femoral heads, pro
 Choose the CT, tick the organs, click <b>Segment organs</b>. On every axial slice the HMR-Net network detects
 each organ and regresses its contour; the contours are joined from slice to slice into one segment per organ
 on the CT's own grid, with 3-D surfaces, volumes and confidences. Correct them with <b>Edit</b> (Segment
-Editor); save corrected cases for fine-tuning with <b>Save as training case</b>.
+Editor), or with <b>Refine</b>: place green include and red exclude points, each one corrects
+the chosen segment at once (<b>Undo last refinement</b> takes it back); save corrected cases for
+fine-tuning with <b>Save as training case</b>.
 <b>Export to DICOM</b> (Outputs) writes the segmentation as an RT Structure Set and/or DICOM SEG
 for a CT loaded through the DICOM module.
 <b>Improve the model</b> fine-tunes the chosen model on those saved cases in a background process and
@@ -160,7 +162,7 @@ class HMRNetOrgansTest(SelfTestMixin, ScriptedLoadableModuleTest):
     applyText = "Segment organs"
     selfTests = ("test_SegmentPhantom", "test_ChosenOrgansOnly", "test_CancelLeavesSceneClean",
                  "test_BadInputIsRefused", "test_WidgetSegmentsAndEdits", "test_ExportDicom",
-                 "test_FineTune")
+                 "test_FineTune", "test_Refine")
     phantomSeed = 9210
     phantomMatrix = 512
 

@@ -33,7 +33,9 @@ class ProstateSeg(ScriptedLoadableModule):
 Segments the prostate in a planning CT in a few seconds: choose the CT, click <b>Segment prostate</b>.
 A coarse network finds the prostate, a second one segments a 1 mm crop around it; the result is a
 segmentation on the CT's own grid with a 3-D surface, its volume and a confidence. Correct it with
-<b>Edit</b> (Segment Editor); save corrected cases for fine-tuning with <b>Save as training case</b>.
+<b>Edit</b> (Segment Editor), or with <b>Refine</b>: place green include and red exclude points, each one corrects
+the chosen segment at once (<b>Undo last refinement</b> takes it back); save corrected cases for
+fine-tuning with <b>Save as training case</b>.
 <b>Export to DICOM</b> (Outputs) writes the segmentation as an RT Structure Set and/or DICOM SEG
 for a CT loaded through the DICOM module.
 <b>Improve the model</b> fine-tunes the chosen model on those saved cases in a background process and
@@ -106,7 +108,7 @@ class ProstateSegTest(SelfTestMixin, ScriptedLoadableModuleTest):
     applyText = "Segment prostate"
     selfTests = ("test_SegmentPhantom", "test_EveryStage2Network", "test_CancelLeavesSceneClean",
                  "test_BadInputIsRefused", "test_WidgetSegmentsAndEdits", "test_ExportDicom", "test_SampleData",
-                 "test_FineTune")
+                 "test_FineTune", "test_Refine")
     phantomSeed = 9200
     phantomMatrix = 256
 

@@ -128,7 +128,7 @@ def _check_on_grid(labelmap: sitk.Image, volume_node) -> None:
 # ----------------------------------------------------------------------- result -> node
 
 
-def _labelmap_node(scene, voxels_kji: np.ndarray, volume_node):
+def temporary_labelmap_node(scene, voxels_kji: np.ndarray, volume_node):
     """A temporary label map node holding `voxels_kji` on the volume node's own (local) grid."""
     from vtk.util.numpy_support import numpy_to_vtk
 
@@ -148,7 +148,8 @@ def _labelmap_node(scene, voxels_kji: np.ndarray, volume_node):
     return node
 
 
-def _remove_nodes(scene, *nodes) -> None:
+def remove_nodes(scene, *nodes) -> None:
+    """Remove nodes from the scene with their display and storage nodes (None and removed ones skipped)."""
     for node in nodes:
         if node is None or node.GetScene() is None:
             continue
@@ -276,7 +277,7 @@ def labelmap_to_segmentation_node(labelmap: sitk.Image, structures: Sequence[ana
             ids.InsertNextValue(segment_id)
             voxels[labels == structure.value] = index
         if ids.GetNumberOfValues():
-            labelmap_node = _labelmap_node(scene, voxels, volume_node)
+            labelmap_node = temporary_labelmap_node(scene, voxels, volume_node)
             if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
                     labelmap_node, segmentation_node, ids):
                 raise SegcoreError(f"Slicer could not import the result into {_node_label(segmentation_node)}.")
@@ -286,10 +287,10 @@ def labelmap_to_segmentation_node(labelmap: sitk.Image, structures: Sequence[ana
                                          for index, structure in enumerate(structures)})
     except Exception:
         if created:
-            _remove_nodes(scene, segmentation_node)
+            remove_nodes(scene, segmentation_node)
         raise
     finally:
-        _remove_nodes(scene, labelmap_node)
+        remove_nodes(scene, labelmap_node)
 
     if created:
         _place_in_hierarchy(scene, segmentation_node, volume_node)
@@ -356,7 +357,7 @@ def segmentation_node_to_labelmap(segmentation_node, volume_node, names: Sequenc
                 raise SegcoreError(f"Slicer could not export segment {segmentation.GetSegment(segment_id).GetName()!r}.")
             labels[_voxels_kji(labelmap_node) != 0] = value
     finally:
-        _remove_nodes(scene, labelmap_node)
+        remove_nodes(scene, labelmap_node)
         for node_id in _colour_table_ids(scene) - colour_tables_before:  # made by the export for its label map
             scene.RemoveNode(scene.GetNodeByID(node_id))
     if labels.max(initial=0) <= np.iinfo(np.uint8).max:

@@ -22,6 +22,27 @@ FINETUNE_PROGRESS = re.compile(r"\[\s*(\d+)%\]\s*(.*)")
 FINETUNE_ERROR = "error: "
 FINETUNE_METRICS = (("dsc", "DSC"), ("asd", "ASD (mm)"), ("hd95", "HD95 (mm)"),
                     ("sdsc_2mm", "surface Dice 2 mm"))
+REFINE_UNDO_STEPS = 20  # refinements undoRefine can take back, newest first
+
+
+class RefineStep:
+    """What undoRefine needs to take one refinement back: the segment and its content before (packed bits
+    on the volume's grid, an eighth of a byte a voxel)."""
+
+    def __init__(self, segmentationNode, segmentId, volumeNode, before):
+        import numpy as np
+
+        self.segmentationNode = segmentationNode
+        self.segmentId = segmentId
+        self.volumeNode = volumeNode
+        self.shape = before.shape
+        self.packed = np.packbits(before, axis=None)
+
+    def before(self):
+        import numpy as np
+
+        count = int(np.prod(self.shape))
+        return np.unpackbits(self.packed, count=count).reshape(self.shape).astype(bool)
 
 
 class SegmentationLogicBase:
@@ -40,6 +61,9 @@ class SegmentationLogicBase:
         # scene gives out again.
         self._lastNodes = (None, None)
         self.lastExportNotes = []  # what the latest exportDicom left out, and why
+        self._refiner, self._refinerKey = None, None  # the loaded refinement model, kept between clicks
+        self._refineSteps = []  # RefineStep of each refinement undoRefine can take back, oldest first
+        self.lastRefineResult = None  # the segcore Result of the latest refineSegment
 
     # ------------------------------------------------------------------ models
 
@@ -180,6 +204,162 @@ class SegmentationLogicBase:
         ct = mrml.volume_node_to_image(volumeNode)
         labels = mrml.segmentation_node_to_labelmap(segmentationNode, volumeNode, segmentNames)
         return write_training_case(ct, labels, Path(datasetFolder), caseName, overwrite=overwrite)
+
+    # ------------------------------------------------------- refine (guided correction)
+
+    def refiner(self, model=None, device="auto"):
+        """The refinement model (a segcore Refiner; default: the bundled refine-demo), loaded on first use and
+        kept, so that each click pays only the refinement itself."""
+        from segcore.refinement import Refiner
+
+        key = (model, device)
+        if self._refinerKey != key:
+            self._refiner, self._refinerKey = None, None  # let the old one go before loading the next
+            self._refiner = Refiner(model, device)
+            self._refinerKey = key
+        return self._refiner
+
+    @staticmethod
+    def rasToLps(points, what="include"):
+        """(x, y, z) points in RAS millimetres (what Slicer shows and markups' GetNthControlPointPositionWorld
+        gives) as a list of (x, y, z) in LPS millimetres (what segcore takes): x and y change sign."""
+        import numpy as np
+
+        try:
+            array = np.asarray([tuple(p) for p in (points or [])], dtype=float).reshape(-1, 3)
+        except (TypeError, ValueError):
+            raise SegcoreError(f"{what} points must be (x, y, z) positions in RAS millimetres, as Slicer shows "
+                               f"them, e.g. [(-12.5, 30.0, 4.0)]; got {points!r}") from None
+        return [tuple(p) for p in (array * np.array([-1.0, -1.0, 1.0])).tolist()]
+
+    @staticmethod
+    def _refinedSegment(segmentationNode, segmentId):
+        """The segment's name, after checking that the node holds the segment and that its name is its own
+        (segments are read back by name)."""
+        if segmentationNode is None or not segmentationNode.IsA("vtkMRMLSegmentationNode"):
+            raise SegcoreError("no segmentation selected: choose the segmentation whose segment to refine.")
+        segmentation = segmentationNode.GetSegmentation()
+        segment = segmentation.GetSegment(segmentId or "")
+        if segment is None:
+            present = [segmentation.GetNthSegment(n).GetName() for n in range(segmentation.GetNumberOfSegments())]
+            raise SegcoreError(f"segmentation {segmentationNode.GetName()!r} has no segment {segmentId!r}; it has: "
+                               f"{', '.join(present) or 'no segments'}. Choose the segment to refine.")
+        name = segment.GetName()
+        if segmentation.GetSegmentIdBySegmentName(name) != segmentId:
+            raise SegcoreError(f"segmentation {segmentationNode.GetName()!r} has more than one segment named "
+                               f"{name!r}: rename one of them, then refine.")
+        return name
+
+    def refineSegment(self, segmentationNode, segmentId, volumeNode, include=(), exclude=(), model=None,
+                      device="auto"):
+        """Refine one segment with include and exclude points (guided correction, segcore.refine).
+
+        `include` and `exclude` are lists of (x, y, z) points in Slicer's world RAS millimetres, as Slicer
+        shows them and as a markups node gives them (``GetNthControlPointPositionWorld``); they are turned
+        into LPS (x and y change sign) for segcore. The segment's current content (also after corrections by
+        hand) is read as a binary label map on the volume's grid, refined near the points by the refinement
+        model (loaded once, `refiner`), and written back into that same segment in one step: its name,
+        colour and terminology and every other segment stay as they are. `undoRefine` takes it back.
+
+        Returns the segcore Result (`result.details` holds added_voxels and removed_voxels; it is also in
+        `lastRefineResult`). Bad input (a point outside the image or far from the segment, more than 100
+        points, an empty segment with no include point) raises SegcoreError with segcore's message, and the
+        segment is not changed. A segmentation whose geometry differs from the volume's gets the segment back
+        resampled from the volume's grid.
+        """
+        import numpy as np
+        import SimpleITK as sitk
+
+        from segcore import mrml
+
+        name = self._refinedSegment(segmentationNode, segmentId)
+        if volumeNode is None:
+            raise SegcoreError("no volume selected: choose the CT the segmentation was made on.")
+        includeLps, excludeLps = self.rasToLps(include, "include"), self.rasToLps(exclude, "exclude")
+        image = mrml.volume_node_to_image(volumeNode)
+        labels, value = self._refineLabels(segmentationNode, volumeNode, name)
+        result = self.refiner(model, device)(image, labels, includeLps, excludeLps, value)
+        before = sitk.GetArrayViewFromImage(labels) == value
+        after = sitk.GetArrayViewFromImage(result.labelmap) == value
+        step = RefineStep(segmentationNode, segmentId, volumeNode, before)
+        if not np.array_equal(before, after):
+            self._writeSegment(segmentationNode, segmentId, volumeNode, after)
+        self._refineSteps.append(step)  # also an unchanged segment: one step per refinement
+        del self._refineSteps[:-REFINE_UNDO_STEPS]
+        self.lastRefineResult = result
+        details = result.details
+        logger.info("%s: refined with %d include and %d exclude points: %d voxels added, %d removed",
+                    name, details["include"], details["exclude"], details["added_voxels"], details["removed_voxels"])
+        return result
+
+    @staticmethod
+    def _refineLabels(segmentationNode, volumeNode, name):
+        """The label map refine works on, on the volume's grid, and the segment's value in it: the segment
+        with its catalogue value (prostate 1, ...; `mrml.label_values`), every other segment as OTHER, which
+        refine leaves alone: the segment does not grow into its neighbours, and they keep every voxel."""
+        import numpy as np
+        import SimpleITK as sitk
+
+        from segcore import mrml
+
+        (value,) = mrml.label_values([name])
+        other = 255 if value != 255 else 254
+        segmentation = segmentationNode.GetSegmentation()
+        others = list(dict.fromkeys(segmentation.GetNthSegment(n).GetName()
+                                    for n in range(segmentation.GetNumberOfSegments())))
+        others.remove(name)
+        labels = mrml.segmentation_node_to_labelmap(segmentationNode, volumeNode, [name])
+        if others:
+            voxels = sitk.GetArrayFromImage(labels).astype(np.uint8)
+            taken = sitk.GetArrayFromImage(mrml.segmentation_node_to_labelmap(segmentationNode, volumeNode, others))
+            voxels[(taken != 0) & (voxels == 0)] = other
+            combined = sitk.GetImageFromArray(voxels)
+            combined.CopyInformation(labels)
+            labels = combined
+        return labels, value
+
+    def canUndoRefine(self):
+        """Whether undoRefine has a refinement to take back."""
+        return bool(self._refineSteps)
+
+    def undoRefine(self):
+        """Take the latest refineSegment back: its segment gets exactly the content it had before (other
+        segments are not touched). Returns the segment's ID, or None when there is nothing to undo; raises
+        SegcoreError when that segment is gone."""
+        if not self._refineSteps:
+            return None
+        step = self._refineSteps.pop()
+        node = step.segmentationNode
+        if node.GetScene() is None or node.GetSegmentation().GetSegment(step.segmentId) is None:
+            raise SegcoreError(f"the refined segment {step.segmentId!r} is no longer in the scene: nothing to undo.")
+        self._writeSegment(node, step.segmentId, step.volumeNode, step.before())
+        return step.segmentId
+
+    def clearRefineHistory(self):
+        """Forget what undoRefine could take back (e.g. when the scene is closed)."""
+        self._refineSteps.clear()
+
+    @staticmethod
+    def _writeSegment(segmentationNode, segmentId, volumeNode, mask):
+        """Replace one segment's content by a 0/1 array on the volume's grid, in one modification."""
+        import numpy as np
+        import slicer
+        import vtk
+
+        from segcore import mrml
+
+        scene = segmentationNode.GetScene()
+        labelmapNode = mrml.temporary_labelmap_node(scene, np.asarray(mask, np.uint8), volumeNode)
+        wasModifying = segmentationNode.StartModify()
+        try:
+            ids = vtk.vtkStringArray()
+            ids.InsertNextValue(segmentId)
+            if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
+                    labelmapNode, segmentationNode, ids):
+                raise SegcoreError(f"Slicer could not write the refined segment into {segmentationNode.GetName()!r}.")
+        finally:
+            segmentationNode.EndModify(wasModifying)
+            mrml.remove_nodes(scene, labelmapNode)
 
     # ------------------------------------------------------------- fine-tuning
 

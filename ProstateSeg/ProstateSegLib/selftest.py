@@ -6,8 +6,9 @@ and `selfTests` and a phantom (`phantomSeed`, `phantomMatrix`), makes its logic
 in `createLogic`, and keeps only its own tests. The shared ones: Cancel leaves
 the scene as it was, bad input is refused with nothing added, the panel
 segments and opens the result in the Segment Editor, a CT loaded through the
-DICOM database exports RTSTRUCT and DICOM SEG (logic and panel), and Improve the
-model fine-tunes the module's default model on saved cases (logic and panel).
+DICOM database exports RTSTRUCT and DICOM SEG (logic and panel), Improve the
+model fine-tunes the module's default model on saved cases (logic and panel), and
+Refine corrects a segment with include and exclude points (logic and panel).
 """
 
 import os
@@ -95,6 +96,43 @@ class SelfTestMixin:
         widget.ui.editButton.click()
         editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
         self.assertEqual(editor.segmentationNode(), slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSegmentationNode"))
+
+    def waitUntil(self, condition, seconds=120, what="the panel to finish"):
+        """Keep Slicer's event loop running until `condition()` holds."""
+        deadline = time.monotonic() + seconds
+        while not condition():
+            self.assertLess(time.monotonic(), deadline, f"waited {seconds} s for {what}")
+            slicer.app.processEvents()
+            time.sleep(0.02)
+
+    def damagedProstate(self, volume, case):
+        """A segmentation of the phantom's prostate, bladder and rectum with half the prostate cut away (a
+        result to correct), the prostate's segment ID, the true prostate, and the world RAS position of a
+        voxel in the middle of the cut-away half (where a user would click Include)."""
+        import numpy as np
+        import SimpleITK as sitk
+        import vtk
+
+        from segcore import anatomy, mrml
+
+        labels = sitk.GetArrayFromImage(case.labels)
+        truth = labels == 1
+        damaged = np.where(labels <= 3, labels, 0).astype(np.uint8)
+        middle = int(np.median(np.nonzero(truth)[2]))
+        cut = truth.copy()
+        cut[:, :, :middle] = False
+        damaged[cut] = 0
+        image = sitk.GetImageFromArray(damaged)
+        image.CopyInformation(case.labels)
+        structures = [anatomy.BY_NAME[name] for name in ("prostate", "bladder", "rectum")]
+        segmentation = mrml.labelmap_to_segmentation_node(image, structures, volume, show_3d=False)
+        missing = np.argwhere(cut)
+        k, j, i = missing[np.argmin(((missing - missing.mean(axis=0)) ** 2).sum(axis=1))]
+        ijkToRas = vtk.vtkMatrix4x4()
+        volume.GetIJKToRASMatrix(ijkToRas)
+        click = tuple(ijkToRas.MultiplyPoint([float(i), float(j), float(k), 1.0])[:3])
+        prostateId = segmentation.GetSegmentation().GetSegmentIdBySegmentName("prostate")
+        return segmentation, prostateId, truth, click
 
     def moduleBadInput(self, logic, volume):
         """A module's own refused inputs for `test_BadInputIsRefused` (a CT `volume` is loaded)."""
@@ -272,3 +310,80 @@ class SelfTestMixin:
             logic.exportDicom(drawn, notDicom, os.path.join(folder, "refused"))
         self.assertIn("Load the CT through the DICOM module", str(refused.exception))
         self.assertFalse(os.path.exists(os.path.join(folder, "refused")))
+
+    def test_Refine(self):
+        """Refine on a phantom prostate with half cut away: the console's refineSegment (an include point in
+        RAS grows it towards the truth, the bladder is untouched, bad input is refused, undoRefine restores
+        it), then the panel's Refine section: a point placed in the green Include list refines at once, a
+        point outside the image is refused in the section's status and removed, Undo and Clear points."""
+        import SimpleITK as sitk
+
+        from segcore import metrics, mrml
+        from segcore.errors import SegcoreError
+
+        volume, case = self.loadPhantom()
+        segmentation, prostateId, truth, click = self.damagedProstate(volume, case)
+        spacing = volume.GetSpacing()[::-1]
+
+        def segment(name):
+            return sitk.GetArrayFromImage(mrml.segmentation_node_to_labelmap(segmentation, volume, [name])) != 0
+
+        def dice(mask):
+            return metrics.mask_metrics(mask, truth, spacing).dsc
+
+        self.delayDisplay("Refine (console): one include point in the missing half")
+        logic = self.createLogic()
+        before, bladder = segment("prostate"), segment("bladder")
+        result = logic.refineSegment(segmentation, prostateId, volume, include=[click], device="cpu")
+        self.assertGreater(result.details["added_voxels"], 0)
+        self.assertGreater(dice(segment("prostate")), dice(before) + 0.03)
+        self.assertTrue((segment("bladder") == bladder).all())
+        with self.assertRaises(SegcoreError) as refused:
+            logic.refineSegment(segmentation, prostateId, volume, include=[(0.0, 0.0, 5000.0)], device="cpu")
+        self.assertIn("lies outside the image", str(refused.exception))
+        self.assertEqual(logic.undoRefine(), prostateId)
+        self.assertTrue((segment("prostate") == before).all())
+
+        self.delayDisplay("Refine in the panel: place an include point")
+        widget = self.moduleWidget(volume)
+        widget.ui.refineCollapsibleButton.collapsed = False
+        widget.ui.refineSegmentSelector.setCurrentNode(segmentation)
+        widget.ui.refineSegmentSelector.setCurrentSegmentID(prostateId)
+        include = widget.ui.includePlaceWidget.currentNode()
+        exclude = widget.ui.excludePlaceWidget.currentNode()
+        self.assertIsNotNone(include)
+        self.assertIsNotNone(exclude)
+        self.assertGreater(include.GetDisplayNode().GetSelectedColor()[1], 0.5)  # green
+        self.assertGreater(exclude.GetDisplayNode().GetSelectedColor()[0], 0.5)  # red
+        widget.ui.includePlaceWidget.setPlaceModeEnabled(True)  # the Include button, pressed
+        self.assertTrue(widget.ui.includePlaceWidget.placeModeEnabled)
+        widget.ui.refineStatusLabel.text = ""
+        include.AddControlPoint(click)  # what a click in a slice view does now
+        self.waitUntil(lambda: widget.ui.refineStatusLabel.text, what="the refinement")
+        widget.ui.includePlaceWidget.setPlaceModeEnabled(False)
+        self.assertIn("Refined prostate", widget.ui.refineStatusLabel.text)
+        grown = segment("prostate")
+        self.assertGreater(dice(grown), dice(before) + 0.03)
+        self.assertTrue(widget.ui.refineUndoButton.enabled)
+
+        self.delayDisplay("A point outside the image is refused and removed")
+        widget.ui.refineStatusLabel.text = ""
+        exclude.AddControlPoint((0.0, 0.0, 5000.0))
+        self.waitUntil(lambda: widget.ui.refineStatusLabel.text, what="the refusal")
+        self.assertIn("Not refined", widget.ui.refineStatusLabel.text)
+        self.assertIn("lies outside the image", widget.ui.refineStatusLabel.text)
+        self.assertEqual(exclude.GetNumberOfControlPoints(), 0)
+        self.assertTrue((segment("prostate") == grown).all())
+
+        self.delayDisplay("Undo last refinement, then Clear points")
+        widget.ui.refineUndoButton.click()
+        self.assertTrue((segment("prostate") == before).all())
+        self.assertEqual(include.GetNumberOfControlPoints(), 0)
+        widget.ui.refineStatusLabel.text = ""
+        include.AddControlPoint(click)
+        self.waitUntil(lambda: widget.ui.refineStatusLabel.text, what="the refinement")
+        self.assertEqual(include.GetNumberOfControlPoints(), 1)
+        self.assertTrue(widget.ui.refineClearButton.enabled)
+        widget.ui.refineClearButton.click()
+        self.assertEqual(include.GetNumberOfControlPoints(), 0)
+        self.assertFalse((segment("prostate") == before).all())  # the segment stays as refined

@@ -3,8 +3,9 @@
 A module's widget subclasses `SegmentationWidgetBase`, names its .ui file and
 logic, and gets: model choice with install/remove, device choice (GPU only when
 torch sees one), Segment/Cancel with a progress bar and status text, the
-result's volume and confidence, Edit (Segment Editor), Export to DICOM (RTSTRUCT / DICOM SEG), Save as
-training case, and Improve the model (fine-tuning in a background process).
+result's volume and confidence, Edit (Segment Editor), Refine (include and exclude points, each refining
+the chosen segment at once, with Undo), Export to DICOM (RTSTRUCT / DICOM SEG), Save as training case, and
+Improve the model (fine-tuning in a background process).
 The .ui must hold the widgets named in `REQUIRED_WIDGETS`.
 """
 
@@ -19,6 +20,7 @@ from slicer.ScriptedLoadableModule import ScriptedLoadableModuleWidget
 from slicer.util import VTKObservationMixin
 
 from ProstateSegLib import dependencies
+from ProstateSegLib.refinepoints import RefinePoints
 from segcore.errors import Cancelled, OutputExistsError, SegcoreError
 
 logger = logging.getLogger(__name__)
@@ -30,6 +32,8 @@ REQUIRED_WIDGETS = (
     "saveCaseButton", "rtstructCheckBox", "dicomSegCheckBox", "dicomFolderPathLineEdit", "exportDicomButton",
     "fineTuneCollapsibleButton", "fineTuneFolderPathLineEdit", "fineTuneCasesLabel", "fineTuneIterationsSpinBox",
     "fineTuneButton", "fineTuneCancelButton", "fineTuneProgressBar", "fineTuneStatusLabel", "fineTuneTableWidget",
+    "refineCollapsibleButton", "refineSegmentSelector", "includePlaceWidget", "excludePlaceWidget",
+    "refineUndoButton", "refineClearButton", "refineStatusLabel",
 )
 
 DEVICES = (("Automatic (GPU if available)", "auto"), ("CPU", "cpu"), ("GPU (CUDA)", "cuda"))
@@ -72,6 +76,8 @@ class SegmentationWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._lastSegmentation = None
         self._fineTune = None  # the FineTuneRun in progress
         self._followedFolder = ""  # the Save-as-training-case folder the fine-tune folder follows
+        self._refinePoints = None  # the Refine section's RefinePoints
+        self._refineChosen = (None, "")  # (segmentation node ID, segment ID) the points were placed for
 
     # ------------------------------------------------------------ set-up
 
@@ -99,6 +105,7 @@ class SegmentationWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.saveCaseButton.enabled = False
         self.ui.exportDicomButton.enabled = False
         self.setupFineTune()
+        self.setupRefine()
 
         self.offerRequirements()
         self.refreshModels()
@@ -117,6 +124,8 @@ class SegmentationWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self):
         self.removeObservers()
+        if self._refinePoints is not None:
+            self._refinePoints.cleanup()
         run, self._fineTune = self._fineTune, None
         if run is not None:  # the panel goes away (Slicer closes): so does its fine-tuning process
             run.process.kill()
@@ -134,10 +143,15 @@ class SegmentationWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller, event):
         self.setParameterNode(None)
         self._lastSegmentation = None
+        self._refinePoints.forgetNodes()  # they go with the scene
+        self.logic.clearRefineHistory()
+        self._updateRefineButtons()
 
     def onSceneEndClose(self, caller, event):
         if self.parent.isEntered:
             self.initializeParameterNode()
+        if not self.ui.refineCollapsibleButton.collapsed:  # the place buttons get new point lists
+            self.refinePlaceNodes()
 
     def initializeParameterNode(self):
         self.setParameterNode(self.logic.getParameterNode())
@@ -358,6 +372,8 @@ class SegmentationWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
         lines += result.messages
         self.ui.resultLabel.text = "\n".join(lines)
         self.ui.statusLabel.text = "Done." if result.found else "Nothing found."
+        if segmentation is not None:  # Refine works on the new result
+            self.ui.refineSegmentSelector.setCurrentNode(segmentation)
 
     def _currentSegmentation(self):
         chosen = self._parameterNode.outputSegmentation if self._parameterNode else None
@@ -437,6 +453,123 @@ class SegmentationWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
         lines = ["Exported " + " and ".join(p.name for p in paths) + f" to {folder}."]
         lines += [note[:1].upper() + note[1:] + "." for note in self.logic.lastExportNotes]
         self.ui.statusLabel.text = "\n".join(lines)
+
+    # --------------------------------------------------------------- refine
+
+    def setupRefine(self):
+        """The Refine section: a segment, Include and Exclude place buttons (green and red points); each
+        placed point refines the segment at once (after the click is handled); Undo and Clear points."""
+        ui = self.ui
+        self._refinePoints = RefinePoints(
+            self.logic, slicer.mrmlScene, target=self.refineTarget, options=self.refineOptions,
+            refined=self.onRefined, failed=self.onRefineFailed,
+            schedule=lambda run: qt.QTimer.singleShot(0, lambda: self._runRefine(run)))
+        for placeWidget in (ui.includePlaceWidget, ui.excludePlaceWidget):
+            placeWidget.setMRMLScene(slicer.mrmlScene)
+            placeWidget.buttonsVisible = False  # the place button only
+            placeWidget.placeButton().show()
+            placeWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceMultipleMarkups
+        ui.refineSegmentSelector.setMRMLScene(slicer.mrmlScene)
+        ui.refineSegmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onRefineSegmentChanged)
+        ui.refineSegmentSelector.connect("currentSegmentChanged(QString)", self.onRefineSegmentChanged)
+        ui.refineCollapsibleButton.connect("contentsCollapsed(bool)", self.onRefineSectionToggled)
+        ui.refineUndoButton.connect("clicked(bool)", self.onUndoRefine)
+        ui.refineClearButton.connect("clicked(bool)", self.onClearRefinePoints)
+        self._updateRefineButtons()
+
+    def refineTarget(self):
+        """(segmentation node, segment ID, volume node) the Refine section works on."""
+        selector = self.ui.refineSegmentSelector
+        volume = self._parameterNode.inputVolume if self._parameterNode else None
+        return selector.currentNode(), selector.currentSegmentID(), volume
+
+    def refineOptions(self):
+        return {"device": (self._parameterNode.device if self._parameterNode else "") or "auto"}
+
+    def refinePlaceNodes(self):
+        """Give the Include and Exclude buttons their point lists (made when not in the scene)."""
+        include, exclude = self._refinePoints.nodes()
+        if self.ui.includePlaceWidget.currentNode() is not include:
+            self.ui.includePlaceWidget.setCurrentNode(include)
+        if self.ui.excludePlaceWidget.currentNode() is not exclude:
+            self.ui.excludePlaceWidget.setCurrentNode(exclude)
+
+    def onRefineSectionToggled(self, collapsed):
+        if collapsed:
+            return
+        self.refinePlaceNodes()
+        if self.ui.refineSegmentSelector.currentNode() is None and self._currentSegmentation() is not None:
+            self.ui.refineSegmentSelector.setCurrentNode(self._currentSegmentation())
+        self._updateRefineButtons()
+
+    def onRefineSegmentChanged(self, *args):
+        """Points belong to one segment: another segment starts without points."""
+        segmentation, segmentId, _ = self.refineTarget()
+        chosen = (segmentation.GetID() if segmentation is not None else None, segmentId)
+        changed, self._refineChosen = chosen != self._refineChosen, chosen
+        if changed and self._refinePoints.pointCount():
+            self._refinePoints.clear()
+            self.ui.refineStatusLabel.text = "Another segment: the points were cleared."
+        self._updateRefineButtons()
+
+    def _updateRefineButtons(self):
+        self.ui.refineUndoButton.enabled = self.logic.canUndoRefine()
+        self.ui.refineClearButton.enabled = self._refinePoints.pointCount() > 0
+
+    def _saveSegmentEditorUndoState(self):
+        """When the Segment Editor edits this segmentation, save its state there too, so that its Undo also
+        takes the refinement back."""
+        editorWidget = getattr(slicer.modules, "SegmentEditorWidget", None)
+        editor = getattr(editorWidget, "editor", None)
+        segmentation = self.ui.refineSegmentSelector.currentNode()
+        if editor is not None and segmentation is not None and editor.segmentationNode() is segmentation:
+            editor.saveStateForUndo()
+
+    def _runRefine(self, run):
+        """Run a refinement `RefinePoints` scheduled; a refused point is reported by onRefineFailed, a failure
+        of another kind here."""
+        try:
+            if not self.installDependencies():
+                self._refinePoints.clear()
+                return
+            self.refinePlaceNodes()
+            self._saveSegmentEditorUndoState()
+            with slicer.util.WaitCursor():
+                run()
+        except Exception as error:  # noqa: BLE001  a bug or a library failure: say so, the traceback to the log
+            logger.error(traceback.format_exc())
+            self.ui.refineStatusLabel.text = f"Refinement failed: {error} (details in the Python console and log)."
+        finally:
+            self._updateRefineButtons()
+
+    def onRefined(self, result):
+        details = result.details
+        segment = self.ui.refineSegmentSelector.currentNode().GetSegmentation().GetSegment(
+            self.ui.refineSegmentSelector.currentSegmentID())
+        self.ui.refineStatusLabel.text = (
+            f"Refined {segment.GetName() if segment else 'the segment'} with {details['include']} include and "
+            f"{details['exclude']} exclude points: {details['added_voxels']} voxels added, "
+            f"{details['removed_voxels']} removed ({result.timings.get('total', 0):.1f} s).")
+
+    def onRefineFailed(self, message):
+        """A refused point: it was removed again; say why, in the section (no dialog: the next click may fix it)."""
+        logger.warning("Refine: %s", message)
+        self.ui.refineStatusLabel.text = f"Not refined: {message[:1].upper() + message[1:]} The point was removed."
+
+    def onUndoRefine(self):
+        try:
+            segmentId = self._refinePoints.undo()
+        except SegcoreError as error:
+            self.ui.refineStatusLabel.text = f"Not undone: {error}"
+        else:
+            self.ui.refineStatusLabel.text = ("Undid the last refinement." if segmentId is not None
+                                              else "Nothing to undo.")
+        self._updateRefineButtons()
+
+    def onClearRefinePoints(self):
+        self._refinePoints.clear()
+        self.ui.refineStatusLabel.text = "Points cleared; the segment stays as refined."
+        self._updateRefineButtons()
 
     # ------------------------------------------------------ improve the model
 
