@@ -147,7 +147,8 @@ def test_click_maps_are_disks_that_fade_along_the_body_axis():
     (lambda p, c: {"include": [c], "label": "prostate"}, "from 1 to 255"),
     (lambda p, c: {"exclude": [c], "label": 99}, "label 99 is not in the label map"),
     (lambda p, c: {"include": [(1, 2)]}, "(x, y, z) positions"),
-    (lambda p, c: {"exclude": [far_point(p)]}, "mm from label 1"),
+    (lambda p, c: {"exclude": [far_point(p)]}, "more than 50 mm from label 1"),
+    (lambda p, c: {"include": [voxel_of(p, BLADDER)]}, "lies in label 2 (bladder), and refine never changes"),
     (lambda p, c: {"include": [c], "labelmap": sitk.Shrink(p.labels, [2, 2, 1])}, "not on the image's grid"),
 ])
 def test_bad_input_is_refused_with_a_clear_message_and_changes_nothing(phantom, refiner, change, message):
@@ -158,6 +159,11 @@ def test_bad_input_is_refused_with_a_clear_message_and_changes_nothing(phantom, 
     with pytest.raises(SegcoreError, match=message.replace("(", r"\(").replace(")", r"\)")):
         refiner(phantom.ct, arguments["labelmap"], arguments["include"], arguments["exclude"], arguments["label"])
     assert np.array_equal(array(phantom.labels), labels)
+
+
+def voxel_of(phantom, value):
+    k, j, i = (int(np.median(v)) for v in np.nonzero(array(phantom.labels) == value))
+    return point_of(phantom.ct, (k, j, i))
 
 
 def far_point(phantom):

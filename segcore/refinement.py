@@ -65,6 +65,7 @@ class RefineSettings:
     click_radius_mm: float = 5.0     # the disk drawn for a click
     threshold: float = 0.5
     max_distance_mm: float = 50.0    # a click farther than this from the structure is a mistake
+    change_radius_mm: float = 0.0    # when > 0: the mask changes only this close to a click
 
 
 # --------------------------------------------------------------------------- the grid-level core
@@ -87,6 +88,21 @@ def click_maps(clicks, z_indices, shape_yx, spacing, settings: RefineSettings) -
             if strength > 0:
                 np.maximum(maps[n, int(kind)], disk * np.float32(strength), out=maps[n, int(kind)])
     return maps
+
+
+def near_clicks(clicks, z_indices, shape_yx, spacing, radius_mm: float) -> np.ndarray:
+    """Which voxels of the given slices lie within ``radius_mm`` of a click: (len(z_indices), y, x) bool."""
+    sx, sy, sz = (float(v) for v in spacing)
+    yy = (np.arange(shape_yx[0]) * sy)[:, None]
+    xx = (np.arange(shape_yx[1]) * sx)[None, :]
+    near = np.zeros((len(z_indices),) + tuple(shape_yx), bool)
+    for z, y, x, _ in clicks:
+        in_plane = (yy - y * sy) ** 2 + (xx - x * sx) ** 2
+        for n, k in enumerate(z_indices):
+            left = radius_mm ** 2 - ((k - z) * sz) ** 2
+            if left >= 0:
+                near[n] |= in_plane <= left
+    return near
 
 
 def slices_reached(clicks, depth: int, spacing_z: float, settings: RefineSettings) -> np.ndarray:
@@ -133,7 +149,11 @@ def refine_on_grid(network, ct: np.ndarray, mask: np.ndarray, clicks, spacing, s
     if not clicks:
         return refined, 1.0
     indices, probability = predict(network, ct, mask, clicks, spacing, settings, device)
-    refined[indices] = probability > settings.threshold
+    answer = probability > settings.threshold
+    if settings.change_radius_mm > 0:
+        answer = np.where(near_clicks(clicks, indices, ct.shape[1:], spacing, settings.change_radius_mm), answer,
+                          refined[indices])
+    refined[indices] = answer
     inside = probability[probability > settings.threshold]
     return refined, float(inside.mean()) if inside.size else 0.0
 
@@ -180,6 +200,13 @@ def _check_clicks(image: sitk.Image, labels: np.ndarray, label: int, include: np
                 low, high = imageio.physical_bounds(image)
                 raise SegcoreError(f"the {what} point {_mm(point)} lies outside the image, which spans "
                                    f"{_mm(low)} to {_mm(high)} (LPS mm): place points on the image.")
+    for point in include:
+        held = int(labels[_voxel(image, point)])
+        if held not in (0, label):
+            known = anatomy.BY_VALUE.get(held)
+            what = f"label {held} ({known.name})" if known else f"another structure (label {held})"
+            raise SegcoreError(f"the include point {_mm(point)} lies in {what}, and refine never changes other "
+                               "labels: correct that structure first, or place the point on background.")
     mask = labels == label
     if not len(include) and not mask.any():
         held = ", ".join(str(v) for v in np.unique(labels) if v) or "no label"
@@ -208,6 +235,12 @@ def _distance_to(image: sitk.Image, mask: np.ndarray, point, limit_mm: float) ->
     matrix = imageio.ijk_to_lps_matrix(image)
     ijk = np.stack([i + low[2], j + low[1], k + low[0]], axis=1).astype(float)
     return float(np.sqrt((((ijk @ matrix[:3, :3].T + matrix[:3, 3]) - point) ** 2).sum(axis=1)).min())
+
+
+def _voxel(image: sitk.Image, point) -> tuple[int, int, int]:
+    """The (k, j, i) index of the image voxel a point lies in."""
+    index = np.rint(image.TransformPhysicalPointToContinuousIndex([float(v) for v in point])).astype(int)
+    return tuple(int(v) for v in np.clip(index, 0, np.asarray(image.GetSize()) - 1)[::-1])
 
 
 def _mm(point) -> str:
@@ -291,9 +324,8 @@ class Refiner:
         remove = _onto(mask & ~refined.astype(bool), grid, ct)
         for kind, points in ((INCLUDE, include), (EXCLUDE, exclude)):
             for point in points:  # the clicked voxels end up as asked, whatever the network said
-                k, j, i = np.rint(ct.TransformPhysicalPointToContinuousIndex([float(v) for v in point])[::-1]).astype(int)
-                (add if kind == INCLUDE else remove)[k, j, i] = True
-                (remove if kind == INCLUDE else add)[k, j, i] = False
+                (add if kind == INCLUDE else remove)[_voxel(ct, point)] = True
+                (remove if kind == INCLUDE else add)[_voxel(ct, point)] = False
         added = add & (labels == 0)
         removed = remove & (labels == label)
         labels[added], labels[removed] = label, 0
