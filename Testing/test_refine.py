@@ -140,6 +140,24 @@ def test_click_maps_are_disks_that_fade_along_the_body_axis():
     assert not maps[2].any()                                              # 10 mm away: out of reach
 
 
+def test_a_package_may_keep_the_mask_away_from_the_clicks(phantom, refiner):
+    from dataclasses import replace
+
+    truth = array(phantom.labels) == PROSTATE
+    spacing_zyx = phantom.ct.GetSpacing()[::-1]
+    current = replaced(phantom.labels, PROSTATE, simulated.grown(truth, -4.0, spacing_zyx))
+    zyx, _ = simulated.next_click(array(current) == PROSTATE, truth, spacing_zyx)
+    point = np.asarray(point_of(phantom.ct, zyx))
+    limited = Refiner(refiner.package, device="cpu")
+    limited.settings = replace(limited.settings, near_mm=8.0, keep_margin=0.5)   # no change beyond 8 mm
+    changed = array(limited(phantom.ct, current, [tuple(point)], [], PROSTATE).labelmap) != array(current)
+    k, j, i = np.nonzero(changed)
+    where = np.array([phantom.ct.TransformIndexToPhysicalPoint([int(a), int(b), int(c)]) for a, b, c in zip(i, j, k)])
+    assert len(where) and np.sqrt(((where - point) ** 2).sum(axis=1)).max() <= 8.0 + max(phantom.ct.GetSpacing())
+    unlimited = array(refiner(phantom.ct, current, [tuple(point)], [], PROSTATE).labelmap) != array(current)
+    assert unlimited.sum() > changed.sum()
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda p, c: {"include": [(1e4, 0.0, 0.0)]}, "lies outside the image"),
     (lambda p, c: {"include": [c] * 101}, "at most 100"),

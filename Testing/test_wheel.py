@@ -17,7 +17,7 @@ from conftest import ROOT
 
 import segcore
 
-BUNDLED = ["organs-hmrnet-demo", "prostate-hfunet-demo", "prostate-hmedn-demo", "prostate-metricunet-demo"]
+BUNDLED = ["organs-hmrnet-demo", "prostate-hfunet-demo", "prostate-hmedn-demo", "prostate-metricunet-demo", "refine-demo"]
 SCHEMA = "segcore/packages/model_package.schema.json"
 
 
