@@ -58,28 +58,13 @@ def log(message: str) -> None:
 # --------------------------------------------------------------------------- one case
 
 
-def box_of(*masks):
-    """The bounding box (slices) of the union of the masks, or None when all are empty: every error voxel
-    lies in it, so the simulated user's click and the DSC are the same on it as on the whole grid."""
-    import numpy as np
-
-    union = masks[0] | masks[1] if len(masks) > 1 else masks[0]
-    box = []
-    for axis in range(union.ndim):
-        any_ = np.any(union, axis=tuple(a for a in range(union.ndim) if a != axis))
-        where = np.nonzero(any_)[0]
-        if not len(where):
-            return None
-        box.append(slice(int(where[0]), int(where[-1]) + 1))
-    return tuple(box)
-
-
 def run_clicks(refiner, ct, start_labels, truth, value: int, max_clicks: int) -> dict:
     """One structure refined from one start label map by up to ``max_clicks`` simulated clicks."""
     import numpy as np
     import SimpleITK as sitk
 
     from segcore.errors import SegcoreError
+    from segcore.postprocess import bounding_box
     from training.clicks import INCLUDE, dice, next_click
 
     spacing_zyx = tuple(float(s) for s in ct.GetSpacing()[::-1])
@@ -88,7 +73,7 @@ def run_clicks(refiner, ct, start_labels, truth, value: int, max_clicks: int) ->
     labelmap.CopyInformation(ct)
 
     def score(mask):
-        box = box_of(mask, truth)
+        box = bounding_box(mask | truth)
         return 1.0 if box is None else dice(mask[box], truth[box])
 
     mask = labels == value
@@ -97,7 +82,7 @@ def run_clicks(refiner, ct, start_labels, truth, value: int, max_clicks: int) ->
     for _ in range(max_clicks):
         # The user clicks where refine may act: not on a voxel another label holds (refine refuses that).
         reachable = truth & ((labels == 0) | (labels == value))
-        box = box_of(mask, reachable)
+        box = bounding_box(mask | reachable)
         click = None if box is None else next_click(mask[box], reachable[box], spacing_zyx)
         if click is None:
             stopped = "perfect"
@@ -139,10 +124,11 @@ def poor_start(truth, spacing_zyx, rng, shift_mm: float = 5.0):
     about 8 s less per structure at 512)."""
     import numpy as np
 
+    from segcore.postprocess import bounding_box
     from training.clicks import poor_mask
 
     out = np.zeros(truth.shape, bool)
-    box = box_of(truth)
+    box = bounding_box(truth)
     if box is None:
         return out
     margin = [int(np.ceil(shift_mm / s)) + 2 for s in spacing_zyx]

@@ -43,7 +43,7 @@ from .pipeline import (
     settings_from_package,
     use_available_cores,
 )
-from .prostate import pad_to_multiple, slice_stacks
+from .prostate import pad_to_multiple, paste_back, slice_stacks
 from .result import Result, SegmentResult, label_volume_cc
 
 TASK = "refine"
@@ -325,8 +325,8 @@ class Refiner:
                                              grid.GetSpacing(), self.settings, self.device)
         timings["network"] = time.perf_counter() - tick
         tick = time.perf_counter()
-        add = _onto(refined & ~mask, grid, ct)
-        remove = _onto(mask & ~refined.astype(bool), grid, ct)
+        add = paste_back(labelmap_like((refined & ~mask).astype(np.float32), grid), ct, 0.5)
+        remove = paste_back(labelmap_like((mask & ~refined.astype(bool)).astype(np.float32), grid), ct, 0.5)
         for kind, points in ((INCLUDE, include), (EXCLUDE, exclude)):
             for point in points:  # the clicked voxels end up as asked, whatever the network said
                 (add if kind == INCLUDE else remove)[_voxel(ct, point)] = True
@@ -348,16 +348,6 @@ class Refiner:
                       details={"label": label, "include": includes, "exclude": excludes,
                                "added_voxels": changed[0], "removed_voxels": changed[1]},
                       model_version=self.package.version)
-
-
-def _onto(fine: np.ndarray, grid: sitk.Image, target: sitk.Image) -> np.ndarray:
-    """A 0/1 array on the refinement grid as a boolean array on the target's grid (False beyond the grid)."""
-    image = labelmap_like(fine.astype(np.float32), grid)
-    out = np.zeros(target.GetSize()[::-1], bool)
-    where, values = imageio.resample_onto_part(image, target)
-    if where is not None:
-        out[where] = values > 0.5
-    return out
 
 
 @functools.lru_cache(maxsize=2)
