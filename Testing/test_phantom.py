@@ -35,7 +35,7 @@ def test_target_organs_are_present_with_plausible_volumes(small_phantom):
     # label volumes follow the drawn volumes (partial volume and bone give a little)
     assert volume_cc(labels, L["prostate"]) == pytest.approx(info["prostate_cc"], rel=0.25)
     assert volume_cc(labels, L["bladder"]) == pytest.approx(info["bladder_cc"], rel=0.25)
-    assert 15 <= info["prostate_cc"] <= 80
+    assert 15 <= info["prostate_cc"] <= 150
 
 
 def test_anatomical_relations_in_patient_space():
@@ -55,7 +55,7 @@ def test_anatomical_relations_in_patient_space():
 
 def test_hounsfield_units_per_tissue(small_phantom):
     ct, labels = sitk.GetArrayViewFromImage(small_phantom.ct), sitk.GetArrayViewFromImage(small_phantom.labels)
-    hu = small_phantom.info["anatomy"]["hu"]
+    hu = small_phantom.info["hu"]
 
     def inner_median(value):
         mask = ndimage.binary_erosion(labels == value, iterations=1)
@@ -75,7 +75,7 @@ def test_noise_level_matches_the_drawn_sigma():
     case = make_phantom(21, matrix=256, spacing=(1.8, 1.8, 2.0), orientation="LPS", implant=False)
     ct, labels = sitk.GetArrayViewFromImage(case.ct), sitk.GetArrayViewFromImage(case.labels)
     muscle = ndimage.binary_erosion(labels == L["muscle"], iterations=3)
-    assert float(ct[muscle].std()) == pytest.approx(case.info["anatomy"]["noise_hu"], rel=0.35)
+    assert float(ct[muscle].std()) == pytest.approx(case.info["scan"]["noise_hu"], rel=0.35)
 
 
 def test_implant_adds_metal_and_streaks():
@@ -133,3 +133,124 @@ def test_write_phantoms_layout(tmp_path):
 
     with pytest.raises(OutputExistsError):
         write_phantoms(tmp_path, 1, seed=3, matrix=64)
+
+
+# --------------------------------------------------------------------------- phantom v2: anatomy, devices, scanners
+
+
+def arrays(case):
+    return sitk.GetArrayFromImage(case.ct).astype(np.float32), sitk.GetArrayFromImage(case.labels)
+
+
+def test_forcing_an_option_changes_only_that():
+    plain = make_phantom(31, matrix=96, orientation="LPS", options={"fiducials": False, "spacer": False})
+    marked = make_phantom(31, matrix=96, orientation="LPS", options={"fiducials": True, "spacer": False})
+    assert plain.info["anatomy"]["prostate_cc"] == marked.info["anatomy"]["prostate_cc"]
+    assert marked.info["anatomy"]["fiducials"] and not plain.info["anatomy"]["fiducials"]
+    assert np.array_equal(sitk.GetArrayViewFromImage(plain.labels), sitk.GetArrayViewFromImage(marked.labels))
+    with pytest.raises(ValueError, match="unknown phantom option"):
+        make_phantom(31, matrix=64, options={"fiducial": True})
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        make_phantom(31, matrix=64, options={"kernel": "bone"})
+
+
+def test_gold_fiducials_lie_in_the_prostate():
+    case = make_phantom(32, matrix=256, spacing=(0.9, 0.9, 1.0), orientation="LPS",
+                        options={"fiducials": True, "calcifications": False, "implant": "none"})
+    ct, labels = arrays(case)
+    gold = ct > 2500
+    components, count = ndimage.label(gold)
+    assert count >= 3
+    inside = [labels[components == n] for n in range(1, count + 1)]
+    assert sum(np.mean(v == L["prostate"]) > 0.5 for v in inside) >= 3
+
+
+def test_catheter_and_spacer_sit_where_they_belong():
+    def distance_prostate_to_rectum(case):
+        c = centroids(case.labels)
+        return c[L["rectum"]][1] - c[L["prostate"]][1]
+
+    base = dict(matrix=160, spacing=(1.2, 1.2, 1.5), orientation="LPS")
+    without = make_phantom(33, options={"spacer": False, "catheter": False}, **base)
+    spaced = make_phantom(33, options={"spacer": True, "catheter": True}, **base)
+    grown = distance_prostate_to_rectum(spaced) - distance_prostate_to_rectum(without)
+    assert grown == pytest.approx(spaced.info["anatomy"]["spacer_mm"], abs=3)
+    ct, labels = arrays(spaced)
+    ct0, _ = arrays(without)
+    # the catheter's dark lumen runs through the prostate: voxels there drop well below soft tissue
+    prostate = labels == L["prostate"]
+    assert (ct[prostate] < -100).sum() > (ct0[prostate] < -100).sum()
+
+
+def test_prostheses_on_both_sides():
+    case = make_phantom(34, matrix=128, orientation="LPS", options={"implant": "both"})
+    _, labels = arrays(case)
+    metal = np.argwhere(labels == L["metal_implant"])
+    x = np.array([case.labels.TransformIndexToPhysicalPoint([int(i), int(j), int(k)])[0] for k, j, i in metal[::50]])
+    prostate_x = centroids(case.labels)[L["prostate"]][0]
+    assert (x > prostate_x + 50).any() and (x < prostate_x - 50).any()
+    assert case.info["anatomy"]["implant_sides"] == ["left", "right"]
+
+
+def test_femoral_heads_are_45_to_55_mm_across():
+    for seed in (35, 36, 37):
+        case = make_phantom(seed, matrix=256, spacing=(1.0, 1.0, 1.0), orientation="LPS", implant=False)
+        volume = volume_cc(case.labels, L["femoral_head_left"]) * 1000
+        diameter = (6 * volume / np.pi) ** (1 / 3)
+        assert 43 <= diameter <= 56, diameter
+
+
+def test_thighs_part_below_the_perineum_and_muscles_have_fat_planes():
+    case = make_phantom(38, matrix=256, spacing=(1.6, 1.6, 2.0), orientation="LPS", implant=False)
+    ct, labels = arrays(case)
+    prostate = centroids(case.labels)[L["prostate"]]
+    body = labels > 0
+    body[labels == L["couch"]] = False
+
+    def row(z_mm):
+        k = case.ct.TransformPhysicalPointToIndex((prostate[0], prostate[1], prostate[2] + z_mm))[2]
+        i = case.ct.TransformPhysicalPointToIndex((prostate[0], prostate[1], prostate[2]))[0]
+        return k, i
+
+    k_low, i_mid = row(case.info["anatomy"]["crotch_z"] - 35)
+    k_high, _ = row(0)
+    middle = slice(i_mid - 3, i_mid + 4)
+    # at the prostate the body is whole across the midline; 35 mm below the crotch the thighs are apart
+    assert body[k_high][:, middle].any(axis=1).sum() > 100
+    assert not body[k_low][:, middle].any() and body[k_low].sum() > 0.3 * body[k_high].sum()
+    # separate muscles: the muscle label splits into many compartments with fat between them
+    _, compartments = ndimage.label(labels[k_high] == L["muscle"])
+    assert compartments >= 3
+
+
+def test_scanner_kernel_kvp_and_field_of_view():
+    base = dict(matrix=128, spacing=(1.5, 1.5, 2.0), orientation="LPS", implant=False)
+    soft = make_phantom(39, options={"kernel": "soft"}, **base)
+    sharp = make_phantom(39, options={"kernel": "sharp"}, **base)
+
+    def roughness(case):
+        ct, labels = arrays(case)
+        fat = ndimage.binary_erosion(labels == L["fat"], iterations=2)
+        return float(np.abs(np.diff(ct, axis=2))[fat[:, :, 1:]].mean())
+
+    assert roughness(sharp) > 1.5 * roughness(soft)
+    low, high = (make_phantom(39, options={"kvp": v}, **base) for v in (100, 140))
+    assert low.info["hu"]["cortical"] > high.info["hu"]["cortical"] * 1.1
+    assert low.info["hu"]["fat"] < high.info["hu"]["fat"]
+    cut = make_phantom(39, matrix=256, orientation="LPS", options={"truncated_fov": True})
+    whole = make_phantom(39, matrix=256, orientation="LPS", options={"truncated_fov": False})
+    assert cut.ct.GetSpacing()[0] < whole.ct.GetSpacing()[0]   # a smaller field on the same matrix
+    _, labels = arrays(cut)
+    skin_cut = (labels == L["skin"]).sum()
+    assert skin_cut < 0.9 * (sitk.GetArrayViewFromImage(whole.labels) == L["skin"]).sum()
+
+
+def test_drawn_scans_cover_1_to_5_mm_slices():
+    from segcore.phantom import patient, scanner
+
+    slices = set()
+    for seed in range(300):
+        a = patient.draw_patient(np.random.default_rng([seed, 0]))
+        scan = scanner.draw_scan(np.random.default_rng([seed, 1]), 512, None, "LPS", False, a, {})
+        slices.add(scan.spacing[2])
+    assert min(slices) == 1.0 and max(slices) == 5.0 and len(slices) >= 6

@@ -1,0 +1,153 @@
+"""The bones of the phantom: sacrum and coccyx, hip bones (ilium, acetabulum, pubis, ischium), femora
+(head, neck, trochanters, shaft), each a cortical shell around trabecular bone with its grainy texture,
+and hip prostheses with their streaks."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from segcore.phantom.organs import metal_streaks
+from segcore.phantom.shapes import L, Canvas, capsule, ellipsoid, norm, oriented_box, rotation_from
+
+METAL_HU = 8000.0   # cobalt-chrome or steel, saturated after clipping (see organs.GOLD_HU)
+BONE_LABELS = ("hip_bone_left", "hip_bone_right", "sacrum", "femur_left", "femur_right", "femoral_head_left",
+               "femoral_head_right")
+
+
+def head_centre(a: dict, sx: float) -> np.ndarray:
+    """The femoral head's centre: heads 170-190 mm apart in men."""
+    s = a["pelvis_scale"]
+    return np.array([sx * 88 * s, -8 * s, 18 * s])
+
+
+def paint_bones(canvas: Canvas, a: dict, hu: dict) -> None:
+    """Sacrum and coccyx, then each side's hip bone and femur, the prostheses, and the trabecular texture
+    (after the organs: soft tissue gives way to bone)."""
+    s = a["pelvis_scale"]
+    cortex = (hu["cortical"], (1.5, hu["cancellous"]))
+    rh = a["femoral_head_radius"]
+    _paint_sacrum(canvas, s, cortex)
+    for name, sx in (("left", 1.0), ("right", -1.0)):
+        head = head_centre(a, sx)
+        for low, high, dist in _hip_bone_pieces(head, rh, sx, s):
+            canvas.shape(low, high, dist, cortex[0], L[f"hip_bone_{name}"], cortex=cortex[1])
+        _paint_femur(canvas, a, hu, name, head, rh, sx, cortex)
+    _add_trabecular_texture(canvas, hu, np.random.default_rng(a["shape_seed"] + 4))
+    for name in a["implant_sides"]:
+        sx = 1.0 if name == "left" else -1.0
+        _paint_implant(canvas, a, head_centre(a, sx), rh, sx, s)
+
+
+def _paint_sacrum(canvas: Canvas, s: float, cortex) -> None:
+    sacrum_c = np.array([0, -25 * s, 55 * s])
+    radius_sacrum = 110 * s
+
+    def sacrum(x, y, z):
+        # a curved plate, concave forwards both in the sagittal plane (the arc) and across (the wings bend
+        # forwards), narrowing to its apex
+        rho = norm(y + 0.004 * x * x - sacrum_c[1], z - sacrum_c[2])
+        t = np.clip((z - 5 * s) / (113 * s), 0, 1)
+        thickness = 9 + 24 * t * t
+        width = 18 + 40 * t
+        sd = np.abs(rho - radius_sacrum) - thickness / 2
+        sd = np.maximum(sd, np.abs(x) - width)
+        return np.maximum(sd, np.maximum(5 * s - z, np.maximum(z - 118 * s, sacrum_c[1] - y)))
+
+    canvas.shape((-60, 20, -10), (60, 110, 125), sacrum, cortex[0], L["sacrum"], cortex=cortex[1])
+    # coccyx: four small segments below the sacral apex, curving forwards less than the sacrum, with
+    # joint spaces between them (labelled with the sacrum)
+    points = np.array([[0, 72, 3], [0, 69, -6], [0, 65, -14], [0, 61, -21], [0, 57, -27]], float) * s
+    for i, radius in enumerate((6.5, 5.5, 4.5, 3.5)):
+        p0, p1 = points[i] + 0.15 * (points[i + 1] - points[i]), points[i + 1] - 0.15 * (points[i + 1] - points[i])
+        canvas.shape(np.minimum(p0, p1) - radius, np.maximum(p0, p1) + radius,
+                     lambda x, y, z, p0=p0, p1=p1, r=radius: capsule(x, y, z, p0, p1, r), cortex[0], L["sacrum"],
+                     cortex=(1.0, cortex[1][1]))
+
+
+def _acetabulum(head, rh, sx):
+    """A cup over the head's upper, inner and back part, open laterally, forwards and down (the acetabulum
+    faces about 45 degrees down and 15-20 degrees forwards); thick roof, thin medial wall, 2.5 mm joint
+    space."""
+    opening = np.array([sx * 0.68, -0.28, -0.68])
+    outer_centre = head + np.array([sx * 4.0, 0, 5.0])
+
+    def cup(x, y, z):
+        outer = norm(x - outer_centre[0], y - outer_centre[1], z - outer_centre[2]) - (rh + 10)
+        inner = (rh + 2.5) - norm(x - head[0], y - head[1], z - head[2])
+        facing = opening[0] * (x - head[0]) + opening[1] * (y - head[1]) + opening[2] * (z - head[2]) - 2
+        return np.maximum(np.maximum(outer, inner), facing)
+
+    return head - rh - 16, head + rh + 16, cup
+
+
+def _hip_bone_pieces(head, rh, sx, s):
+    """(low, high, distance) of the hip bone's pieces on one side (sx +1 left, -1 right)."""
+    return [
+        _acetabulum(head, rh, sx),
+        # iliac body and wing: up, back and out towards the sacroiliac joint
+        ((sx * 85 * s - 25, -25, 5), (sx * 85 * s + 25, 45, 75),
+         lambda x, y, z, sx=sx: capsule(x, y, z, (sx * 82 * s, 2 * s, 22 * s), (sx * 78 * s, 30 * s, 62 * s), 17 * s)),
+        ((sx * 90 * s - 80, -60, 10), (sx * 90 * s + 80, 100, 150),
+         lambda x, y, z, sx=sx: oriented_box(x, y, z, np.array([sx * 88 * s, 22 * s, 85 * s]),
+                                             rotation_from((sx * 0.62, -0.78, 0.0), (sx * 0.25, 0, 1)),
+                                             (62 * s, 55 * s, 5.5 * s))),
+        # pubis: superior ramus to the symphysis, inferior ramus, symphyseal body (the obturator foramen is
+        # the gap these leave with the ischium)
+        ((sx * 40 * s - 45, -75, -5), (sx * 40 * s + 45, -10, 40),
+         lambda x, y, z, sx=sx: capsule(x, y, z, (sx * 12 * s, -55 * s, 16 * s), (sx * 72 * s, -24 * s, 22 * s), 10 * s)),
+        ((sx * 30 * s - 35, -70, -50), (sx * 30 * s + 35, 25, 5),
+         lambda x, y, z, sx=sx: capsule(x, y, z, (sx * 12 * s, -52 * s, -8 * s), (sx * 48 * s, 6 * s, -34 * s), 8 * s)),
+        ((sx * 10 * s - 15, -75, -25), (sx * 10 * s + 15, -35, 40),
+         lambda x, y, z, sx=sx: ellipsoid(x, y, z, (sx * 10 * s, -55 * s, 6 * s), (7.5 * s, 12 * s, 22 * s))),
+        # ischium down to the tuberosity
+        ((sx * 65 * s - 35, -10, -60), (sx * 65 * s + 35, 45, 25),
+         lambda x, y, z, sx=sx: capsule(x, y, z, (sx * 80 * s, 12 * s, 6 * s), (sx * 52 * s, 24 * s, -34 * s),
+                                        13 * s, 16 * s)),
+    ]
+
+
+def _paint_femur(canvas: Canvas, a: dict, hu: dict, name: str, head, rh, sx, cortex) -> None:
+    """Neck (about 130 degrees to the shaft, 10-15 degrees of anteversion), greater and lesser trochanters,
+    the shaft (thick cortex around fatty marrow), the head."""
+    s = a["pelvis_scale"]
+    femur_label, head_label = L[f"femur_{name}"], L[f"femoral_head_{name}"]
+    neck_end = (sx * 128 * s, 2 * s, -14 * s)
+    femur = [
+        ((sx * 110 * s - 30, -40, -30), (sx * 110 * s + 40, 20, 40),
+         lambda x, y, z, h=head: capsule(x, y, z, h, neck_end, 14 * s)),
+        ((sx * 135 * s - 25, -30, -40), (sx * 135 * s + 25, 35, 20),
+         lambda x, y, z, sx=sx: ellipsoid(x, y, z, (sx * 136 * s, 4 * s, -12 * s), (13 * s, 20 * s, 22 * s))),
+        ((sx * 105 * s - 15, -5, -60), (sx * 105 * s + 15, 25, -30),
+         lambda x, y, z, sx=sx: norm(x - sx * 106 * s, y - 10 * s, z + 46 * s) - 9 * s),
+    ]
+    for low, high, dist in femur:
+        canvas.shape(low, high, dist, cortex[0], femur_label, cortex=cortex[1])
+    canvas.shape((sx * 122 * s - 25, -35, -1000), (sx * 122 * s + 25, 25, -10),
+                 lambda x, y, z, sx=sx: capsule(x, y, z, (sx * 128 * s, 0, -18 * s), (sx * 112 * s, -12 * s, -330), 15 * s),
+                 cortex[0], femur_label, cortex=(5.5, hu["marrow"]))
+    canvas.shape(head - rh - 4, head + rh + 4, lambda x, y, z, h=head: norm(x - h[0], y - h[1], z - h[2]) - rh,
+                 cortex[0], head_label, cortex=(1.2, cortex[1][1]))
+
+
+def _add_trabecular_texture(canvas: Canvas, hu: dict, rng) -> None:
+    """Grainy trabecular bone: voxel noise inside the bones' cancellous part (below the cortex's HU), which
+    the scanner's blur turns into the coarse texture of trabeculae and marrow spaces."""
+    is_bone = np.zeros(256, bool)
+    is_bone[[L[n] for n in BONE_LABELS]] = True
+    inner = is_bone[canvas.labels] & (canvas.hu < 0.5 * (hu["cortical"] + hu["cancellous"]))
+    canvas.hu[inner] += rng.standard_normal(int(inner.sum()), dtype=np.float32) * np.float32(hu["trabecular_sd"])
+
+
+def _paint_implant(canvas: Canvas, a: dict, head, rh, sx, s) -> None:
+    """Total hip replacement: metal ball in the head (still the femoral-head OAR), neck and stem (labelled
+    implant), with streak artefacts in the axial planes."""
+    canvas.shape(head - rh, head + rh, lambda x, y, z: norm(x - head[0], y - head[1], z - head[2]) - (rh - 3), METAL_HU)
+    neck_end = np.array([sx * 128 * s, -8 * s, -14 * s])
+    stem_end = np.array([sx * 118 * s, -8 * s, -150 * s])
+    for p0, p1, r in ((head, neck_end, 7.0), (neck_end, stem_end, 6.5)):
+        canvas.shape(np.minimum(p0, p1) - r, np.maximum(p0, p1) + r,
+                     lambda x, y, z, p0=p0, p1=p1, r=r: capsule(x, y, z, p0, p1, r), METAL_HU, L["metal_implant"])
+    rng = np.random.default_rng(a["shape_seed"] + 2 + (sx > 0))
+    # rays leave the ball above the neck, the stem below
+    metal_streaks(canvas, head[:2], (neck_end[2], head[2] + rh + 5), rh, rng)
+    metal_streaks(canvas, neck_end[:2], (stem_end[2] - 5, neck_end[2]), 7.0, rng)
