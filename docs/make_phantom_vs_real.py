@@ -54,6 +54,51 @@ def femoral_head_centre(labels, values):
     return np.asarray(labels.TransformIndexToPhysicalPoint((int(i), int(j), int(k))))
 
 
+def femoral_head_diameter(labels, values, top_mm=25.0):
+    """Diameter of the sphere fitted (least squares) to the femur's outer surface in its top `top_mm`: the
+    head's dome. The cut face at the bottom of that part is left out of the fit."""
+    mask = np.isin(sitk.GetArrayViewFromImage(labels), values)
+    sz, sy, sx = labels.GetSpacing()[::-1]
+    top = np.nonzero(mask.any(axis=(1, 2)))[0].max()
+    first = max(0, top - int(round(top_mm / sz)) + 1)
+    dome = mask.copy()
+    dome[:first] = False
+    surface = dome & ~ndimage.binary_erosion(dome)
+    surface[first] = False
+    points = np.argwhere(surface) * [sz, sy, sx]
+    a = np.hstack([2 * points, np.ones((len(points), 1))])
+    solution, *_ = np.linalg.lstsq(a, (points ** 2).sum(axis=1), rcond=None)
+    return 2 * float(np.sqrt(solution[3] + solution[:3] @ solution[:3]))
+
+
+def realism(ct, labels, groups, centre):
+    """The figures of the realism table, measured the same way on both images: on the axial slice through
+    the femoral heads' centre, tissue by HU range inside the body (fat -200..-30, soft tissue 0..100, bone
+    above 200) and muscle by label; mean and sd are over each region eroded by one voxel, so the sd is
+    mostly noise and texture."""
+    k = ct.TransformPhysicalPointToIndex(tuple(float(v) for v in centre))[2]
+    values = sitk.GetArrayViewFromImage(ct)[k].astype(float)
+    body = ndimage.binary_fill_holes(values > -400)
+    parts, count = ndimage.label(body)
+    body = parts == (1 + int(np.argmax(ndimage.sum(body, parts, range(1, count + 1)))))  # not the couch
+    area = float(body.sum())
+    fat = body & (values > -200) & (values < -30)
+    soft = body & (values >= 0) & (values <= 100)
+    bone = body & (values > 200)
+    muscle = np.isin(sitk.GetArrayViewFromImage(labels)[k], groups["gluteal muscle"]) & soft
+    columns = np.nonzero(body.any(axis=0))[0]
+    out = {"body width (mm)": (columns.max() - columns.min() + 1) * ct.GetSpacing()[0],
+           # the right: the real patient's left hip is a prosthesis
+           "right femoral head diameter (mm)": femoral_head_diameter(labels, groups["femur_right"]),
+           "bone fraction of body area": bone.sum() / area, "soft-tissue (0-100 HU) fraction": soft.sum() / area,
+           "fat fraction": fat.sum() / area}
+    for name, region in (("fat", fat), ("gluteal muscle", muscle)):
+        inner = ndimage.binary_erosion(region, iterations=1)
+        out[f"{name} HU mean"] = float(values[inner].mean())
+        out[f"{name} HU sd"] = float(values[inner].std())
+    return out
+
+
 def tissue_stats(ct, labels, groups):
     values, masks = sitk.GetArrayViewFromImage(ct), sitk.GetArrayViewFromImage(labels)
     stats = {}
@@ -85,6 +130,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--out", default=str(ROOT / "docs" / "phantom_vs_real.png"))
+    parser.add_argument("--more-seeds", type=int, nargs="*", default=[], metavar="SEED",
+                        help="more phantoms for the realism table (columns)")
     args = parser.parse_args(argv)
 
     real_ct = image.read_image(REAL / "example_ct.nii.gz")
@@ -136,6 +183,19 @@ def main(argv=None):
     print("femoral head separation (mm): real {:.0f}, phantom {:.0f}".format(*tuple(
         np.linalg.norm(femoral_head_centre(labels, g["femur_right"]) - femoral_head_centre(labels, g["femur_left"]))
         for (_, _, labels, _, _), g in zip(rows, (REAL_LABELS, PHANTOM_LABELS)))))
+    print("\nrealism at the femoral heads' level (same method on both):")
+    table = [realism(ct, labels, g, centre) for (_, ct, labels, centre, _), g in zip(rows, (REAL_LABELS, PHANTOM_LABELS))]
+    for extra in args.more_seeds:
+        ct, labels = to_lps_axial(*(lambda c: (c.ct, c.labels))(phantom.make_phantom(extra, matrix=512, orientation="LPS")))
+        ct = image.resample_to_spacing(ct, real_ct.GetSpacing(), "linear")
+        labels = image.resample_like(labels, ct, "label")
+        middle = (femoral_head_centre(labels, PHANTOM_LABELS["femur_right"])
+                  + femoral_head_centre(labels, PHANTOM_LABELS["femur_left"])) / 2
+        table.append(realism(ct, labels, PHANTOM_LABELS, middle))
+    print(f"| | real CT | phantom seed {args.seed} |" + "".join(f" phantom {s} |" for s in args.more_seeds))
+    print("|---|---|---|" + "---|" * len(args.more_seeds))
+    for name in table[0]:
+        print(f"| {name} | " + " | ".join(f"{t[name]:.2f}" if t[name] < 1 else f"{t[name]:.0f}" for t in table) + " |")
     print("labels:", ", ".join(f"{s.value}={s.name}" for s in anatomy.STRUCTURES))
 
 

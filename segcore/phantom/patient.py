@@ -52,7 +52,7 @@ def _draw_body(rng) -> dict:
         # subcutaneous fat, mm: lean to obese planning patients
         "fat_lateral": u(12, 45), "fat_anterior": u(12, 40), "fat_posterior": u(8, 25),
         # fat between neighbouring muscles: thin in lean patients, wider with more fat
-        "fat_plane_mm": u(1.0, 3.0),
+        "fat_plane_mm": u(1.5, 4.0),
         "yaw_deg": u(-5, 5),
         "cavity_scale": u(0.85, 1.1),
         # where the thighs part below the perineum, mm below the prostate's centre (the apex is 15-25 mm
@@ -117,13 +117,14 @@ def _draw_devices(rng) -> dict:
 
 
 def _draw_tissue_hu(rng) -> dict:
-    """Tissue HU at 120 kVp, drawn around published values (fat -100, muscle 50, prostate 40, urine 10,
-    cortical bone over 1000, trabecular bone 150-400); the prostate stays 5-15 HU from its neighbours, as
-    on real CT. The scanner's kVp shifts them (`scanner.hu_at_kvp`)."""
+    """Tissue HU at 120 kVp, drawn around published values (fat -100, muscle 40-60 and lower in older men
+    whose muscle holds more fat, prostate 40, urine 10, cortical bone over 1000, trabecular bone 150-400);
+    the prostate stays within about 15 HU of muscle, as on real CT. The scanner's kVp shifts them
+    (`scanner.hu_at_kvp`)."""
     u = rng.uniform
     return {
         "fat": u(-110, -80),
-        "muscle": u(42, 58),
+        "muscle": u(30, 58),
         "skin": u(20, 45),
         "prostate": u(32, 45),
         "seminal_vesicles": u(25, 40),

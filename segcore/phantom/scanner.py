@@ -89,7 +89,7 @@ def draw_scan(rng, matrix, spacing, orientation, oblique, patient: dict, options
     center_shift = np.array([u(-15, 15), u(-25, 5), 0.0])
     drawn_orientation = str(rng.choice(list(ORIENTATIONS), p=[0.45, 0.35, 0.1, 0.05, 0.05]))
     angles = u(-0.35, 0.35, 3)  # drawn always, used when oblique: same field either way
-    base_noise, cupping, hardening = u(9, 26), u(0, 10), u(0, 35)
+    base_noise, cupping, hardening = u(10, 30), u(0, 10), u(0, 35)
     kernel, kvp, truncated = options.get("kernel", kernel), options.get("kvp", kvp), options.get("truncated_fov", truncated)
     for name, value in (("kernel", kernel), ("kvp", kvp), ("truncated_fov", truncated)):
         if value not in OPTIONS[name]:
