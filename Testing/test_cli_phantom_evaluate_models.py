@@ -44,7 +44,7 @@ def test_phantom_then_evaluate(tmp_path, capsys):
     ref = sitk.ReadImage(str(cases / "case000_labels.nii.gz"))
     array = sitk.GetArrayFromImage(ref)
     moved = np.where(array == 1, 0, array)
-    moved[np.roll(array == 1, 2, axis=2)] = 1
+    moved[np.roll(array == 1, 2, axis=2) & (moved != 2)] = 1   # the bladder stays as it was
     pred = sitk.GetImageFromArray(moved.astype(np.uint8))
     pred.CopyInformation(ref)
     sitk.WriteImage(pred, str(tmp_path / "pred.nii.gz"))
@@ -63,11 +63,24 @@ def test_phantom_then_evaluate(tmp_path, capsys):
     assert code == 1 and "overwrite" in err
 
 
+def test_phantom_devices_and_scanner_from_the_command_line(tmp_path, capsys):
+    code, out, _ = run(capsys, "phantom", tmp_path / "cases", "-n", 2, "--size", 64, "--with", "fiducials,spacer",
+                       "--without", "catheter", "--implant", "both", "--kernel", "sharp", "--kvp", "100")
+    assert code == 0
+    for n in range(2):
+        info = json.loads((tmp_path / "cases" / f"case00{n}_info.json").read_text())
+        a = info["anatomy"]
+        assert a["fiducials"] and a["spacer"] and not a["catheter"] and a["implant"] == "both"
+        assert info["scan"]["kernel"] == "sharp" and info["scan"]["kvp"] == 100
+
+
 @pytest.mark.parametrize("argv, message", [
     (["evaluate", "missing.nii.gz", "missing2.nii.gz"], "no such file"),
     (["evaluate", "{a}", "{b}"], "same voxel grid"),
     (["evaluate", "{a}", "{a}", "--labels", "x"], "--labels"),
     (["phantom", "{dir}", "--orientation", "upside-down"], "--orientation"),
+    (["phantom", "{dir}", "--with", "fiducials,stent"], "stent"),
+    (["phantom", "{dir}", "--with", "spacer", "--without", "spacer"], "both --with and --without"),
     (["models", "info", "no-such-model"], "no-such-model"),
     (["models", "install", "{dir}/nothing.zip", "--sha256", "0" * 64], "nothing.zip"),
 ])

@@ -50,16 +50,43 @@ def _phantom(args) -> int:
     if args.prostate_sv_mm < 0:
         raise SegcoreError(f"--prostate-sv-mm must be 0 or more millimetres, not {args.prostate_sv_mm:g}")
     check_output_folder(args.outdir)
-    implant = {"random": None, "yes": True, "no": False}[args.implant]
+    implant = {"random": None, "yes": True, "no": False}.get(args.implant, args.implant)
+    options = _phantom_options(args)
     with tqdm(total=args.n, desc="phantoms", unit="case", file=sys.stderr, disable=args.quiet) as bar:
         write_phantoms(
             args.outdir, args.n, seed=args.seed, matrix=args.size, overwrite=args.overwrite,
             progress=lambda done, total: bar.update(1), orientation=args.orientation,
             oblique=args.oblique, implant=implant, dicom=args.dicom, prostate_sv_mm=args.prostate_sv_mm,
+            options=options,
         )
     if not args.quiet:
         print(f"wrote {args.n} case(s) and labels.json to {args.outdir}")
     return 0
+
+
+# `prostateseg phantom --with/--without` names and the phantom options they force
+PHANTOM_SWITCHES = {"fiducials": "fiducials", "catheter": "catheter", "spacer": "spacer",
+                    "contrast": "bladder_contrast", "enlarged-prostate": "enlarged_prostate",
+                    "calcifications": "calcifications", "knee-support": "knee_support",
+                    "truncated-fov": "truncated_fov"}
+
+
+def _phantom_options(args) -> dict:
+    """The phantom options the command line forces (`--with`, `--without`, `--kernel`, ...)."""
+    options = {}
+    for value, names in ((True, args.with_), (False, args.without)):
+        for name in filter(None, (n.strip() for n in (names or "").split(","))):
+            if name not in PHANTOM_SWITCHES:
+                raise SegcoreError(f"unknown phantom feature {name!r} in --with/--without; known: "
+                                   f"{', '.join(PHANTOM_SWITCHES)}")
+            if options.get(PHANTOM_SWITCHES[name], value) != value:
+                raise SegcoreError(f"{name} is in both --with and --without")
+            options[PHANTOM_SWITCHES[name]] = value
+    for name in ("kernel", "kvp", "couch", "immobilisation"):
+        value = getattr(args, name)
+        if value != "random":
+            options[name] = int(value) if name == "kvp" else value
+    return options
 
 
 def _evaluate(args) -> int:
@@ -459,8 +486,21 @@ def _add_phantom(commands) -> None:
     p.add_argument("--orientation", default="random",
                    help="voxel storage order: random (default), LPS, RAS, LPI, coronal, sagittal")
     p.add_argument("--oblique", action="store_true", help="tilt the voxel grid (oblique acquisition)")
-    p.add_argument("--implant", choices=("random", "yes", "no"), default="random",
-                   help="metal hip prosthesis with streak artefacts (default: random, 15%% of cases)")
+    p.add_argument("--implant", choices=("random", "yes", "no", "left", "right", "both"), default="random",
+                   help="metal hip prosthesis with streak artefacts: yes (either side), left, right, both or no "
+                   "(default: random, about one case in seven)")
+    p.add_argument("--with", dest="with_", metavar="FEATURES",
+                   help="comma-separated features every case gets: " + ", ".join(PHANTOM_SWITCHES)
+                   + " (default: each drawn at its usual rate, e.g. gold fiducials in 30%% of cases)")
+    p.add_argument("--without", metavar="FEATURES", help="comma-separated features no case gets (as for --with)")
+    p.add_argument("--kernel", choices=("random", "soft", "standard", "sharp"), default="random",
+                   help="reconstruction kernel: noise texture and edges (default: random)")
+    p.add_argument("--kvp", choices=("random", "100", "120", "140"), default="random",
+                   help="tube voltage: bone and contrast read higher at 100 kVp (default: random, mostly 120)")
+    p.add_argument("--couch", choices=("random", "flat", "curved"), default="random",
+                   help="radiotherapy flat-top or curved diagnostic couch (default: random, mostly flat)")
+    p.add_argument("--immobilisation", choices=("random", "none", "vacuum_bag", "thermoplastic"), default="random",
+                   help="positioning aid around the pelvis (default: random)")
     p.add_argument("--dicom", action="store_true",
                    help="also write each case as a clinic's planning system would send it: caseNNN_dicom/ with the "
                    "CT series and RS.dcm, an RT Structure Set of the six organs (for --formats rtstruct, "
