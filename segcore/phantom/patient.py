@@ -118,7 +118,7 @@ def _draw_devices(rng) -> dict:
 
 def _draw_tissue_hu(rng) -> dict:
     """Tissue HU at 120 kVp, drawn around published values (fat -100, muscle 40-60 and lower in older men
-    whose muscle holds more fat, prostate 40, urine 10, cortical bone over 1000, trabecular bone 150-400);
+    whose muscle holds more fat, prostate 40, urine 10, cortical bone over 1000, trabecular bone 80-240);
     the prostate stays within about 15 HU of muscle, as on real CT. The scanner's kVp shifts them
     (`scanner.hu_at_kvp`)."""
     u = rng.uniform
@@ -133,8 +133,9 @@ def _draw_tissue_hu(rng) -> dict:
         "rectal_wall": u(35, 50),
         "faeces": u(-80, 30),
         "cortical": u(900, 1500),
-        "cancellous": u(150, 330),
-        "trabecular_sd": u(40, 90),
+        # trabecular bone of older men's pelvis and proximal femur: 80-240 HU, grainy
+        "cancellous": u(80, 240),
+        "trabecular_sd": u(50, 110),
         "marrow": u(-20, 80),
         "bowel_content": u(5, 40),
         "contrast": u(200, 600),
