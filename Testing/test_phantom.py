@@ -254,3 +254,16 @@ def test_drawn_scans_cover_1_to_5_mm_slices():
         scan = scanner.draw_scan(np.random.default_rng([seed, 1]), 512, None, "LPS", False, a, {})
         slices.add(scan.spacing[2])
     assert min(slices) == 1.0 and max(slices) == 5.0 and len(slices) >= 6
+
+
+def test_training_caches_are_keyed_on_the_phantom_source(monkeypatch):
+    """A changed phantom must be made again, not read back from a training cache made by the old one."""
+    import segcore.phantom
+    from training import data
+
+    source = data.CaseSource("phantom00001", phantom_seed=1)
+    before = source.describe()
+    monkeypatch.setattr(segcore.phantom, "source_digest", lambda: "changed")
+    assert len(before["phantom_source"]) == 12
+    assert source.describe() != before and source.describe()["phantom_source"] == "changed"
+    assert data.CaseSource("ct", ct_path="a.nii.gz", labels_path="b.nii.gz").describe().get("phantom_source") is None

@@ -94,8 +94,9 @@ def write_dicom_series(image, folder: Path) -> None:
 def ct_path(workdir: Path, fmt: str, seed: int) -> Path:
     """Cache name: size, seed and a hash of the phantom's source, so that a
     changed phantom (or this script's way of making the CT) makes a new file."""
-    phantom_source = Path(importlib.util.find_spec("segcore.phantom").origin)  # found, not imported
-    digest = hashlib.sha256(phantom_source.read_bytes() + Path(__file__).read_bytes()).hexdigest()[:10]
+    package = Path(importlib.util.find_spec("segcore.phantom").origin).parent  # found, not imported
+    sources = b"".join(p.read_bytes() for p in sorted(package.glob("*.py")))
+    digest = hashlib.sha256(sources + Path(__file__).read_bytes()).hexdigest()[:10]
     name = f"ct_{SIZE[0]}x{SIZE[1]}x{SIZE[2]}_seed{seed}_{digest}"
     return workdir / (name + ("_dicom" if fmt == "dicom" else SUFFIX[fmt]))
 

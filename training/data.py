@@ -76,6 +76,10 @@ class CaseSource:
         """Everything that identifies the case's data; for files also their size and time, so that a label
         map corrected in place is prepared again."""
         out = {k: v for k, v in self.__dict__.items() if v is not None}
+        if self.phantom_seed is not None:   # a changed phantom makes other cases from the same seed
+            from segcore.phantom import source_digest
+
+            out["phantom_source"] = source_digest()
         for key in ("ct_path", "labels_path"):
             if out.get(key) and Path(out[key]).exists():
                 stat = Path(out[key]).stat()

@@ -18,6 +18,8 @@ Label values are fixed project-wide in `segcore.anatomy`.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +33,7 @@ from segcore.phantom.scanner import MIN_HU, ORIENTATIONS, euler_rotation
 from segcore.phantom.shapes import Canvas
 
 __all__ = ["MAX_HU", "MIN_HU", "OPTIONS", "ORIENTATIONS", "PhantomCase", "euler_rotation", "make_phantom",
-           "write_phantoms", "write_dicom_case", "include_proximal_seminal_vesicles"]
+           "write_phantoms", "write_dicom_case", "include_proximal_seminal_vesicles", "source_digest"]
 
 MAX_HU = 3071
 
@@ -107,6 +109,14 @@ def make_phantom(seed: int, matrix: int = 512, spacing=None, orientation: str = 
         "hu": _jsonable(hu),   # the tissue values as this scan shows them (a["hu"] at its kVp)
     }
     return PhantomCase(ct=ct, labels=labels, info=info)
+
+
+@functools.cache
+def source_digest() -> str:
+    """A hash of this package's source: what caches of made phantoms are keyed on, so that a changed
+    phantom is made again rather than read back."""
+    sources = b"".join(p.read_bytes() for p in sorted(Path(__file__).parent.glob("*.py")))
+    return hashlib.sha256(sources).hexdigest()[:12]
 
 
 def _paint_patient(canvas: Canvas, a: dict, hu: dict, scan) -> None:
