@@ -144,3 +144,16 @@ def test_cli_organs_writes_chosen_organs(tmp_path, held_out, capsys):
     assert cli(["-q", "organs", str(path), "-o", str(out), "--device", "cpu"]) == 1
     assert cli(["-q", "organs", str(path), "-o", str(tmp_path / "o2"), "--organs", "liver"]) == 1
     assert "offers no 'liver'" in capsys.readouterr().err
+
+
+def test_rectum_is_judged_against_the_colon_label_in_its_own_slices():
+    from training.evaluate_organs import rectum_in_colon
+
+    colon = np.zeros((20, 40, 40), bool)
+    colon[:, 10:20, 10:20] = True
+    rectum = np.zeros_like(colon)
+    rectum[5:10, 12:18, 12:18] = True                     # inside
+    assert rectum_in_colon(rectum, colon, (2.0, 1.0, 1.0))["inside_colon_fraction"] == 1.0
+    rectum[5:10, 30:36, 30:36] = True                     # as much again well outside it
+    assert rectum_in_colon(rectum, colon, (2.0, 1.0, 1.0))["inside_colon_fraction"] == pytest.approx(0.5)
+    assert rectum_in_colon(np.zeros_like(colon), colon, (2.0, 1.0, 1.0))["inside_colon_fraction"] is None

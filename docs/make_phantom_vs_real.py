@@ -54,13 +54,13 @@ def femoral_head_centre(labels, values):
     return np.asarray(labels.TransformIndexToPhysicalPoint((int(i), int(j), int(k))))
 
 
-def femoral_head_diameter(labels, values, top_mm=25.0):
+def femoral_head_diameter(labels, values, top_mm=15.0):
     """Diameter of the sphere fitted (least squares) to the femur's outer surface in its top `top_mm`: the
     head's dome. The cut face at the bottom of that part is left out of the fit."""
     mask = np.isin(sitk.GetArrayViewFromImage(labels), values)
     sz, sy, sx = labels.GetSpacing()[::-1]
-    top = np.nonzero(mask.any(axis=(1, 2)))[0].max()
-    first = max(0, top - int(round(top_mm / sz)) + 1)
+    slices = np.nonzero(mask.any(axis=(1, 2)))[0]
+    first = max(slices.min(), slices.max() - int(round(top_mm / sz)) + 1)   # a scan may end inside the head
     dome = mask.copy()
     dome[:first] = False
     surface = dome & ~ndimage.binary_erosion(dome)

@@ -31,6 +31,7 @@ from segcore.organs import OrganSegmenter
 
 from .evaluation import (
     TS_BLADDER,
+    TS_COLON,
     TS_FEMUR_LEFT,
     TS_FEMUR_RIGHT,
     evaluation_parser,
@@ -139,7 +140,25 @@ def evaluate_real(segmenter: OrganSegmenter, ct: sitk.Image, reference: sitk.Ima
         out["organs"][name] = {"dsc": score.dsc, "hd95": score.hd95, "reference": how,
                                "predicted_cc": float((pred == value).sum() * np.prod(spacing) / 1000),
                                "reference_cc": float(reference_mask.sum() * np.prod(spacing) / 1000)}
+    out["organs"]["rectum"] = rectum_in_colon(pred == anatomy.structure("rectum").value, ref == TS_COLON, spacing)
     return out, result.labelmap
+
+
+def rectum_in_colon(rectum: np.ndarray, colon: np.ndarray, spacing_zyx, tolerance_mm: float = 3.0) -> dict:
+    """The predicted rectum against the reference colon label (which holds the rectum): the fraction of its
+    volume inside the colon label's pelvic part (the colon below the bladder's top is not separable here,
+    so the part in the rectum's own slices), grown by `tolerance_mm` for the outline's partial volume."""
+    from scipy import ndimage
+
+    out = {"reference": f"colon label {TS_COLON} in the predicted rectum's slices, grown by {tolerance_mm:g} mm",
+           "predicted_cc": float(rectum.sum() * np.prod(spacing_zyx) / 1000)}
+    if not rectum.any():
+        return {**out, "inside_colon_fraction": None}
+    slices = np.nonzero(rectum.any(axis=(1, 2)))[0]
+    pelvic = np.zeros_like(colon)
+    pelvic[slices.min():slices.max() + 1] = colon[slices.min():slices.max() + 1]
+    grown = ndimage.distance_transform_edt(~pelvic, sampling=spacing_zyx) <= tolerance_mm
+    return {**out, "inside_colon_fraction": float((rectum & grown).sum() / rectum.sum())}
 
 
 def draw_real_ct(ct: sitk.Image, prediction: sitk.Image, reference: sitk.Image, path: Path) -> None:
