@@ -64,7 +64,7 @@ def test_phantom_then_evaluate(tmp_path, capsys):
 
 
 def test_phantom_devices_and_scanner_from_the_command_line(tmp_path, capsys):
-    code, out, _ = run(capsys, "phantom", tmp_path / "cases", "-n", 2, "--size", 64, "--with", "fiducials,spacer",
+    code, _out, _ = run(capsys, "phantom", tmp_path / "cases", "-n", 2, "--size", 64, "--with", "fiducials,spacer",
                        "--without", "catheter", "--implant", "both", "--kernel", "sharp", "--kvp", "100")
     assert code == 0
     for n in range(2):

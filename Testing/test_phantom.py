@@ -170,7 +170,7 @@ def test_catheter_and_spacer_sit_where_they_belong():
         c = centroids(case.labels)
         return c[L["rectum"]][1] - c[L["prostate"]][1]
 
-    base = dict(matrix=160, spacing=(1.2, 1.2, 1.5), orientation="LPS")
+    base = {"matrix": 160, "spacing": (1.2, 1.2, 1.5), "orientation": "LPS"}
     without = make_phantom(33, options={"spacer": False, "catheter": False}, **base)
     spaced = make_phantom(33, options={"spacer": True, "catheter": True}, **base)
     grown = distance_prostate_to_rectum(spaced) - distance_prostate_to_rectum(without)
@@ -202,7 +202,7 @@ def test_femoral_heads_are_45_to_55_mm_across():
 
 def test_thighs_part_below_the_perineum_and_muscles_have_fat_planes():
     case = make_phantom(38, matrix=256, spacing=(1.6, 1.6, 2.0), orientation="LPS", implant=False)
-    ct, labels = arrays(case)
+    _ct, labels = arrays(case)
     prostate = centroids(case.labels)[L["prostate"]]
     body = labels > 0
     body[labels == L["couch"]] = False
@@ -224,7 +224,7 @@ def test_thighs_part_below_the_perineum_and_muscles_have_fat_planes():
 
 
 def test_scanner_kernel_kvp_and_field_of_view():
-    base = dict(matrix=128, spacing=(1.5, 1.5, 2.0), orientation="LPS", implant=False)
+    base = {"matrix": 128, "spacing": (1.5, 1.5, 2.0), "orientation": "LPS", "implant": False}
     soft = make_phantom(39, options={"kernel": "soft"}, **base)
     sharp = make_phantom(39, options={"kernel": "sharp"}, **base)
 

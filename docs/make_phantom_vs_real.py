@@ -60,7 +60,7 @@ def femoral_head_diameter(labels, values, top_mm=15.0):
     mask = np.isin(sitk.GetArrayViewFromImage(labels), values)
     sz, sy, sx = labels.GetSpacing()[::-1]
     slices = np.nonzero(mask.any(axis=(1, 2)))[0]
-    first = max(slices.min(), slices.max() - int(round(top_mm / sz)) + 1)   # a scan may end inside the head
+    first = max(slices.min(), slices.max() - round(top_mm / sz) + 1)   # a scan may end inside the head
     dome = mask.copy()
     dome[:first] = False
     surface = dome & ~ndimage.binary_erosion(dome)
@@ -186,7 +186,8 @@ def main(argv=None):
     print("\nrealism at the femoral heads' level (same method on both):")
     table = [realism(ct, labels, g, centre) for (_, ct, labels, centre, _), g in zip(rows, (REAL_LABELS, PHANTOM_LABELS))]
     for extra in args.more_seeds:
-        ct, labels = to_lps_axial(*(lambda c: (c.ct, c.labels))(phantom.make_phantom(extra, matrix=512, orientation="LPS")))
+        made = phantom.make_phantom(extra, matrix=512, orientation="LPS")
+        ct, labels = to_lps_axial(made.ct, made.labels)
         ct = image.resample_to_spacing(ct, real_ct.GetSpacing(), "linear")
         labels = image.resample_like(labels, ct, "label")
         middle = (femoral_head_centre(labels, PHANTOM_LABELS["femur_right"])

@@ -32,8 +32,19 @@ from segcore.phantom import body, bones, organs, patient, scanner
 from segcore.phantom.scanner import MIN_HU, ORIENTATIONS, euler_rotation
 from segcore.phantom.shapes import Canvas
 
-__all__ = ["MAX_HU", "MIN_HU", "OPTIONS", "ORIENTATIONS", "PhantomCase", "euler_rotation", "make_phantom",
-           "write_phantoms", "write_dicom_case", "include_proximal_seminal_vesicles", "source_digest"]
+__all__ = [
+    "MAX_HU",
+    "MIN_HU",
+    "OPTIONS",
+    "ORIENTATIONS",
+    "PhantomCase",
+    "euler_rotation",
+    "include_proximal_seminal_vesicles",
+    "make_phantom",
+    "source_digest",
+    "write_dicom_case",
+    "write_phantoms",
+]
 
 MAX_HU = 3071
 

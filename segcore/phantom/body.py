@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from segcore.phantom.shapes import L, Canvas, capsule, ellipsoid, norm, rotation_from
+from segcore.phantom.shapes import Canvas, L, capsule, ellipsoid, norm, rotation_from
 
 
 @dataclass

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from segcore.phantom.organs import metal_streaks
-from segcore.phantom.shapes import L, Canvas, capsule, ellipsoid, norm, oriented_box, rotation_from
+from segcore.phantom.shapes import Canvas, L, capsule, ellipsoid, norm, oriented_box, rotation_from
 
 METAL_HU = 8000.0   # cobalt-chrome or steel, saturated after clipping (see organs.GOLD_HU)
 BONE_LABELS = ("hip_bone_left", "hip_bone_right", "sacrum", "femur_left", "femur_right", "femoral_head_left",
@@ -21,24 +21,34 @@ def head_centre(a: dict, sx: float) -> np.ndarray:
 
 
 def paint_bones(canvas: Canvas, a: dict, hu: dict) -> None:
-    """Sacrum and coccyx, then each side's hip bone and femur, the prostheses, and the trabecular texture
-    (after the organs: soft tissue gives way to bone)."""
+    """Sacrum and coccyx, each side's hip bone and femur, the trabecular texture, then the prostheses
+    (after the organs: soft tissue gives way to bone). All pieces' outer surfaces are painted before any
+    interior, so where pieces of one bone overlap no cortex line runs through the bone."""
     s = a["pelvis_scale"]
-    cortex = (hu["cortical"], (1.5, hu["cancellous"]))
     rh = a["femoral_head_radius"]
-    _paint_sacrum(canvas, s, cortex)
+    shell = (1.5, hu["cancellous"])
+    pieces = [(*piece, L["sacrum"], *shell) for piece in _sacrum_pieces(s)]
     for name, sx in (("left", 1.0), ("right", -1.0)):
         head = head_centre(a, sx)
-        for low, high, dist in _hip_bone_pieces(head, rh, sx, s):
-            canvas.shape(low, high, dist, cortex[0], L[f"hip_bone_{name}"], cortex=cortex[1])
-        _paint_femur(canvas, a, hu, name, head, rh, sx, cortex)
+        pieces += [(*piece, L[f"hip_bone_{name}"], *shell) for piece in _hip_bone_pieces(head, rh, sx, s)]
+        pieces += _femur_pieces(a, hu, name, head, rh, sx)
+    painted = []
+    for low, high, distance, label, thickness, inner in pieces:
+        box = canvas.box(low, high)
+        if box is not None:
+            sd = distance(*canvas.xyz(box))
+            canvas.paint(box, sd, hu["cortical"], label)
+            painted.append((box, sd + np.float32(thickness), inner))
+    for box, inner_sd, inner in painted:
+        canvas.paint(box, inner_sd, inner)
     _add_trabecular_texture(canvas, hu, np.random.default_rng(a["shape_seed"] + 4))
     for name in a["implant_sides"]:
         sx = 1.0 if name == "left" else -1.0
         _paint_implant(canvas, a, head_centre(a, sx), rh, sx, s)
 
 
-def _paint_sacrum(canvas: Canvas, s: float, cortex) -> None:
+def _sacrum_pieces(s: float):
+    """(low, high, distance) of the sacrum and the coccyx's segments."""
     sacrum_c = np.array([0, -25 * s, 55 * s])
     radius_sacrum = 110 * s
 
@@ -53,26 +63,26 @@ def _paint_sacrum(canvas: Canvas, s: float, cortex) -> None:
         sd = np.maximum(sd, np.abs(x) - width)
         return np.maximum(sd, np.maximum(5 * s - z, np.maximum(z - 118 * s, sacrum_c[1] - y)))
 
-    canvas.shape((-60, 20, -10), (60, 110, 125), sacrum, cortex[0], L["sacrum"], cortex=cortex[1])
+    pieces = [((-60, 20, -10), (60, 110, 125), sacrum)]
     # coccyx: four small segments below the sacral apex, curving forwards less than the sacrum, with
     # joint spaces between them (labelled with the sacrum)
     points = np.array([[0, 72, 3], [0, 69, -6], [0, 65, -14], [0, 61, -21], [0, 57, -27]], float) * s
     for i, radius in enumerate((6.5, 5.5, 4.5, 3.5)):
         p0, p1 = points[i] + 0.15 * (points[i + 1] - points[i]), points[i + 1] - 0.15 * (points[i + 1] - points[i])
-        canvas.shape(np.minimum(p0, p1) - radius, np.maximum(p0, p1) + radius,
-                     lambda x, y, z, p0=p0, p1=p1, r=radius: capsule(x, y, z, p0, p1, r), cortex[0], L["sacrum"],
-                     cortex=(1.0, cortex[1][1]))
+        pieces.append((np.minimum(p0, p1) - radius, np.maximum(p0, p1) + radius,
+                       lambda x, y, z, p0=p0, p1=p1, r=radius: capsule(x, y, z, p0, p1, r)))
+    return pieces
 
 
 def _acetabulum(head, rh, sx):
     """A cup over the head's upper, inner and back part, open laterally, forwards and down (the acetabulum
-    faces about 45 degrees down and 15-20 degrees forwards); thick roof, thin medial wall, 2.5 mm joint
-    space."""
+    faces about 45 degrees down and 15-20 degrees forwards): a roof about 17 mm thick, anterior and
+    posterior columns about 11 mm, a thin medial wall, a 2.5 mm joint space."""
     opening = np.array([sx * 0.68, -0.28, -0.68])
-    outer_centre = head + np.array([sx * 4.0, 0, 5.0])
+    outer_centre = head + np.array([sx * 6.0, 0, 6.0])
 
     def cup(x, y, z):
-        outer = norm(x - outer_centre[0], y - outer_centre[1], z - outer_centre[2]) - (rh + 10)
+        outer = norm(x - outer_centre[0], y - outer_centre[1], z - outer_centre[2]) - (rh + 14)
         inner = (rh + 2.5) - norm(x - head[0], y - head[1], z - head[2])
         facing = opening[0] * (x - head[0]) + opening[1] * (y - head[1]) + opening[2] * (z - head[2]) - 2
         return np.maximum(np.maximum(outer, inner), facing)
@@ -106,27 +116,28 @@ def _hip_bone_pieces(head, rh, sx, s):
     ]
 
 
-def _paint_femur(canvas: Canvas, a: dict, hu: dict, name: str, head, rh, sx, cortex) -> None:
-    """Neck (about 130 degrees to the shaft, 10-15 degrees of anteversion), greater and lesser trochanters,
-    the shaft (thick cortex around fatty marrow), the head."""
+def _femur_pieces(a: dict, hu: dict, name: str, head, rh, sx):
+    """(low, high, distance, label, shell mm, interior HU) of the femur: neck (about 130 degrees to the
+    shaft, 10-15 degrees of anteversion), greater and lesser trochanters, the shaft (thick cortex around
+    fatty marrow), and last the head: dense trabecular bone (its compressive trabeculae) under a thin
+    subchondral shell."""
     s = a["pelvis_scale"]
     femur_label, head_label = L[f"femur_{name}"], L[f"femoral_head_{name}"]
     neck_end = (sx * 128 * s, 2 * s, -14 * s)
-    femur = [
+    shell = (1.5, hu["cancellous"])
+    return [
         ((sx * 110 * s - 30, -40, -30), (sx * 110 * s + 40, 20, 40),
-         lambda x, y, z, h=head: capsule(x, y, z, h, neck_end, 14 * s)),
+         lambda x, y, z, h=head: capsule(x, y, z, h, neck_end, 14 * s), femur_label, *shell),
         ((sx * 135 * s - 25, -30, -40), (sx * 135 * s + 25, 35, 20),
-         lambda x, y, z, sx=sx: ellipsoid(x, y, z, (sx * 136 * s, 4 * s, -12 * s), (13 * s, 20 * s, 22 * s))),
+         lambda x, y, z: ellipsoid(x, y, z, (sx * 136 * s, 4 * s, -12 * s), (13 * s, 20 * s, 22 * s)), femur_label, *shell),
         ((sx * 105 * s - 15, -5, -60), (sx * 105 * s + 15, 25, -30),
-         lambda x, y, z, sx=sx: norm(x - sx * 106 * s, y - 10 * s, z + 46 * s) - 9 * s),
+         lambda x, y, z: norm(x - sx * 106 * s, y - 10 * s, z + 46 * s) - 9 * s, femur_label, *shell),
+        ((sx * 122 * s - 25, -35, -1000), (sx * 122 * s + 25, 25, -10),
+         lambda x, y, z: capsule(x, y, z, (sx * 128 * s, 0, -18 * s), (sx * 112 * s, -12 * s, -330), 15 * s),
+         femur_label, 5.5, hu["marrow"]),
+        (head - rh - 4, head + rh + 4, lambda x, y, z, h=head: norm(x - h[0], y - h[1], z - h[2]) - rh,
+         head_label, 0.8, hu["cancellous"] + hu["head_extra"]),
     ]
-    for low, high, dist in femur:
-        canvas.shape(low, high, dist, cortex[0], femur_label, cortex=cortex[1])
-    canvas.shape((sx * 122 * s - 25, -35, -1000), (sx * 122 * s + 25, 25, -10),
-                 lambda x, y, z, sx=sx: capsule(x, y, z, (sx * 128 * s, 0, -18 * s), (sx * 112 * s, -12 * s, -330), 15 * s),
-                 cortex[0], femur_label, cortex=(5.5, hu["marrow"]))
-    canvas.shape(head - rh - 4, head + rh + 4, lambda x, y, z, h=head: norm(x - h[0], y - h[1], z - h[2]) - rh,
-                 cortex[0], head_label, cortex=(1.2, cortex[1][1]))
 
 
 def _add_trabecular_texture(canvas: Canvas, hu: dict, rng) -> None:

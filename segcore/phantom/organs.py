@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from segcore.phantom.shapes import L, Canvas, capsule, ellipsoid, norm, rotation_from
+from segcore.phantom.shapes import Canvas, L, capsule, ellipsoid, norm, rotation_from
 
 # Gold and steel attenuate far beyond the 12-bit range: painted at their own values, blurred by the
 # scanner, then clipped at 3071 HU like every CT, they saturate and bloom as on real scans.

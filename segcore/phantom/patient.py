@@ -136,6 +136,7 @@ def _draw_tissue_hu(rng) -> dict:
         # trabecular bone of older men's pelvis and proximal femur: 80-240 HU, grainy
         "cancellous": u(80, 240),
         "trabecular_sd": u(50, 110),
+        "head_extra": u(80, 200),   # the femoral head's trabeculae are denser than the pelvis's
         "marrow": u(-20, 80),
         "bowel_content": u(5, 40),
         "contrast": u(200, 600),

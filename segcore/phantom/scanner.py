@@ -5,6 +5,7 @@ view."""
 
 from __future__ import annotations
 
+import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -207,7 +208,7 @@ def blurred(array: np.ndarray, sigma, truncate: float = 2.5) -> np.ndarray:
             ndimage.gaussian_filter1d(part, s, axis=axis, output=part, truncate=truncate)
 
         with ThreadPoolExecutor(_threads()) as pool:
-            list(pool.map(run, zip(edges[:-1], edges[1:])))
+            list(pool.map(run, itertools.pairwise(edges)))
     return out
 
 
