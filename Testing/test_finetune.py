@@ -21,10 +21,15 @@ def sha256_tree(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
+PLAIN = {"fiducials": False, "catheter": False, "spacer": False, "bladder_contrast": False, "calcifications": False,
+         "enlarged_prostate": False, "implant": "none", "kernel": "standard", "kvp": 120, "truncated_fov": False}
+
+
 @pytest.fixture(scope="module")
 def three_cases(tmp_path_factory):
     folder = tmp_path_factory.mktemp("dataset")
-    write_phantoms(folder, 3, seed=7300, matrix=96)
+    # plain cases (no devices, standard kernel): the demo base was trained on the simpler phantom v1
+    write_phantoms(folder, 3, seed=7300, matrix=96, options=PLAIN)
     return folder
 
 

@@ -96,7 +96,7 @@ def test_an_include_click_grows_the_segment_towards_the_truth_and_leaves_the_oth
     result = logic.refineSegment(segmentation, "prostate", volume, include=[click], device="cpu")
 
     after = segment_arrays(segmentation, volume)
-    assert result is logic.lastRefineResult and result.details["added_voxels"] > 50
+    assert result is logic.lastRefineResult and result.details["added_voxels"] > 20   # voxels of 3-4 mm: about 1 cc
     assert after["prostate"][tuple(zyx)] and not before["prostate"][tuple(zyx)]
     assert after["prostate"].sum() > before["prostate"].sum()
     assert dice(after["prostate"], truth, volume) > dice(before["prostate"], truth, volume) + 0.05

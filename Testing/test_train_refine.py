@@ -58,8 +58,10 @@ def test_tiny_training_run_exports_a_package_that_refines(tmp_path, monkeypatch)
     from segcore.phantom import make_phantom
 
     case = make_phantom(21, matrix=96, orientation="RAS")
-    result = Refiner(package, device="cpu")(case.ct, case.labels, [case.ct.TransformIndexToPhysicalPoint((48, 48, 20))],
-                                           [], 1)
+    from segcore.metrics import centroids
+
+    on_prostate = tuple(centroids(case.labels)[1])   # an include point on the structure being refined
+    result = Refiner(package, device="cpu")(case.ct, case.labels, [on_prostate], [], 1)
     assert result.labelmap.GetSize() == case.ct.GetSize() and result.model == "refine-tiny"
 
 
