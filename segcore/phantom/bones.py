@@ -31,7 +31,7 @@ def paint_bones(canvas: Canvas, a: dict, hu: dict) -> None:
     for name, sx in (("left", 1.0), ("right", -1.0)):
         head = head_centre(a, sx)
         pieces += [(*piece, L[f"hip_bone_{name}"], *shell) for piece in _hip_bone_pieces(head, rh, sx, s)]
-        pieces += _femur_pieces(a, hu, name, head, rh, sx)
+        pieces += _femur_pieces(a, hu, name, head, rh, sx, shell)
     painted = []
     for low, high, distance, label, thickness, inner in pieces:
         box = canvas.box(low, high)
@@ -116,15 +116,14 @@ def _hip_bone_pieces(head, rh, sx, s):
     ]
 
 
-def _femur_pieces(a: dict, hu: dict, name: str, head, rh, sx):
-    """(low, high, distance, label, shell mm, interior HU) of the femur: neck (about 130 degrees to the
+def _femur_pieces(a: dict, hu: dict, name: str, head, rh, sx, shell):
+    """(low, high, distance, label, shell mm, interior HU) of the femur, `shell` for the usual cortex: neck (about 130 degrees to the
     shaft, 10-15 degrees of anteversion), greater and lesser trochanters, the shaft (thick cortex around
     fatty marrow), and last the head: dense trabecular bone (its compressive trabeculae) under a thin
     subchondral shell."""
     s = a["pelvis_scale"]
     femur_label, head_label = L[f"femur_{name}"], L[f"femoral_head_{name}"]
     neck_end = (sx * 128 * s, 2 * s, -14 * s)
-    shell = (1.5, hu["cancellous"])
     return [
         ((sx * 110 * s - 30, -40, -30), (sx * 110 * s + 40, 20, 40),
          lambda x, y, z, h=head: capsule(x, y, z, h, neck_end, 14 * s), femur_label, *shell),

@@ -131,18 +131,12 @@ class Canvas:
         if label is not None:
             np.copyto(self.labels[box], np.uint8(label), where=np.broadcast_to(sd < 0, region.shape))
 
-    def shape(self, low, high, distance, hu, label=None, cortex=None):
-        """Paint a shape given its patient-frame box and distance function; bones
-        pass cortex=(thickness_mm, hu_cancellous) for a dense shell."""
+    def shape(self, low, high, distance, hu, label=None):
+        """Paint a shape given its patient-frame box and distance function."""
         box = self.box(low, high)
         if box is None:
             return
-        x, y, z = self.xyz(box)
-        sd = distance(x, y, z)
-        self.paint(box, sd, hu, label)
-        if cortex is not None:
-            thickness, inner_hu = cortex
-            self.paint(box, sd + thickness, inner_hu)
+        self.paint(box, distance(*self.xyz(box)), hu, label)
 
     def compartment(self, low, high, distance, hu, label, rim_hu, rim_mm):
         """A muscle compartment: the shape of value `hu`, its outer `rim_mm` a fat plane (`rim_hu`) that
