@@ -91,20 +91,67 @@ def test_class_paste_back_lands_on_the_same_physical_voxels():
     assert labels.shape == (30, 30, 30) and labels.dtype == np.uint8
 
 
-def test_real_pelvic_ct(segmenters, pelvis_ct_path, pelvis_labels_path):
+@pytest.fixture(scope="module")
+def real_ct(pelvis_ct_path, pelvis_labels_path):
+    """Both models on the real pelvic CT, through the agreement evaluation: its summary, the label maps
+    and the reference."""
+    from training.evaluate_prostate import agreement
+
+    reference = sitk.ReadImage(str(pelvis_labels_path))
+    out, labelmaps = agreement(sitk.ReadImage(str(pelvis_ct_path)), reference, list(MODELS), "cpu", log=lambda _: None)
+    return out, labelmaps, reference
+
+
+def test_real_pelvic_ct(real_ct):
     """Each network's prostate lands where a prostate is; HMEDN's bladder matches the reference bladder."""
     from training.evaluate_prostate import TS_BLADDER, real_ct_plausibility
 
-    reference = sitk.ReadImage(str(pelvis_labels_path))
-    for name, segmenter in segmenters.items():
-        result = segmenter(pelvis_ct_path)
-        checks = real_ct_plausibility(result.labelmap, reference)
+    _, labelmaps, reference = real_ct
+    for name, labelmap in labelmaps.items():
+        checks = real_ct_plausibility(labelmap, reference)
         assert checks["found"], name
         assert checks["inferior_to_bladder"] and checks["between_femoral_heads"], (name, checks)
         if "bladder" in MODELS[name]:
             bladder = np.rint(sitk.GetArrayViewFromImage(reference)) == TS_BLADDER
-            score = mask_metrics(organ(result.labelmap, "bladder"), bladder, reference.GetSpacing()[::-1])
+            score = mask_metrics(organ(labelmap, "bladder"), bladder, reference.GetSpacing()[::-1])
             assert score.dsc > 0.5, score
+
+
+def test_agreement_between_models_on_the_real_ct(real_ct, pelvis_ct_path, tmp_path):
+    """The agreement summary is the models' own pairwise DSC, volumes and lowest confidence; its
+    picture draws every model's prostate."""
+    from training.evaluate_prostate import draw_real_ct
+
+    out, labelmaps, reference = real_ct
+    (a, b) = MODELS
+    spacing = reference.GetSpacing()[::-1]
+    expected = mask_metrics(organ(labelmaps[a], "prostate"), organ(labelmaps[b], "prostate"), spacing).dsc
+    assert out["pairwise_dsc"] == {f"{a} / {b}": pytest.approx(expected, abs=1e-9)}
+    assert out["min_pairwise_dsc"] == pytest.approx(expected, abs=1e-9)
+    assert out["min_confidence"] == min(row["confidence"] for row in out["models"].values())
+    for name, row in out["models"].items():
+        voxels = int(organ(labelmaps[name], "prostate").sum())
+        assert row["volume_cc"] == pytest.approx(voxels * np.prod(spacing) / 1000)
+    picture = tmp_path / "agree.png"
+    draw_real_ct(sitk.ReadImage(str(pelvis_ct_path)), labelmaps, reference, picture)
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 20_000
+
+
+def test_pairwise_dsc_of_prostates():
+    """Overlap of the prostate label only; two empty predictions are no agreement."""
+    from training.evaluate_prostate import pairwise_dsc
+
+    prostate, bladder = anatomy.structure("prostate").value, anatomy.structure("bladder").value
+
+    def image(box, value=prostate):
+        a = np.zeros((10, 10, 10), np.uint8)
+        a[box] = value
+        return sitk.GetImageFromArray(a)
+
+    maps = {"a": image(np.s_[0:4, 0:5, 0:5]), "b": image(np.s_[2:4, 0:5, 0:5]),
+            "c": image(np.s_[0:4, 0:5, 0:5], value=bladder)}
+    assert pairwise_dsc(maps) == {"a / b": pytest.approx(2 * 50 / 150), "a / c": 0.0, "b / c": 0.0}
+    assert pairwise_dsc({"x": maps["c"], "y": maps["c"]}) == {"x / y": 0.0}
 
 
 def test_labels_that_do_not_fit_the_network_are_named(tmp_path):

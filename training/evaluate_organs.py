@@ -208,7 +208,7 @@ def record_organs_in_package(folder: Path, out: dict) -> None:
 
 
 def main(argv=None) -> int:
-    parser, _ = evaluation_parser(
+    parser, _, _ = evaluation_parser(
         "python -m training.evaluate_organs", __doc__.split("\n")[0], 9200,
         "DSC, HD, HD95 and mAP50-95 per organ on held-out phantoms",
         "bladder and femoral heads on a real CT with a TotalSegmentator v1 reference")

@@ -3,6 +3,8 @@
     python -m training.evaluate_prostate --json out/eval_phantoms.json phantoms --seed 9000 --cases 20
     python -m training.evaluate_prostate real ../shared/data/real/pelvis_ct/example_ct.nii.gz \
         ../shared/data/real/pelvis_ct/example_seg_v1.nii.gz --picture docs/real_ct_prostate.png
+    python -m training.evaluate_prostate agree ../shared/data/real/pelvis_ct/example_ct.nii.gz \
+        ../shared/data/real/pelvis_ct/example_seg_v1.nii.gz --picture docs/real_ct_prostate_agreement.png
 
 Phantom seeds must be ones never used in training (the demo model trained on
 1000-1039 and validated on 5000-5003). Metrics are computed on each input's own
@@ -11,6 +13,7 @@ grid, as a user would see them.
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -39,6 +42,7 @@ from .evaluation import (
 )
 
 METRICS = ("dsc", "asd", "hd95", "sen", "ppv")
+PROSTATE_DEMOS = ("prostate-metricunet-demo", "prostate-hfunet-demo", "prostate-hmedn-demo")
 
 
 def evaluate_phantoms(segmenter: ProstateSegmenter, seed: int, cases: int, matrix: int = 512, log=print) -> dict:
@@ -137,9 +141,9 @@ def real_ct_plausibility(prediction: sitk.Image, reference: sitk.Image) -> dict:
     return checks
 
 
-def draw_real_ct(ct: sitk.Image, prediction: sitk.Image, reference: sitk.Image, path: Path) -> None:
-    """Axial, coronal and sagittal slices through the predicted centroid, with the prediction and the
-    reference bladder, femurs and colon outlined."""
+def draw_real_ct(ct: sitk.Image, predictions: dict[str, sitk.Image], reference: sitk.Image, path: Path) -> None:
+    """Axial, coronal and sagittal slices through the predicted prostates' common centroid, with each
+    model's prostate (a colour each) and the reference bladder, femurs and colon outlined."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,34 +151,72 @@ def draw_real_ct(ct: sitk.Image, prediction: sitk.Image, reference: sitk.Image, 
 
     from segcore.image import canonicalize
 
-    ct_c, _ = canonicalize(ct)
-    pred_c, _ = canonicalize(prediction)
-    ref_c, _ = canonicalize(sitk.Cast(reference, sitk.sitkUInt8))
-    a = sitk.GetArrayFromImage(ct_c)
-    p = sitk.GetArrayFromImage(pred_c) == PROSTATE.value
-    r = sitk.GetArrayFromImage(ref_c)
-    if p.any():
-        k, j, i = (round(float(v.mean())) for v in np.nonzero(p))
+    a = sitk.GetArrayFromImage(canonicalize(ct)[0])
+    r = sitk.GetArrayFromImage(canonicalize(sitk.Cast(reference, sitk.sitkUInt8))[0])
+    masks = {name: sitk.GetArrayFromImage(canonicalize(image)[0]) == PROSTATE.value
+             for name, image in predictions.items()}
+    union = np.any(list(masks.values()), axis=0)
+    if union.any():
+        k, j, i = (round(float(v.mean())) for v in np.nonzero(union))
     else:
         k, j, i = (n // 2 for n in a.shape)
-    sz, sy, sx = ct_c.GetSpacing()[::-1]
-    views = [("axial", a[k], p[k], r[k], sy / sx), ("coronal", a[:, j][::-1], p[:, j][::-1], r[:, j][::-1], sz / sx),
-             ("sagittal", a[:, :, i][::-1], p[:, :, i][::-1], r[:, :, i][::-1], sz / sy)]
+    sz, sy, sx = canonicalize(ct)[0].GetSpacing()[::-1]
+    cuts = [("axial", lambda v: v[k], sy / sx), ("coronal", lambda v: v[:, j][::-1], sz / sx),
+            ("sagittal", lambda v: v[:, :, i][::-1], sz / sy)]
+    colours = ("red", "magenta", "orange", "deepskyblue")
     fig, axes = plt.subplots(1, 3, figsize=(13, 5))
-    for ax, (title, img, pm, rm, aspect) in zip(axes, views):
-        ax.imshow(np.clip(img, -160, 240), cmap="gray", aspect=aspect)
-        for value, colour, name in ((TS_BLADDER, "yellow", "bladder (ref)"), (TS_FEMUR_LEFT, "cyan", "femur (ref)"),
-                                    (TS_FEMUR_RIGHT, "cyan", None), (TS_COLON, "lime", "colon/rectum (ref)")):
-            if (rm == value).any():
-                ax.contour(rm == value, levels=[0.5], colors=colour, linewidths=0.8)
-        if pm.any():
-            ax.contour(pm, levels=[0.5], colors="red", linewidths=1.5)
-        ax.set_title(f"{title} (red: predicted prostate)")
+    for ax, (title, cut, aspect) in zip(axes, cuts):
+        ax.imshow(np.clip(cut(a), -160, 240), cmap="gray", aspect=aspect)
+        for value, colour in ((TS_BLADDER, "yellow"), (TS_FEMUR_LEFT, "cyan"), (TS_FEMUR_RIGHT, "cyan"),
+                              (TS_COLON, "lime")):
+            if (cut(r) == value).any():
+                ax.contour(cut(r) == value, levels=[0.5], colors=colour, linewidths=0.8)
+        for (name, mask), colour in zip(masks.items(), colours):
+            if cut(mask).any():
+                ax.contour(cut(mask), levels=[0.5], colors=colour, linewidths=1.5)
+        ax.set_title(title)
         ax.axis("off")
+    names = ", ".join(f"{name} {colour}" for name, colour in zip(masks, colours))
+    fig.suptitle(f"predicted prostate: {names}; reference: bladder yellow, femurs cyan, colon/rectum green",
+                 fontsize=9)
     fig.tight_layout()
     with atomic_output(path, overwrite=True) as tmp:
         fig.savefig(tmp, dpi=90)
     plt.close(fig)
+
+
+def pairwise_dsc(labelmaps: dict[str, sitk.Image]) -> dict[str, float]:
+    """The DSC of each pair of predicted prostates (all on one grid), keyed "a / b". Two empty
+    predictions agree on nothing being there, which is no agreement on a prostate: DSC 0."""
+    masks = {name: sitk.GetArrayViewFromImage(image) == PROSTATE.value for name, image in labelmaps.items()}
+    out = {}
+    for a, b in itertools.combinations(masks, 2):
+        total = int(masks[a].sum() + masks[b].sum())
+        out[f"{a} / {b}"] = 2.0 * int((masks[a] & masks[b]).sum()) / total if total else 0.0
+    return out
+
+
+def agreement(ct: sitk.Image, reference: sitk.Image, models: list[str], device: str, log=print) -> tuple[dict, dict]:
+    """Each model's prostate on one CT (confidence, volume, plausibility) and how far the models agree
+    with each other; also the label maps, by model."""
+    rows, labelmaps = {}, {}
+    for name in models:
+        result = ProstateSegmenter(name, device)(ct)
+        labelmaps[name] = result.labelmap
+        checks = real_ct_plausibility(result.labelmap, reference)
+        rows[name] = {"confidence": result.confidence, "volume_cc": checks["volume_cc"],
+                      "plausible": checks.get("plausible", False), "centroid_lps_mm": checks.get("centroid_lps_mm")}
+        failed = [key for key in ("found", "volume_plausible", "inferior_to_bladder", "between_femoral_heads",
+                                  "anterior_to_rectum") if checks.get(key) is False]
+        log(f"{name}: {checks['volume_cc']:.1f} cc, confidence {result.confidence:.2f}, "
+            + ("plausible" if rows[name]["plausible"] else "not plausible: " + ", ".join(failed)))
+    pairs = pairwise_dsc(labelmaps)
+    for pair, dsc in pairs.items():
+        log(f"DSC {pair}: {dsc:.3f}")
+    out = {"models": rows, "pairwise_dsc": pairs,
+           "min_pairwise_dsc": min(pairs.values()) if pairs else None,
+           "min_confidence": min(r["confidence"] for r in rows.values())}
+    return out, labelmaps
 
 
 def record_prostate_in_package(folder: Path, out: dict) -> None:
@@ -184,16 +226,31 @@ def record_prostate_in_package(folder: Path, out: dict) -> None:
 
 
 def main(argv=None) -> int:
-    parser, real = evaluation_parser(
+    parser, real, commands = evaluation_parser(
         "python -m training.evaluate_prostate", __doc__.split("\n")[0], 9000,
         "DSC, ASD, HD95, SEN, PPV on held-out phantoms",
         "location plausibility on a real CT with a TotalSegmentator v1 reference")
     real.add_argument("--save", type=Path, help="also save the predicted label map here")
+    agree = commands.add_parser(
+        "agree", help="several models on one real CT: each one's confidence, volume and plausibility, "
+                      "and the pairwise DSC of their prostates")
+    agree.add_argument("ct", type=Path)
+    agree.add_argument("reference", type=Path, help="its TotalSegmentator v1 label map (for the plausibility)")
+    agree.add_argument("--models", nargs="+", default=list(PROSTATE_DEMOS), metavar="MODEL",
+                       help="model packages (default: the three bundled prostate models)")
+    agree.add_argument("--picture", type=Path, help="also draw every model's prostate here (PNG)")
     args = parser.parse_args(argv)
     return run_command(lambda: evaluate(args))
 
 
 def evaluate(args) -> int:
+    if args.what == "agree":
+        ct, reference = sitk.ReadImage(str(args.ct)), sitk.ReadImage(str(args.reference))
+        out, labelmaps = agreement(ct, reference, args.models, args.device)
+        if args.picture:
+            draw_real_ct(ct, labelmaps, reference, args.picture)
+        write_results(args.json, out)
+        return 0
     segmenter = ProstateSegmenter(args.model, args.device)
     if args.what == "phantoms":
         out = evaluate_phantoms(segmenter, args.seed, args.cases, args.matrix)
@@ -213,7 +270,7 @@ def evaluate(args) -> int:
                 np.rint(sitk.GetArrayViewFromImage(reference)) == TS_BLADDER, ct.GetSpacing()[::-1]).dsc
         print(json.dumps(out, indent=1))
         if args.picture:
-            draw_real_ct(ct, result.labelmap, reference, args.picture)
+            draw_real_ct(ct, {segmenter.package.name: result.labelmap}, reference, args.picture)
         if args.save:
             with atomic_output(args.save, overwrite=True) as tmp:
                 sitk.WriteImage(result.labelmap, str(tmp), True)

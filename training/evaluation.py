@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -82,9 +83,10 @@ def record_held_out(folder: Path, held_out: dict) -> None:
 
 
 def evaluation_parser(prog: str, description: str, seed: int, phantoms_help: str,
-                      real_help: str) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+                      real_help: str) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, Any]:
     """The options both evaluation scripts have: the model, the device, the JSON output, and the
-    ``phantoms`` and ``real`` commands. The parser and the ``real`` command's (for options of its own)."""
+    ``phantoms`` and ``real`` commands. The parser, the ``real`` command's (for options of its own) and
+    the commands' (for commands of its own)."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--model", help="model package (default: the bundled default)")
     parser.add_argument("--device", default="auto")
@@ -100,7 +102,7 @@ def evaluation_parser(prog: str, description: str, seed: int, phantoms_help: str
     real.add_argument("ct", type=Path)
     real.add_argument("reference", type=Path)
     real.add_argument("--picture", type=Path, help="also draw the result here (PNG)")
-    return parser, real
+    return parser, real, sub
 
 
 def write_results(path: Path | None, out: dict) -> None:
