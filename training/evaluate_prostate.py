@@ -151,7 +151,8 @@ def draw_real_ct(ct: sitk.Image, predictions: dict[str, sitk.Image], reference: 
 
     from segcore.image import canonicalize
 
-    a = sitk.GetArrayFromImage(canonicalize(ct)[0])
+    ct_c, _ = canonicalize(ct)
+    a = sitk.GetArrayFromImage(ct_c)
     r = sitk.GetArrayFromImage(canonicalize(sitk.Cast(reference, sitk.sitkUInt8))[0])
     masks = {name: sitk.GetArrayFromImage(canonicalize(image)[0]) == PROSTATE.value
              for name, image in predictions.items()}
@@ -160,7 +161,7 @@ def draw_real_ct(ct: sitk.Image, predictions: dict[str, sitk.Image], reference: 
         k, j, i = (round(float(v.mean())) for v in np.nonzero(union))
     else:
         k, j, i = (n // 2 for n in a.shape)
-    sz, sy, sx = canonicalize(ct)[0].GetSpacing()[::-1]
+    sz, sy, sx = ct_c.GetSpacing()[::-1]
     cuts = [("axial", lambda v: v[k], sy / sx), ("coronal", lambda v: v[:, j][::-1], sz / sx),
             ("sagittal", lambda v: v[:, :, i][::-1], sz / sy)]
     colours = ("red", "magenta", "orange", "deepskyblue")
@@ -187,13 +188,12 @@ def draw_real_ct(ct: sitk.Image, predictions: dict[str, sitk.Image], reference: 
 
 def pairwise_dsc(labelmaps: dict[str, sitk.Image]) -> dict[str, float]:
     """The DSC of each pair of predicted prostates (all on one grid), keyed "a / b". Two empty
-    predictions agree on nothing being there, which is no agreement on a prostate: DSC 0."""
+    predictions agree on nothing being there, which is no agreement on a prostate: DSC 0 (where
+    mask_metrics, comparing with a reference, says 1)."""
     masks = {name: sitk.GetArrayViewFromImage(image) == PROSTATE.value for name, image in labelmaps.items()}
-    out = {}
-    for a, b in itertools.combinations(masks, 2):
-        total = int(masks[a].sum() + masks[b].sum())
-        out[f"{a} / {b}"] = 2.0 * int((masks[a] & masks[b]).sum()) / total if total else 0.0
-    return out
+    spacing = next(iter(labelmaps.values())).GetSpacing() if labelmaps else None
+    return {f"{a} / {b}": metrics.mask_metrics(masks[a], masks[b], spacing).dsc if masks[a].any() or masks[b].any()
+            else 0.0 for a, b in itertools.combinations(masks, 2)}
 
 
 def agreement(ct: sitk.Image, reference: sitk.Image, models: list[str], device: str, log=print) -> tuple[dict, dict]:
@@ -206,8 +206,7 @@ def agreement(ct: sitk.Image, reference: sitk.Image, models: list[str], device: 
         checks = real_ct_plausibility(result.labelmap, reference)
         rows[name] = {"confidence": result.confidence, "volume_cc": checks["volume_cc"],
                       "plausible": checks.get("plausible", False), "centroid_lps_mm": checks.get("centroid_lps_mm")}
-        failed = [key for key in ("found", "volume_plausible", "inferior_to_bladder", "between_femoral_heads",
-                                  "anterior_to_rectum") if checks.get(key) is False]
+        failed = [key for key, value in checks.items() if value is False and key != "plausible"]
         log(f"{name}: {checks['volume_cc']:.1f} cc, confidence {result.confidence:.2f}, "
             + ("plausible" if rows[name]["plausible"] else "not plausible: " + ", ".join(failed)))
     pairs = pairwise_dsc(labelmaps)
