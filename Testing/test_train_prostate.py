@@ -166,6 +166,14 @@ def test_cut_scans_end_inside_the_prostate():
     uncut = data.PatchSpec(size=8, slices=5, foreground_fraction=0.5, jitter=2, z_margin=100)
     images, _, _ = data.sample_patches(ct, target, target, 200, uncut, np.random.default_rng(0))
     assert (images[:, :, 4, 4].min(axis=1) // 10).min() < 8
+    # cut_reach moves the highest cut up the gland: 0.8 of slices 10..15 reaches slice 14, never 15
+    higher = data.PatchSpec(size=8, slices=5, foreground_fraction=0.5, jitter=2, z_margin=100, cut_probability=1.0,
+                            cut_reach=0.8)
+    for spec, highest in ((higher, 14), (data.PatchSpec(**{**vars(higher), "cut_reach": 0.5}), 12)):
+        images, _, _ = data.sample_patches(ct, target, target, 400, spec, np.random.default_rng(0))
+        repeated = images[:, 0, 4, 4] == images[:, 1, 4, 4]       # the stack reaches its cut
+        cuts = images[repeated, 0, 4, 4] // 10
+        assert cuts.min() >= 8 and cuts.max() == highest
 
 
 def test_configuration_is_defaults_then_file_then_overrides(tmp_path):

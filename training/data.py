@@ -205,6 +205,9 @@ class PatchSpec:
     # Share of patches from a scan that ends (inferiorly) inside or just below the prostate, as real
     # planning CTs sometimes do: slices below the cut do not exist and the stack repeats the last one.
     cut_probability: float = 0.0
+    # How far up the gland such a cut may lie, as a fraction of the prostate's height: 0.5 keeps at
+    # least its upper half in the scan; an abdominal CT that stops at the femoral heads keeps less.
+    cut_reach: float = 0.5
 
 
 def sample_patches(ct: np.ndarray, tissue: np.ndarray, target: np.ndarray, count: int, spec: PatchSpec,
@@ -226,8 +229,10 @@ def sample_patches(ct: np.ndarray, tissue: np.ndarray, target: np.ndarray, count
     cuts = np.zeros(count, int)
     for n in range(count):
         if spec.cut_probability and rng.random() < spec.cut_probability:
-            # k grows superiorly on the canonical grids: cut between just below the prostate and its middle
-            cuts[n] = rng.integers(max(0, zs.min() - 2), (zs.min() + zs.max()) // 2 + 1)
+            # k grows superiorly on the canonical grids: cut between just below the prostate and cut_reach
+            # of its height
+            top = zs.min() + int(spec.cut_reach * (zs.max() - zs.min()))
+            cuts[n] = rng.integers(max(0, zs.min() - 2), top + 1)
         usable = fg[fg[:, 0] >= cuts[n]]
         if rng.random() < spec.foreground_fraction:
             z, y, x = usable[rng.integers(len(usable))]

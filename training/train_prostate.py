@@ -60,7 +60,7 @@ DEFAULTS = {
         "arguments": {"in_channels": 5, "num_classes": 2, "widths": [16, 32, 64, 128]},
         # Background patches come from the whole scan, so that stage 1 learns what is not prostate.
         "patch": {"size": 64, "slices": 5, "foreground_fraction": 0.5, "jitter": 24, "z_margin": 10000,
-                  "cut_probability": 0.25},
+                  "cut_probability": 0.25, "cut_reach": 0.5},
         "epochs": 10, "patches_per_case": 500, "batch_size": 32, "loss": "ce+dice",
         "objective": {},
         "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "poly_power": 0.9,
@@ -76,7 +76,7 @@ DEFAULTS = {
         # Background patches reach as far beyond the prostate as inference runs stage 2 (the coarse
         # blob's extent plus slice_margin_mm).
         "patch": {"size": 64, "slices": 3, "foreground_fraction": 0.7, "jitter": 24, "z_margin": 20,
-                  "cut_probability": 0.0},
+                  "cut_probability": 0.0, "cut_reach": 0.5},
         "epochs": 10, "patches_per_case": 500, "batch_size": 16, "loss": "ce",
         # The network's own loss settings (hfunet: lambdas, sigma, cold_start; hmedn: mu0, mu, delta,
         # delta2, alpha, hr_weight); see the loss functions in training/losses/.
