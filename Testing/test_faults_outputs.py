@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -433,3 +434,45 @@ def test_signals_during_the_swap_are_delivered_after_it():
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGINT, inherited)
+
+
+@pytest.mark.parametrize("landing", [1, 2, 3])
+def test_a_stop_just_before_a_deferral_takes_hold_leaves_no_staging_folder(
+        landing, package, inputs, old_set, tmp_path, monkeypatch):
+    """A signal can land between two deferrals, before the next one takes hold; whichever step of writing a
+    set it cuts short (1: making the staging folder, 2: the swap, 3: the clean-up after it), the set is
+    complete and no staging folder is left. (Once, a stop right after the swap skipped the clean-up.)"""
+    from segcore import batch
+
+    deferral = batch.signals_deferred
+    entries = []
+
+    @contextmanager
+    def stopped_at_landing():
+        entries.append(None)
+        if len(entries) == landing:
+            raise KeyboardInterrupt
+        with deferral():
+            yield
+
+    monkeypatch.setattr(batch, "signals_deferred", stopped_at_landing)
+    out, before = fresh_old_set(old_set, tmp_path)
+    assert cli(segment_args(inputs, package, out, "--overwrite")) == 130
+    assert len(entries) >= landing
+    assert hidden(out) == []
+    assert case_state(out, "a_ct_seg", before) == ("old" if landing < 3 else "new")
+    assert case_state(out, "b_ct_seg", before) == "old"
+
+
+def test_a_signal_after_the_command_has_finished_changes_nothing(tmp_path):
+    """The program ignores SIGINT and SIGTERM once its command is done (Python's handlers are gone while
+    the interpreter shuts down): the command's own exit code, no traceback."""
+    script = ("import os, signal, sys\n"
+              "from segcore.cli import run\n"
+              "code = run(['models', 'list'])\n"
+              "os.kill(os.getpid(), signal.SIGINT)\n"
+              "os.kill(os.getpid(), signal.SIGTERM)\n"
+              "sys.exit(code)\n")
+    done = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr, done.stderr

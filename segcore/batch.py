@@ -273,8 +273,13 @@ def write_case(plan: BatchPlan, stem: str, path: Path, result: Result, structure
         text = json.dumps({"input": str(path), **result.to_json(), "outputs": [p.name for p in written]},
                           indent=1, allow_nan=False)
         write_text(staged.staging / report, text + "\n")
+        # The swap and the removal of what is left of the staging folder under one deferral: a signal
+        # delivered between two deferrals would skip the clean-up and leave the staging folder behind.
         with signals_deferred():
-            return staged.commit()
+            try:
+                return staged.commit()
+            finally:
+                staged.discard()
     finally:
         if staged is not None:
             with signals_deferred():  # an interrupted clean-up would leave half the staging folder

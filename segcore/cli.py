@@ -736,5 +736,15 @@ def main(argv=None) -> int:
         log.removeHandler(handler)
 
 
+def run(argv=None) -> int:
+    """The `prostateseg` program. `main` takes SIGINT and SIGTERM while a command runs; before and after,
+    they are ignored, so that a Ctrl-C landing once the results are written (the interpreter shutting down,
+    when Python's own handlers are gone) neither kills the process nor prints a traceback."""
+    for name in ("SIGTERM", "SIGINT"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    return main(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())
