@@ -267,3 +267,23 @@ def test_training_caches_are_keyed_on_the_phantom_source(monkeypatch):
     assert len(before["phantom_source"]) == 12
     assert source.describe() != before and source.describe()["phantom_source"] == "changed"
     assert data.CaseSource("ct", ct_path="a.nii.gz", labels_path="b.nii.gz").describe().get("phantom_source") is None
+
+
+@pytest.mark.parametrize("kind", [{"orientation": "LPS"}, {"orientation": "coronal"}, {"oblique": True}])
+def test_painting_slab_by_slab_gives_the_same_case_as_in_one_piece(monkeypatch, kind):
+    """The canvas works on whole-volume arrays in slabs, in threads (for speed): the case must not depend on
+    how it is cut. One-row slabs against one slab for the whole volume, every tissue, device and scanner
+    effect included (a hip prosthesis, markers, a catheter, a vacuum bag, a truncated field of view)."""
+    from segcore.phantom import shapes
+
+    options = {"fiducials": True, "catheter": True, "immobilisation": "vacuum_bag", "truncated_fov": True,
+               "kernel": "sharp", "knee_support": True}
+    cases = []
+    for voxels in (10**9, 1):
+        monkeypatch.setattr(shapes, "SLAB_VOXELS", voxels)
+        case = make_phantom(7, matrix=64, implant="left", options=options, **kind)
+        cases.append((sitk.GetArrayFromImage(case.ct), sitk.GetArrayFromImage(case.labels)))
+    (ct_whole, labels_whole), (ct_slabs, labels_slabs) = cases
+    assert np.array_equal(ct_whole, ct_slabs)
+    assert np.array_equal(labels_whole, labels_slabs)
+    assert (labels_whole == L["prostate"]).any() and (labels_whole == L["metal_implant"]).any()

@@ -30,7 +30,7 @@ import SimpleITK as sitk
 from segcore import anatomy
 from segcore.phantom import body, bones, organs, patient, scanner
 from segcore.phantom.scanner import MIN_HU, ORIENTATIONS, euler_rotation
-from segcore.phantom.shapes import Canvas
+from segcore.phantom.shapes import Canvas, in_slabs
 
 __all__ = [
     "MAX_HU",
@@ -100,7 +100,13 @@ def make_phantom(seed: int, matrix: int = 512, spacing=None, orientation: str = 
     hu = scanner.hu_at_kvp(a["hu"], scan.kvp)
     _paint_patient(canvas, a, hu, scan)
     scanner.add_scanner_effects(canvas, scan, seed)
-    ct = sitk.GetImageFromArray(np.clip(np.rint(canvas.hu), MIN_HU, MAX_HU).astype(np.int16))
+    ct_array = np.empty(canvas.hu.shape, np.int16)
+
+    def to_int16(rows):
+        ct_array[rows] = np.clip(np.rint(canvas.hu[rows]), MIN_HU, MAX_HU)
+
+    in_slabs(ct_array.shape, to_int16)
+    ct = sitk.GetImageFromArray(ct_array)
     labels = sitk.GetImageFromArray(canvas.labels)
     for image in (ct, labels):
         image.SetSpacing(scan.spacing)

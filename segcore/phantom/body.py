@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from segcore.phantom.shapes import Canvas, L, capsule, ellipsoid, norm, rotation_from
+from segcore.phantom.shapes import Canvas, L, capsule, ellipsoid, in_slabs, norm, rotation_from, rows_of
 
 
 @dataclass
@@ -54,12 +54,13 @@ def paint_body(canvas: Canvas, a: dict, hu: dict) -> Outline:
     canvas.paint(big, sd, hu["skin"], L["skin"])
     # inside the skin: muscle, cut into compartments by fat planes; the fat (subcutaneous, pelvic,
     # intermuscular) is painted over it
-    canvas.paint(big, sd + 2.5, hu["muscle"], L["muscle"])
+    canvas.paint(big, lambda rows: sd[rows] + np.float32(2.5), hu["muscle"], L["muscle"])
     _paint_muscles(canvas, a, hu, body)
     # the subcutaneous fat covers whatever muscle reached past the envelope
     x, y, _ = canvas.xyz(big)
-    canvas.paint(big, np.maximum(sd + 2.5, -body.envelope(x, y)), hu["fat"], L["fat"])
-    canvas.paint(big, -sd, -1000.0, 0)   # muscles end at the skin: air between the thighs and buttocks
+    envelope = body.envelope(x, y)
+    canvas.paint(big, lambda rows: np.maximum(sd[rows] + 2.5, -rows_of(envelope, rows)), hu["fat"], L["fat"])
+    canvas.paint(big, lambda rows: -sd[rows], -1000.0, 0)   # muscles end at the skin: air between the thighs
     _paint_couch(canvas, a, body)
     _paint_immobilisation(canvas, a, body, sd, big)
     return body
@@ -73,14 +74,18 @@ def _body_distance(canvas: Canvas, a: dict, body: Outline, box):
     shape = canvas.hu[box].shape
     sd = body.distance(x, y).astype(np.float32)
     lowest = max(a["crotch_z"] + 45, a["knee_support_z"] if a["knee_support"] else -np.inf)
-    if not (x.shape[0] == 1 and y.shape[0] == 1 and z.shape[1:] == (1, 1)):
-        return np.broadcast_to(_lower_body(sd, x, y, z, a, body), shape).astype(np.float32)
     out = np.empty(shape, np.float32)
-    out[...] = sd
-    low = np.nonzero(z.ravel() < lowest)[0]
-    if low.size:
-        part = slice(low.min(), low.max() + 1)
-        out[part] = _lower_body(sd, x, y, z[part], a, body)
+    rows = slice(0, shape[0])
+    if x.shape[0] == 1 and y.shape[0] == 1 and z.shape[1:] == (1, 1):
+        out[...] = sd
+        low = np.nonzero(z.ravel() < lowest)[0]
+        rows = slice(low.min(), low.max() + 1) if low.size else slice(0, 0)
+
+    def lower(part):
+        part = slice(rows.start + part.start, rows.start + part.stop)
+        out[part] = _lower_body(rows_of(sd, part), rows_of(x, part), rows_of(y, part), rows_of(z, part), a, body)
+
+    in_slabs(out[rows].shape, lower)
     return out
 
 
@@ -137,12 +142,18 @@ def _paint_immobilisation(canvas: Canvas, a: dict, body: Outline, sd, big) -> No
         return
     x, y, z = canvas.xyz(big)
     if a["immobilisation"] == "vacuum_bag":  # polystyrene beads in a bag: -800 HU, 30 mm round the back
-        shell = np.maximum(np.maximum(-sd, sd - 30), np.maximum(body.cy + 20 - y, y - body.back))
-        canvas.paint(big, shell, -800, L["couch"])
+        def bag(rows):
+            part, y_ = sd[rows], rows_of(y, rows)
+            return np.maximum(np.maximum(-part, part - 30), np.maximum(body.cy + 20 - y_, y_ - body.back))
+
+        canvas.paint(big, bag, -800, L["couch"])
     else:  # 2 mm thermoplastic, 4-6 mm off the skin, over the front and sides, perforated every 6 mm
-        holes = np.sin(x * 1.05) * np.sin(z * 1.05) > 0.35
-        shell = np.maximum(np.abs(sd - 5.0) - 1.0, y - body.cy)
-        canvas.paint(big, np.where(holes, np.float32(10), shell), 120, L["couch"])
+        def perforated_shell(rows):
+            holes = np.sin(rows_of(x, rows) * 1.05) * np.sin(rows_of(z, rows) * 1.05) > 0.35
+            shell = np.maximum(np.abs(sd[rows] - 5.0) - 1.0, rows_of(y, rows) - body.cy)
+            return np.where(holes, np.float32(10), shell)
+
+        canvas.paint(big, perforated_shell, 120, L["couch"])
 
 
 # --------------------------------------------------------------------------- muscles

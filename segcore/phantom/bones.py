@@ -41,7 +41,10 @@ def paint_bones(canvas: Canvas, a: dict, hu: dict) -> None:
             painted.append((box, sd + np.float32(thickness), inner))
     for box, inner_sd, inner in painted:
         canvas.paint(box, inner_sd, inner)
-    _add_trabecular_texture(canvas, hu, np.random.default_rng(a["shape_seed"] + 4))
+    if painted:   # the texture only where bone can be: the pieces' boxes together
+        around = tuple(slice(min(box[m].start for box, _, _ in painted), max(box[m].stop for box, _, _ in painted))
+                       for m in range(3))
+        _add_trabecular_texture(canvas, around, hu, np.random.default_rng(a["shape_seed"] + 4))
     for name in a["implant_sides"]:
         sx = 1.0 if name == "left" else -1.0
         _paint_implant(canvas, a, head_centre(a, sx), rh, sx, s)
@@ -139,13 +142,14 @@ def _femur_pieces(a: dict, hu: dict, name: str, head, rh, sx, shell):
     ]
 
 
-def _add_trabecular_texture(canvas: Canvas, hu: dict, rng) -> None:
-    """Grainy trabecular bone: voxel noise inside the bones' cancellous part (below the cortex's HU), which
-    the scanner's blur turns into the coarse texture of trabeculae and marrow spaces."""
+def _add_trabecular_texture(canvas: Canvas, box, hu: dict, rng) -> None:
+    """Grainy trabecular bone: voxel noise inside the bones' cancellous part (below the cortex's HU) within
+    `box`, which the scanner's blur turns into the coarse texture of trabeculae and marrow spaces."""
     is_bone = np.zeros(256, bool)
     is_bone[[L[n] for n in BONE_LABELS]] = True
-    inner = is_bone[canvas.labels] & (canvas.hu < 0.5 * (hu["cortical"] + hu["cancellous"]))
-    canvas.hu[inner] += rng.standard_normal(int(inner.sum()), dtype=np.float32) * np.float32(hu["trabecular_sd"])
+    region = canvas.hu[box]
+    inner = is_bone[canvas.labels[box]] & (region < 0.5 * (hu["cortical"] + hu["cancellous"]))
+    region[inner] += rng.standard_normal(int(inner.sum()), dtype=np.float32) * np.float32(hu["trabecular_sd"])
 
 
 def _paint_implant(canvas: Canvas, a: dict, head, rh, sx, s) -> None:

@@ -6,14 +6,13 @@ view."""
 from __future__ import annotations
 
 import itertools
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
 
-from segcore.phantom.shapes import Canvas, norm
+from segcore.phantom.shapes import Canvas, in_slabs, norm, rows_of, threads
 
 MIN_HU = -1024
 
@@ -145,11 +144,20 @@ def add_beam_hardening(canvas: Canvas, scan: Scan, heads, radius) -> None:
     crosses both, in the axial slices through them; added to the body only."""
     x, y, z = canvas.xyz(tuple(slice(0, n) for n in canvas.hu.shape))
     left, right = heads
+
+    # in-plane parts once (on an axial grid one slice's worth), then slab by slab
     across = np.clip(1 - ((x - 0.5 * (left[0] + right[0])) / (0.5 * abs(left[0] - right[0]))) ** 2, 0, 1)
-    band = across * np.exp(-(((y - 0.5 * (left[1] + right[1])) / 9.0) ** 2))
-    change = scan.hardening_hu * band * np.exp(-(((z - left[2]) / radius) ** 2))
-    change = change + scan.cupping_hu * np.clip(1 - (norm(x, y - 20) / 180.0) ** 2, 0, 1)
-    np.subtract(canvas.hu, change.astype(np.float32), out=canvas.hu, where=canvas.labels > 0)
+    band = scan.hardening_hu * (across * np.exp(-(((y - 0.5 * (left[1] + right[1])) / 9.0) ** 2)))
+    cupping = scan.cupping_hu * np.clip(1 - (norm(x, y - 20) / 180.0) ** 2, 0, 1)
+
+    def work(rows):
+        change = rows_of(band, rows) * np.exp(-(((rows_of(z, rows) - left[2]) / radius) ** 2))
+        change = change + rows_of(cupping, rows)
+        part = canvas.hu[rows]
+        np.subtract(part, np.broadcast_to(change.astype(np.float32), part.shape), out=part,
+                    where=canvas.labels[rows] > 0)
+
+    in_slabs(canvas.hu.shape, work)
 
 
 def add_scanner_effects(canvas: Canvas, scan: Scan, seed: int) -> None:
@@ -162,18 +170,27 @@ def add_scanner_effects(canvas: Canvas, scan: Scan, seed: int) -> None:
     sigma = [blur if n in plane else (0.35 if thick else 0.0) for n in range(3)]
     if overshoot > 0:
         wide = blurred(hu, [2.2 * s if n in plane else 0 for n, s in enumerate(sigma)], truncate=2.0)
-    hu[...] = blurred(hu, sigma)
+    blurred(hu, sigma, in_place=True)
     if overshoot > 0:
-        hu += np.float32(overshoot) * (hu - wide)
+        def sharpen(rows):
+            part = hu[rows]
+            part += np.float32(overshoot) * (part - wide[rows])
+
+        in_slabs(hu.shape, sharpen)
         del wide
     noise_sigma = [grain if n in plane else 0.0 for n in range(3)]
-    noise = blurred(_white_noise(hu.shape, seed), noise_sigma)
+    noise = blurred(_white_noise(hu.shape, seed), noise_sigma, in_place=True)
     gain = 1.0 / float(np.sqrt(np.prod([1 / (2 * np.sqrt(np.pi) * s) for s in noise_sigma if s > 0])))
     x, y, _ = canvas.xyz(tuple(slice(0, n) for n in hu.shape))
     weight = 1.0 + 0.3 * np.clip(1 - (norm(x, y - 20) / 170.0) ** 2, 0, 1)
-    noise *= (np.float32(scan.noise_hu * gain) * weight).astype(np.float32)
-    hu += noise
-    del noise
+    weight = (np.float32(scan.noise_hu * gain) * weight).astype(np.float32)
+
+    def add_noise(rows):
+        part = noise[rows]
+        part *= rows_of(weight, rows)
+        hu[rows] += part
+
+    in_slabs(hu.shape, add_noise)
     # the reconstruction circle: nothing is seen, so nothing is labelled, outside it; when it cuts the
     # body short, the body's edge inside it reads bright (the missing projections)
     radius = 0.5 * min(canvas.spacing[m] * canvas.size[m] for m in range(3) if abs(canvas.direction[2, m]) < 0.7)
@@ -183,23 +200,20 @@ def add_scanner_effects(canvas: Canvas, scan: Scan, seed: int) -> None:
         rim = (250.0 * np.exp(-(radius - r) / 8.0)).astype(np.float32)
         np.add(hu, rim, out=hu, where=canvas.labels > 0)
     outside = np.broadcast_to(r > radius, hu.shape)
-    hu[outside] = MIN_HU
-    canvas.labels[outside] = 0
+    np.copyto(hu, np.float32(MIN_HU), where=outside)
+    np.copyto(canvas.labels, np.uint8(0), where=outside)
 
 
-def _threads() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
-
-
-def blurred(array: np.ndarray, sigma, truncate: float = 2.5) -> np.ndarray:
+def blurred(array: np.ndarray, sigma, truncate: float = 2.5, in_place: bool = False) -> np.ndarray:
     """A Gaussian blur (sigma in voxels per numpy axis), one axis at a time, each pass split into slabs
-    along another axis and run in threads (scipy's filters release the GIL)."""
-    out = array.copy()
+    along another axis and run in threads (scipy's filters release the GIL). `in_place` blurs `array`
+    itself instead of a copy."""
+    out = array if in_place else array.copy()
     for axis, s in enumerate(sigma):
         if s <= 0:
             continue
         other = max((n for n in range(3) if n != axis), key=lambda n: out.shape[n])
-        edges = np.linspace(0, out.shape[other], _threads() + 1).astype(int)
+        edges = np.linspace(0, out.shape[other], threads() + 1).astype(int)
 
         def run(lo_hi, axis=axis, s=s, other=other):
             index = [slice(None)] * 3
@@ -207,7 +221,7 @@ def blurred(array: np.ndarray, sigma, truncate: float = 2.5) -> np.ndarray:
             part = out[tuple(index)]
             ndimage.gaussian_filter1d(part, s, axis=axis, output=part, truncate=truncate)
 
-        with ThreadPoolExecutor(_threads()) as pool:
+        with ThreadPoolExecutor(threads()) as pool:
             list(pool.map(run, itertools.pairwise(edges)))
     return out
 
@@ -222,7 +236,7 @@ def _white_noise(shape, seed: int, slab: int = 16) -> np.ndarray:
         rng = np.random.default_rng([seed, 7, start])
         noise[start:start + slab] = rng.standard_normal(noise[start:start + slab].shape, dtype=np.float32)
 
-    with ThreadPoolExecutor(_threads()) as pool:
+    with ThreadPoolExecutor(threads()) as pool:
         list(pool.map(fill, starts))
     return noise
 
