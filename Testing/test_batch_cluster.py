@@ -249,3 +249,20 @@ def test_organs_on_a_worker_equal_the_serial_run(tmp_path):
     serial, dask = labels_of(tmp_path / "serial", "a_ct_seg"), labels_of(tmp_path / "dask", "a_ct_seg")
     assert serial.any() and np.array_equal(serial, dask)
     assert [line["model"] for line in manifest(tmp_path / "dask")] == ["organs-hmrnet-demo"]
+
+
+def _log_an_error_on_the_worker():
+    import logging
+
+    logging.getLogger("distributed.worker").error("a worker's error note, e.g. a failed heartbeat")
+
+
+def test_a_local_clusters_workers_keep_their_log_notes_out_of_the_terminal(capfd):
+    """The worker processes write to the terminal the user started the batch in; their notes (a heartbeat
+    failing once Ctrl-C has stopped the scheduler, with its traceback) would break into the progress bar
+    and look like a crash."""
+    from segcore.cluster import cluster_client
+
+    with cluster_client(1, None) as client:
+        client.run(_log_an_error_on_the_worker)
+    assert "a worker's error note" not in capfd.readouterr().err

@@ -186,8 +186,11 @@ def cluster_client(workers: int | None, scheduler: str | None) -> Iterator[objec
     with dask.config.set(local if scheduler is None else {}):
         try:
             if scheduler is None:
+                # silence_logs: the worker processes' notes too (a heartbeat that finds the scheduler gone
+                # after Ctrl-C would print its traceback in the terminal)
                 cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                                   dashboard_address=None, preload=[__name__])
+                                                   dashboard_address=None, preload=[__name__],
+                                                   silence_logs=logging.CRITICAL)
             client = distributed.Client(cluster or scheduler, timeout="10s", set_as_default=False)
         except (OSError, TimeoutError) as error:
             if cluster is not None:
