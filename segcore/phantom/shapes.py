@@ -35,8 +35,8 @@ def in_slabs(shape, work) -> None:
     rows = max(1, SLAB_VOXELS // max(1, int(np.prod(shape[1:]))))
     slabs = [slice(start, min(start + rows, shape[0])) for start in range(0, shape[0], rows)]
     if len(slabs) <= 1:
-        for rows in slabs:
-            work(rows)
+        for slab in slabs:
+            work(slab)
         return
     with ThreadPoolExecutor(threads()) as pool:
         list(pool.map(work, slabs))
@@ -160,8 +160,12 @@ class Canvas:
         box = self.box(low, high)
         if box is None:
             return
+        self._composite(box, self._distance_in_rows(box, distance), hu, label)
+
+    def _distance_in_rows(self, box, distance):
+        """`distance` as a function of some rows of `box`."""
         x, y, z = self.xyz(box)
-        self._composite(box, lambda rows: distance(rows_of(x, rows), rows_of(y, rows), rows_of(z, rows)), hu, label)
+        return lambda rows: distance(rows_of(x, rows), rows_of(y, rows), rows_of(z, rows))
 
     def _composite(self, box, sd_of, hu, label) -> None:
         """`paint` slab by slab: `sd_of(rows)` is the signed distance over those rows of `box`."""
@@ -184,11 +188,11 @@ class Canvas:
         box = self.box(low, high)
         if box is None:
             return
-        x, y, z = self.xyz(box)
+        sd_of = self._distance_in_rows(box, distance)
         region, labels = self.hu[box], self.labels[box]
 
         def work(rows):
-            sd = distance(rows_of(x, rows), rows_of(y, rows), rows_of(z, rows))
+            sd = sd_of(rows)
             part, part_labels = region[rows], labels[rows]
             rim = 1.0 - self.occupancy(sd + np.float32(rim_mm))
             target = rim * np.float32(rim_hu - hu)
