@@ -287,3 +287,66 @@ def test_painting_slab_by_slab_gives_the_same_case_as_in_one_piece(monkeypatch, 
     assert np.array_equal(ct_whole, ct_slabs)
     assert np.array_equal(labels_whole, labels_slabs)
     assert (labels_whole == L["prostate"]).any() and (labels_whole == L["metal_implant"]).any()
+
+
+def _reach_forward(points, centre, low, high):
+    """How far (mm) the points at heights low..high above ``centre`` reach in front of it, and the point."""
+    at = points[(points[:, 2] >= centre[2] + low) & (points[:, 2] <= centre[2] + high)]
+    return centre[1] - at[:, 1].min(), at[np.argmin(at[:, 1])]
+
+
+def test_iliac_wing_reaches_forward_to_the_anterior_superior_spine():
+    """Bell, Pedersen and Brand (1990): the hip joint centre lies 30 % of the inter-ASIS width below the
+    ASIS and 19 % behind it; with 230-260 mm between the spines the ASIS is 45-50 mm in front of the
+    joint centre and about 70 mm above it. The phantom's hip bone reaches that far forward there, and not
+    below it (the notch above the acetabulum)."""
+    for seed in (40, 41):
+        case = make_phantom(seed, matrix=192, spacing=(2.0, 2.0, 2.0), orientation="LPS", implant=False)
+        _ct, labels = arrays(case)
+        heads = [centroids(case.labels)[L[f"femoral_head_{side}"]] for side in ("left", "right")]
+        centre = np.mean(heads, axis=0)
+        k, j, i = np.nonzero(np.isin(labels, [L["hip_bone_left"], L["hip_bone_right"]]))
+        points = np.array([case.labels.TransformIndexToPhysicalPoint((int(a), int(b), int(c)))
+                           for a, b, c in zip(i, j, k)])
+
+        forward, spine = _reach_forward(points, centre, 60, 85)
+        assert 38 <= forward <= 62, forward
+        assert 100 <= abs(spine[0] - centre[0]) <= 140, spine   # inter-ASIS width 200-280 mm
+        # the front edge runs back down to the acetabulum
+        assert _reach_forward(points, centre, 15, 30)[0] < forward - 5
+
+
+def test_a_filling_bladder_rises_forward_against_the_abdominal_wall_with_its_base_kept(monkeypatch):
+    from segcore.phantom import organs
+
+    def bladder_fronts(case):
+        """The bladder's most anterior y (mm) over its top half and over its lowest 2 mm, and the narrowest
+        gap (mm) between its foremost point and the abdominal wall's muscle in front of it."""
+        _ct, labels = arrays(case)
+        k, j, i = np.nonzero(labels == L["bladder"])
+        z = np.array([case.labels.TransformIndexToPhysicalPoint((0, 0, int(v)))[2] for v in range(labels.shape[0])])
+        y = np.array([case.labels.TransformIndexToPhysicalPoint((0, int(v), 0))[1] for v in range(labels.shape[1])])
+        zb = z[k]
+        top, base = zb >= (zb.min() + zb.max()) / 2, zb <= zb.min() + 2
+        foremost = np.argmin(y[j[top]])
+        k_front, i_front = k[top][foremost], i[top][foremost]
+        gaps = []
+        for column in labels[k_front, :, i_front - 5:i_front + 6].T:   # rows run posterior: y grows with j
+            front = np.flatnonzero(column == L["bladder"])
+            muscle = np.flatnonzero(column[:front.min()] == L["muscle"]) if front.size else []
+            if len(muscle):
+                gaps.append((front.min() - muscle.max() - 1) * case.labels.GetSpacing()[1])
+        return y[j[top]].min(), y[j[base]].min(), min(gaps)
+
+    make = lambda: make_phantom(40, matrix=192, spacing=(2.0, 2.0, 2.0), orientation="LPS", implant=False)
+    risen = make()
+    rise = risen.info["anatomy"]["bladder_rise_mm"]
+    assert rise > 10
+    monkeypatch.setattr(organs, "_forward_rise", lambda *args: 0.0)
+    upright = make()
+    top, base, gap = bladder_fronts(risen)
+    top0, base0, gap0 = bladder_fronts(upright)
+    assert top0 - top == pytest.approx(rise, abs=4)   # the upper part moved forward by the rise
+    assert gap0 - gap == pytest.approx(rise, abs=4)   # towards the abdominal wall
+    assert gap >= 1                                   # and not into it: some prevesical fat stays
+    assert abs(base - base0) <= 0.25 * rise           # the base stays (nearly) where it was, on the prostate

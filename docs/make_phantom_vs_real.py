@@ -96,7 +96,21 @@ def realism(ct, labels, groups, centre):
         inner = ndimage.binary_erosion(region, iterations=1)
         out[f"{name} HU mean"] = float(values[inner].mean())
         out[f"{name} HU sd"] = float(values[inner].std())
+    out["hip bone front, 60-85 mm above the heads (mm in front of them)"] = reach_in_front(
+        labels, groups["hip bones"], centre, (60, 85))
+    out["bladder front (mm in front of the heads)"] = reach_in_front(labels, groups["bladder"], centre, (-100, 200))
     return out
+
+
+def reach_in_front(labels, values, centre, heights):
+    """How far (mm) the labels ``values`` reach in front of ``centre`` on the slices ``heights`` (mm) above it;
+    the labels axis-aligned LPS (`to_lps_axial`), so y grows backwards with the row."""
+    mask = np.isin(sitk.GetArrayViewFromImage(labels), values)
+    origin, spacing = np.asarray(labels.GetOrigin()), np.asarray(labels.GetSpacing())
+    z = origin[2] + spacing[2] * np.arange(mask.shape[0])
+    mask = mask & ((z >= centre[2] + heights[0]) & (z <= centre[2] + heights[1]))[:, None, None]
+    rows = np.nonzero(mask.any(axis=(0, 2)))[0]
+    return float(centre[1] - (origin[1] + spacing[1] * rows.min())) if rows.size else float("nan")
 
 
 def tissue_stats(ct, labels, groups):

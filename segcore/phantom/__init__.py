@@ -139,10 +139,10 @@ def source_digest() -> str:
 def _paint_patient(canvas: Canvas, a: dict, hu: dict, scan) -> None:
     """Paint one drawn patient back to front (what is painted later wins): couch and body, pelvic fat,
     bowel, organs and devices, bones; then the beam hardening the bones cause."""
-    body.paint_body(canvas, a, hu)
-    body.paint_pelvic_fat(canvas, a, hu)
+    outline = body.paint_body(canvas, a, hu)
+    body.paint_pelvic_fat(canvas, a, hu, outline)
     body.paint_bowel(canvas, a, hu)
-    organs.paint_organs(canvas, a, hu)
+    organs.paint_organs(canvas, a, hu, outline.abdominal_wall_back)
     bones.paint_bones(canvas, a, hu)
     scanner.add_beam_hardening(canvas, scan, [bones.head_centre(a, 1.0), bones.head_centre(a, -1.0)],
                                a["femoral_head_radius"])

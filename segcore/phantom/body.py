@@ -9,7 +9,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from segcore.phantom.shapes import Canvas, L, capsule, ellipsoid, in_slabs, norm, rotation_from, rows_of
+from segcore.phantom.bones import iliac_wing
+from segcore.phantom.shapes import Canvas, L, capsule, ellipsoid, in_slabs, norm, rows_of
+
+# The rectus abdominis, mm: its centre behind the envelope's front and its half thickness (about 10 mm
+# thick in adults, thinner in older men; up to 18 mm here with its sheath), the height of its middle and
+# half its length (from the pubis to the ribs).
+RECTUS_CENTRE_MM, RECTUS_HALF_MM = 8.0, 9.0
+RECTUS_Z_MM, RECTUS_HALF_HEIGHT_MM = 200.0, 185.0
 
 
 @dataclass
@@ -37,6 +44,17 @@ class Outline:
     def envelope(self, x, y):
         """Inside the subcutaneous fat: where the muscles lie."""
         return self.distance(x, y, self.fat_lateral, self.fat_anterior, self.fat_posterior)
+
+    @property
+    def front(self) -> float:
+        """The envelope's front at the midline: where the abdominal wall's muscles begin."""
+        return self.cy - self.half_depth + self.fat_anterior
+
+    def abdominal_wall_back(self, z):
+        """y of the back of the rectus abdominis at height z (what a full bladder rises against); the
+        muscle thins towards its ends."""
+        along = np.clip((z - RECTUS_Z_MM) / RECTUS_HALF_HEIGHT_MM, -1, 1)
+        return self.front + RECTUS_CENTRE_MM + RECTUS_HALF_MM * np.sqrt(1 - along * along)
 
 
 def outline(a: dict) -> Outline:
@@ -164,7 +182,7 @@ def _paint_muscles(canvas: Canvas, a: dict, hu: dict, body: Outline) -> None:
     wall and the back. Shapes follow standard anatomy atlases; mm in the patient frame, left side, mirrored."""
     s, rim = a["pelvis_scale"], a["fat_plane_mm"]
     offsets = itertools.cycle(a["muscle_offsets"])   # each muscle a little different
-    front = body.cy - body.half_depth + body.fat_anterior   # the envelope's front and back at the midline
+    front = body.front   # the envelope's front and back at the midline
     back = body.back - body.fat_posterior
     side = body.half_width - body.fat_lateral
     muscle = L["muscle"]
@@ -177,7 +195,8 @@ def _paint_muscles(canvas: Canvas, a: dict, hu: dict, body: Outline) -> None:
         paint((sx * 32 - 35, back - 60, 40), (sx * 32 + 35, back + 5, 400),
               lambda x, y, z, sx=sx: ellipsoid(x, y, z, (sx * 32, back - 24, 190), (30, 26, 150)))
         paint((sx * 40 - 40, front - 5, 20), (sx * 40 + 40, front + 25, 400),
-              lambda x, y, z, sx=sx: ellipsoid(x, y, z, (sx * 42, front + 8, 200), (34, 9, 185)))
+              lambda x, y, z, sx=sx: ellipsoid(x, y, z, (sx * 42, front + RECTUS_CENTRE_MM, RECTUS_Z_MM),
+                                               (34, RECTUS_HALF_MM, RECTUS_HALF_HEIGHT_MM)))
         paint((sx * side - 40, -90, 60), (sx * side + 20, 60, 400),
               lambda x, y, z, sx=sx: ellipsoid(x, y, z, (sx * (side - 12), -20, 200), (14, 75, 140)))
     for sx in (1, -1):
@@ -213,8 +232,7 @@ def _limb_muscles(sx, s):
 def _paint_gluteal(paint, sx, s, layers) -> None:
     """Muscles lying on the iliac wing: (offset along its lateral normal, half sizes) each. Gluteus medius
     and minimus lie on its outer face (positive offsets), the iliacus on its inner face."""
-    centre = np.array([sx * 88 * s, 22 * s, 85 * s])
-    frame = rotation_from((sx * 0.62, -0.78, 0.0), (sx * 0.25, 0, 1))
+    centre, frame, _ = iliac_wing(sx, s)
     normal = frame[:, 2] * np.sign(frame[0, 2] * sx)   # points laterally, away from the pelvis
     for offset, half in layers:
         c = centre + offset * normal - np.array([0, 0, 12 * s if offset > 0 else 0])
@@ -225,10 +243,12 @@ def _paint_gluteal(paint, sx, s, layers) -> None:
 # --------------------------------------------------------------------------- pelvic fat and bowel
 
 
-def paint_pelvic_fat(canvas: Canvas, a: dict, hu: dict) -> None:
-    """The pelvic cavity's fat (widening towards the inlet), the ischiorectal fossae; then the muscles of the
-    pelvic walls: iliopsoas, obturator internus and the levator ani below."""
+def paint_pelvic_fat(canvas: Canvas, a: dict, hu: dict, body: Outline) -> None:
+    """The pelvic cavity's fat (widening towards the inlet) and, above the pubis, the space behind the
+    abdominal wall; the ischiorectal fossae; then the muscles of the pelvic walls: iliopsoas, obturator
+    internus and the levator ani below."""
     s, roomy = a["pelvis_scale"], a["cavity_scale"]
+    wall_back = body.abdominal_wall_back
 
     def paint(low, high, distance):
         canvas.compartment(low, high, distance, hu["muscle"], L["muscle"], hu["fat"], a["fat_plane_mm"])
@@ -238,8 +258,13 @@ def paint_pelvic_fat(canvas: Canvas, a: dict, hu: dict) -> None:
         width = s * roomy * (42 + 0.3 * np.clip(z, 0, 130) + 0.3 * np.clip(z - 130, 0, 100))
         depth = s * roomy * (46 + 0.25 * np.clip(z - 90, 0, 100))
         r = norm(x / width, (y - 16 * s) / depth)
-        sd = (r - 1) * np.minimum(width, depth)
-        return np.maximum(sd, -48 * s - z)
+        sd = np.maximum((r - 1) * np.minimum(width, depth), -48 * s - z)
+        # above the pubic symphysis nothing but the thin abdominal wall lies in front of the bladder and
+        # the bowel: the prevesical space and the lower peritoneal cavity reach forward to the wall's back,
+        # between the iliopsoas muscles on either side
+        front_width = s * (50 + 0.4 * np.clip(z - 30 * s, 0, 100))
+        front = np.maximum(np.maximum(np.abs(x) - front_width, wall_back(z) - y), 30 * s - z)
+        return np.minimum(sd, np.maximum(front, y - 16 * s))
 
     canvas.shape((-150, -100, -60), (150, 120, 1000), cavity, hu["fat"], L["fat"])
     for sx in (1, -1):

@@ -93,6 +93,34 @@ def _acetabulum(head, rh, sx):
     return head - rh - 16, head + rh + 16, cup
 
 
+def iliac_wing(sx: float, s: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The iliac wing as a plate: centre, frame (length, height, thickness axes) and half sizes, mm. Its back
+    end is at the sacroiliac joint; its front end is the anterior superior iliac spine, placed from the hip
+    joint centre by Bell, Pedersen and Brand (J Biomech 1990): the joint centre lies 30 % of the inter-ASIS
+    width below the ASIS, 19 % behind and 14 % medial of it. With the heads 176 mm apart (`head_centre`)
+    that puts the ASIS 122 mm from the midline, 46 mm in front of the joint centre and 73 mm above it, in the
+    coronal plane of the pubic symphysis (Lewinnek's anterior pelvic plane)."""
+    back = np.array([sx * 49, 71, 91]) * s
+    asis = np.array([sx * 122, -54, 91]) * s
+    length, height = np.linalg.norm(asis - back), 110 * s
+    frame = rotation_from(asis - back, (sx * 0.25, 0, 1))
+    # turned 20 degrees in its own plane so that its front edge runs down and back from the ASIS to the
+    # acetabulum (the notch below the anterior inferior spine) while its back edge leans back over the
+    # sacroiliac joint
+    turn = np.deg2rad(-20)
+    u, v = frame[:, 0], frame[:, 1]
+    frame = np.stack([np.cos(turn) * u + np.sin(turn) * v, np.cos(turn) * v - np.sin(turn) * u, frame[:, 2]], 1)
+    # the ASIS is the front edge's point 30 mm below its top
+    centre = asis - length / 2 * frame[:, 0] - (height / 2 - 30 * s) * frame[:, 1]
+    return centre, frame, np.array([length / 2, height / 2, 5.5 * s])
+
+
+def _iliac_wing_piece(sx, s):
+    centre, frame, half = iliac_wing(sx, s)
+    reach = np.abs(frame) @ half + 2
+    return centre - reach, centre + reach, lambda x, y, z: oriented_box(x, y, z, centre, frame, half)
+
+
 def _hip_bone_pieces(head, rh, sx, s):
     """(low, high, distance) of the hip bone's pieces on one side (sx +1 left, -1 right)."""
     return [
@@ -100,10 +128,7 @@ def _hip_bone_pieces(head, rh, sx, s):
         # iliac body and wing: up, back and out towards the sacroiliac joint
         ((sx * 85 * s - 25, -25, 5), (sx * 85 * s + 25, 45, 75),
          lambda x, y, z, sx=sx: capsule(x, y, z, (sx * 82 * s, 2 * s, 22 * s), (sx * 78 * s, 30 * s, 62 * s), 17 * s)),
-        ((sx * 90 * s - 80, -60, 10), (sx * 90 * s + 80, 100, 150),
-         lambda x, y, z, sx=sx: oriented_box(x, y, z, np.array([sx * 88 * s, 22 * s, 85 * s]),
-                                             rotation_from((sx * 0.62, -0.78, 0.0), (sx * 0.25, 0, 1)),
-                                             (62 * s, 55 * s, 5.5 * s))),
+        _iliac_wing_piece(sx, s),
         # pubis: superior ramus to the symphysis, inferior ramus, symphyseal body (the obturator foramen is
         # the gap these leave with the ischium)
         ((sx * 40 * s - 45, -75, -5), (sx * 40 * s + 45, -10, 40),

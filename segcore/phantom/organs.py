@@ -27,14 +27,15 @@ class Prostate:
     c: float
 
 
-def paint_organs(canvas: Canvas, a: dict, hu: dict) -> Prostate:
+def paint_organs(canvas: Canvas, a: dict, hu: dict, wall_back) -> Prostate:
     """Bladder, seminal vesicles, spacer and rectum, prostate, then the devices in them. One random stream
-    (from the shape seed) serves them all, drawn in this order."""
+    (from the shape seed) serves them all, drawn in this order. ``wall_back(z)``: the y of the abdominal
+    wall's back at height z, which a full bladder rises against."""
     shape_rng = np.random.default_rng(a["shape_seed"] + 1)
     k = (a["prostate_cc"] * 1000 / (4 / 3 * np.pi * 1.15 * 0.82 * 1.0)) ** (1 / 3)
     prostate = Prostate(a["prostate_shift_x"], a["prostate_y"], 1.15 * k, 0.82 * k, 1.0 * k)
     a["prostate_radii_mm"] = [round(prostate.a, 2), round(prostate.b, 2), round(prostate.c, 2)]
-    bladder_centre = _paint_bladder(canvas, a, hu, prostate, shape_rng)
+    bladder_centre = _paint_bladder(canvas, a, hu, prostate, shape_rng, wall_back)
     _paint_seminal_vesicles(canvas, a, hu, prostate, shape_rng)
     if a["spacer"]:
         _paint_spacer(canvas, a, prostate)
@@ -56,24 +57,40 @@ def _bladder_radii(cc: float):
     return ratio * scale, full
 
 
-def _paint_bladder(canvas: Canvas, a: dict, hu: dict, p: Prostate, shape_rng) -> np.ndarray:
+def _forward_rise(a: dict, full: float, front: float, wall_back: float) -> float:
+    """How far (mm) a filling bladder's upper part moves forward. Filling, the bladder rises out of the
+    pelvis along the anterior abdominal wall: a distended bladder lies against the wall above the pubis,
+    with no peritoneum between them (the anatomy that suprapubic catheterisation relies on). Half full and
+    more, it goes most of the way to the wall (drawn per patient, ``bladder_rise``); a few mm of
+    prevesical fat stay."""
+    room = max(0.0, front - (wall_back + 3.0))
+    return a["bladder_rise"] * min(1.0, 2.0 * full) * room
+
+
+def _paint_bladder(canvas: Canvas, a: dict, hu: dict, p: Prostate, shape_rng, wall_back) -> np.ndarray:
     """Wall, urine, and contrast sunk posteriorly if any; the dome is dented by the bowel when the bladder
-    is not full. Returns the centre."""
+    is not full; the upper half sheared forward towards the abdominal wall (`_forward_rise`), the base
+    kept on the prostate. Returns the centre."""
     (ba, bb, bc), full = _bladder_radii(a["bladder_cc"])
     centre = np.array([p.x + shape_rng.uniform(-5, 5), p.y - 10 - 0.15 * bb, 0.7 * p.c + 0.92 * bc])
+    rise = _forward_rise(a, full, centre[1] - bb, float(wall_back(centre[2])))
+    a["bladder_rise_mm"] = round(rise, 2)
     bumps = shape_rng.uniform(0, 2 * np.pi, 3)
-    frame = rotation_from((1, 0, 0), (0, np.sin(a["bladder_tilt"]), np.cos(a["bladder_tilt"])))
+    # the semi-axes along x, y (front-back) and z (up), tipped forward or back about x by the tilt
+    frame = rotation_from((1, 0, 0), (0, np.cos(a["bladder_tilt"]), -np.sin(a["bladder_tilt"])))
     dent = centre + np.array([shape_rng.uniform(-0.3, 0.3) * ba, 0, bc * (1.6 - 0.3 * (1 - full))])
     dent_radius = bc * (0.9 - 0.5 * full)
 
     def bladder(x, y, z):
+        # the shear: nothing at the base, all of ``rise`` from the centre's height up
+        y = y + rise * np.clip((z - (centre[2] - bc)) / bc, 0, 1)
         k = (ba * bb * bc) ** (1 / 3)
         wobble = 0.06 * k * np.sin(x / 17 + bumps[0]) * np.sin(y / 19 + bumps[1]) * np.sin(z / 23 + bumps[2])
         sd = ellipsoid(x, y, z, centre, (ba, bb, bc), frame) + wobble
         return np.maximum(sd, dent_radius - norm(x - dent[0], (y - dent[1]) * 1.3, z - dent[2]))
 
     reach = np.array([ba, bb, bc]) * 1.2 + 6
-    box = canvas.box(centre - reach, centre + reach)
+    box = canvas.box(centre - reach - [0, rise, 0], centre + reach)
     if box is None:
         return centre
     x, y, z = canvas.xyz(box)

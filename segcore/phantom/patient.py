@@ -36,6 +36,9 @@ def draw_patient(rng: np.random.Generator, options: dict | None = None) -> dict:
     a.update(_draw_devices(rng))
     a["hu"] = _draw_tissue_hu(rng)
     a["shape_seed"] = int(rng.integers(0, 2**31 - 1))
+    # drawn after the rest so that every patient drawn before it was added stays as it was: how far a
+    # filling bladder rises forward towards the abdominal wall (`organs._forward_rise`)
+    a["bladder_rise"] = rng.uniform(0.6, 1.0)
     for name, value in (options or {}).items():
         if name not in OPTIONS:
             raise ValueError(f"unknown patient option {name!r}; known: {sorted(OPTIONS)}")
@@ -82,7 +85,8 @@ def _draw_organs(rng) -> dict:
         "rectum_radius": u(10, 21),
         "rectal_gas": u(0.0, 0.7),
         "bowel_loops": int(rng.integers(2, 7)),
-        "bowel": [{"a": [u(-60, 60), u(-40, 40), u(60, 130)], "b": [u(-60, 60), u(-40, 40), u(60, 130)],
+        # small bowel and sigmoid loops above the bladder, forward to the abdominal wall
+        "bowel": [{"a": [u(-60, 60), u(-55, 40), u(60, 130)], "b": [u(-60, 60), u(-55, 40), u(60, 130)],
                    "r": u(9, 17), "gas": bool(rng.random() < 0.4)} for _ in range(6)],
         # calcifications are common in older men's prostates: 1-4 bright foci of 1-4 mm
         "calcifications": bool(rng.random() < 0.4),
