@@ -350,3 +350,25 @@ def test_a_filling_bladder_rises_forward_against_the_abdominal_wall_with_its_bas
     assert gap0 - gap == pytest.approx(rise, abs=4)   # towards the abdominal wall
     assert gap >= 1                                   # and not into it: some prevesical fat stays
     assert abs(base - base0) <= 0.25 * rise           # the base stays (nearly) where it was, on the prostate
+
+
+def test_the_couch_lies_level_whatever_the_patients_roll():
+    """yaw_deg rolls the patient, not the table: the couch's top (with its mattress, if any) is one row
+    across the image and meets the body's lowest point. (Its underside is cut by the scanner's round field
+    of view at the image's corners.)"""
+    from segcore.phantom import patient
+
+    seed = next(s for s in range(200) if abs(patient.draw_patient(np.random.default_rng([s, 0]))["yaw_deg"]) > 4)
+    case = make_phantom(seed, matrix=128, orientation="LPS",
+                        options={"couch": "flat", "immobilisation": "none", "knee_support": False})
+    assert abs(case.info["anatomy"]["yaw_deg"]) > 4
+    labels = sitk.GetArrayFromImage(case.labels)   # (k, j, i); LPS: j runs front to back
+    couch = labels == anatomy.structure("couch").value
+    body = (labels != 0) & ~couch
+    k = labels.shape[0] // 2
+    columns = np.flatnonzero(couch[k].any(axis=0) & body[k].any(axis=0))
+    assert len(columns) > 40
+    tops = [np.flatnonzero(couch[k][:, i]).min() for i in columns]
+    assert max(tops) - min(tops) <= 1, tops   # rolled with the patient it would climb 7 rows across
+    lowest = max(np.flatnonzero(body[k][:, i]).max() for i in columns)
+    assert 0 <= min(tops) - lowest <= 2, (tops, lowest)

@@ -122,36 +122,64 @@ def _lower_body(sd, x, y, z, a: dict, body: Outline):
     return sd
 
 
-def _paint_couch(canvas: Canvas, a: dict, body: Outline) -> None:
-    """A radiotherapy flat-top couch (carbon-fibre skins around a foam core) or a curved diagnostic one,
-    an optional mattress, and the knee support's foam wedge."""
-    back, mattress = body.back, a["mattress_mm"]
-    top = back + mattress
-    if a["couch"] == "flat":
-        canvas.shape((-400, top, -1000), (400, top + 48, 1000),
-                     lambda x, y, z: np.abs(y - (top + 24)) - 20 + 0 * x + 0 * z, -880, L["couch"])
-        for offset in (4.0, 40.0):
-            canvas.shape((-400, top, -1000), (400, top + 48, 1000),
-                         lambda x, y, z, o=offset: np.abs(y - (top + o)) - 1.5 + 0 * x + 0 * z, 250)
-    else:  # concave: a shallow trough under the back
-        def trough(x, y, z, thick=10.0):
-            surface = top + 20 - 20 * np.sqrt(np.clip(1 - (x / 260) ** 2, 0, 1))
-            return np.maximum(np.abs(y - surface - thick) - thick, np.abs(x) - 250) + 0 * z
+def _couch_frame(a: dict, body: Outline):
+    """The patient's roll (`yaw_deg`) turns the patient, not the table: a function taking patient-frame
+    (x, y) to scanner-frame (x, y) about the patient's centre, and the scanner y of the body's lowest point,
+    where a level couch touches it (one side of a rolled patient's back lifts off the couch)."""
+    yaw = np.deg2rad(a["yaw_deg"])
+    c, s = np.float32(np.cos(yaw)), np.float32(np.sin(yaw))
 
-        canvas.shape((-300, top - 5, -1000), (300, top + 45, 1000), trough, -700, L["couch"])
-        canvas.shape((-300, top - 5, -1000), (300, top + 45, 1000), lambda x, y, z: trough(x, y, z, 1.5), 300)
+    def level(x, y):
+        return c * x - s * y, s * x + c * y
+
+    x, y = np.meshgrid(np.linspace(-body.half_width, body.half_width, 721), np.linspace(body.cy, body.back, 241))
+    inside = body.distance(x, y) <= 0
+    return level, float(np.max(level(x[inside], y[inside])[1]))
+
+
+def _paint_couch(canvas: Canvas, a: dict, body: Outline) -> None:
+    """A radiotherapy flat-top couch (carbon-fibre skins around a foam core) or a curved diagnostic one and
+    an optional mattress, level in the scanner; the knee support's foam wedge, under the thighs."""
+    back, mattress = body.back, a["mattress_mm"]
+    level, lowest = _couch_frame(a, body)
+    top = lowest + mattress
+    # the couch's box in the patient frame, widened for the roll
+    tilt = 400 * abs(np.sin(np.deg2rad(a["yaw_deg"]))) + 5
+
+    def flat(x, y, half=20.0, at=24.0):
+        return np.abs(y - (top + at)) - half + 0 * x
+
+    def trough(x, y, thick=10.0):
+        surface = top + 20 - 20 * np.sqrt(np.clip(1 - (x / 260) ** 2, 0, 1))
+        return np.maximum(np.abs(y - surface - thick) - thick, np.abs(x) - 250)
+
+    if a["couch"] == "flat":
+        _paint_level(canvas, level, (top, top + 48), flat, -880, L["couch"], tilt)
+        for offset in (4.0, 40.0):
+            _paint_level(canvas, level, (top, top + 48), lambda x, y, o=offset: flat(x, y, 1.5, o), 250, None, tilt)
+    else:  # concave: a shallow trough under the back
+        _paint_level(canvas, level, (top - 5, top + 45), trough, -700, L["couch"], tilt)
+        _paint_level(canvas, level, (top - 5, top + 45), lambda x, y: trough(x, y, 1.5), 300, None, tilt)
     if mattress > 0:
-        canvas.shape((-260, back - 30, -1000), (260, top + 2, 1000),
-                     lambda x, y, z: np.maximum(np.abs(y - (back + mattress / 2)) - mattress / 2,
-                                                np.abs(x) - 240) + 0 * z, -600, L["couch"])
+        _paint_level(canvas, level, (lowest - 30, top + 2),
+                     lambda x, y: np.maximum(np.abs(y - (lowest + mattress / 2)) - mattress / 2, np.abs(x) - 240),
+                     -600, L["couch"], tilt)
     if a["knee_support"]:
         z0 = a["knee_support_z"]
 
         def wedge(x, y, z):
             rise = np.clip(0.35 * (z0 - z), 0, 60)
-            return np.maximum(np.maximum(np.abs(x) - 190, (back - rise) - y), np.maximum(y - back, z - z0))
+            # under the thighs, in the patient's frame, but not through the level couch
+            under = np.maximum(y - back, level(x, y)[1] - top)
+            return np.maximum(np.maximum(np.abs(x) - 190, (back - rise) - y), np.maximum(under, z - z0))
 
         canvas.shape((-200, back - 62, -1000), (200, back + 2, z0 + 2), wedge, -850, L["couch"])
+
+
+def _paint_level(canvas: Canvas, level, y_range, distance, hu, label, tilt) -> None:
+    """Paint a shape given by its distance in the scanner frame (`level`), between scanner y_range."""
+    canvas.shape((-400, y_range[0] - tilt, -1000), (400, y_range[1] + tilt, 1000),
+                 lambda x, y, z: distance(*level(x, y)) + 0 * z, hu, label)
 
 
 def _paint_immobilisation(canvas: Canvas, a: dict, body: Outline, sd, big) -> None:
