@@ -122,64 +122,64 @@ def _lower_body(sd, x, y, z, a: dict, body: Outline):
     return sd
 
 
-def _couch_frame(a: dict, body: Outline):
-    """The patient's roll (`yaw_deg`) turns the patient, not the table: a function taking patient-frame
-    (x, y) to scanner-frame (x, y) about the patient's centre, and the scanner y of the body's lowest point,
-    where a level couch touches it (one side of a rolled patient's back lifts off the couch)."""
-    yaw = np.deg2rad(a["yaw_deg"])
-    c, s = np.float32(np.cos(yaw)), np.float32(np.sin(yaw))
+def _scanner_xy(canvas: Canvas, x, y):
+    """Patient-frame (x, y) -> scanner-frame (x, y) about the patient's centre: the patient's roll
+    (`yaw_deg`) turns the patient, not the table."""
+    r = canvas.rotation.astype(np.float32)
+    return r[0, 0] * x + r[0, 1] * y, r[1, 0] * x + r[1, 1] * y
 
-    def level(x, y):
-        return c * x - s * y, s * x + c * y
 
+def _lowest_point(canvas: Canvas, body: Outline) -> float:
+    """Scanner y of the rolled body's lowest point, where a level couch touches it (one side of a rolled
+    patient's back lifts off the couch)."""
     x, y = np.meshgrid(np.linspace(-body.half_width, body.half_width, 721), np.linspace(body.cy, body.back, 241))
     inside = body.distance(x, y) <= 0
-    return level, float(np.max(level(x[inside], y[inside])[1]))
+    return float(np.max(_scanner_xy(canvas, x[inside], y[inside])[1]))
 
 
 def _paint_couch(canvas: Canvas, a: dict, body: Outline) -> None:
     """A radiotherapy flat-top couch (carbon-fibre skins around a foam core) or a curved diagnostic one and
     an optional mattress, level in the scanner; the knee support's foam wedge, under the thighs."""
     back, mattress = body.back, a["mattress_mm"]
-    level, lowest = _couch_frame(a, body)
+    lowest = _lowest_point(canvas, body)
     top = lowest + mattress
-    # the couch's box in the patient frame, widened for the roll
-    tilt = 400 * abs(np.sin(np.deg2rad(a["yaw_deg"]))) + 5
 
     def flat(x, y, half=20.0, at=24.0):
-        return np.abs(y - (top + at)) - half + 0 * x
+        return np.abs(y - (top + at)) - half
 
     def trough(x, y, thick=10.0):
         surface = top + 20 - 20 * np.sqrt(np.clip(1 - (x / 260) ** 2, 0, 1))
         return np.maximum(np.abs(y - surface - thick) - thick, np.abs(x) - 250)
 
     if a["couch"] == "flat":
-        _paint_level(canvas, level, (top, top + 48), flat, -880, L["couch"], tilt)
+        _paint_level(canvas, (top, top + 48), flat, -880, L["couch"])
         for offset in (4.0, 40.0):
-            _paint_level(canvas, level, (top, top + 48), lambda x, y, o=offset: flat(x, y, 1.5, o), 250, None, tilt)
+            _paint_level(canvas, (top, top + 48), lambda x, y, o=offset: flat(x, y, 1.5, o), 250)
     else:  # concave: a shallow trough under the back
-        _paint_level(canvas, level, (top - 5, top + 45), trough, -700, L["couch"], tilt)
-        _paint_level(canvas, level, (top - 5, top + 45), lambda x, y: trough(x, y, 1.5), 300, None, tilt)
+        _paint_level(canvas, (top - 5, top + 45), trough, -700, L["couch"])
+        _paint_level(canvas, (top - 5, top + 45), lambda x, y: trough(x, y, 1.5), 300)
     if mattress > 0:
-        _paint_level(canvas, level, (lowest - 30, top + 2),
+        _paint_level(canvas, (lowest - 30, top + 2),
                      lambda x, y: np.maximum(np.abs(y - (lowest + mattress / 2)) - mattress / 2, np.abs(x) - 240),
-                     -600, L["couch"], tilt)
+                     -600, L["couch"])
     if a["knee_support"]:
         z0 = a["knee_support_z"]
 
         def wedge(x, y, z):
             rise = np.clip(0.35 * (z0 - z), 0, 60)
             # under the thighs, in the patient's frame, but not through the level couch
-            under = np.maximum(y - back, level(x, y)[1] - top)
+            under = np.maximum(y - back, _scanner_xy(canvas, x, y)[1] - top)
             return np.maximum(np.maximum(np.abs(x) - 190, (back - rise) - y), np.maximum(under, z - z0))
 
         canvas.shape((-200, back - 62, -1000), (200, back + 2, z0 + 2), wedge, -850, L["couch"])
 
 
-def _paint_level(canvas: Canvas, level, y_range, distance, hu, label, tilt) -> None:
-    """Paint a shape given by its distance in the scanner frame (`level`), between scanner y_range."""
+def _paint_level(canvas: Canvas, y_range, distance, hu, label=None) -> None:
+    """Paint a shape level in the scanner: `distance` of scanner-frame (x, y), between scanner y_range; its
+    patient-frame box widened by how far the roll tilts 400 mm."""
+    tilt = 400 * abs(canvas.rotation[1, 0]) + 5
     canvas.shape((-400, y_range[0] - tilt, -1000), (400, y_range[1] + tilt, 1000),
-                 lambda x, y, z: distance(*level(x, y)) + 0 * z, hu, label)
+                 lambda x, y, z: distance(*_scanner_xy(canvas, x, y)) + 0 * z, hu, label)
 
 
 def _paint_immobilisation(canvas: Canvas, a: dict, body: Outline, sd, big) -> None:

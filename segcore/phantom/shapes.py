@@ -106,6 +106,7 @@ class Canvas:
         self.spacing = np.asarray(spacing, float)
         self.origin = np.asarray(origin, float)
         self.direction = np.asarray(direction, float)
+        self.rotation = np.asarray(patient_rotation, float)   # scanner offset from the centre = R u
         # patient-frame u = R^T (p - c) with p = origin + D diag(spacing) idx
         self.matrix = patient_rotation.T @ self.direction @ np.diag(self.spacing)
         self.offset = patient_rotation.T @ (self.origin - patient_center)
