@@ -158,3 +158,20 @@ def test_rectum_is_judged_against_the_colon_label_in_its_own_slices():
     rectum[5:10, 30:36, 30:36] = True                     # as much again well outside it
     assert rectum_in_colon(rectum, colon, (2.0, 1.0, 1.0))["inside_colon_fraction"] == pytest.approx(0.5)
     assert rectum_in_colon(np.zeros_like(colon), colon, (2.0, 1.0, 1.0))["inside_colon_fraction"] is None
+
+
+def test_femoral_head_reference_recovers_a_phantom_head_from_its_femur(held_out):
+    """The real CT's reference has whole femurs and hip bones; the head is cut from the femur by a sphere fitted
+    to its articular surface. On a phantom, whose heads are known, that cut must give the head back."""
+    from training.evaluate_organs import femoral_head_reference
+
+    labels = sitk.GetArrayFromImage(held_out.labels)
+    spacing = held_out.labels.GetSpacing()[::-1]
+    for side in ("left", "right"):
+        head = labels == anatomy.structure(f"femoral_head_{side}").value
+        femur = head | (labels == anatomy.structure(f"femur_{side}").value)
+        hip_bone = labels == anatomy.structure(f"hip_bone_{side}").value
+        cut = femoral_head_reference(femur, hip_bone, spacing)
+        assert metrics.mask_metrics(cut, head, spacing).dsc > 0.95, side
+    with pytest.raises(ValueError, match="does not meet its hip bone"):
+        femoral_head_reference(femur, np.zeros_like(hip_bone), spacing)

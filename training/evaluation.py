@@ -22,6 +22,7 @@ from segcore.files import write_text
 
 # TotalSegmentator v1 labels of the reference map of the real pelvic CT.
 TS_BLADDER, TS_FEMUR_LEFT, TS_FEMUR_RIGHT, TS_COLON = 104, 88, 89, 57
+TS_HIP_LEFT, TS_HIP_RIGHT = 90, 91
 
 
 # --------------------------------------------------------------------------- held-out phantoms
