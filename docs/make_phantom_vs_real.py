@@ -108,7 +108,27 @@ def realism(ct, labels, groups, centre):
     out["hip bone front, 60-85 mm above the heads (mm in front of them)"] = reach_in_front(
         labels, groups["hip bones"], centre, (60, 85))
     out["bladder front (mm in front of the heads)"] = reach_in_front(labels, groups["bladder"], centre, (-100, 200))
+    # Where the pelvic floor's organs sit against the hips: Seidel et al. (J Biomech 1995) put the hip joint
+    # centre at 79 % of the ASIS-to-symphysis height below the ASIS, so the symphysis about 20 mm below it.
+    out["pubic symphysis top (mm above the heads)"] = symphysis_top(labels, groups["hip bones"]) - centre[2]
+    bladder = np.nonzero(np.isin(sitk.GetArrayViewFromImage(labels), groups["bladder"]).any(axis=(1, 2)))[0]
+    out["bladder's lowest point (mm above the heads)"] = (
+        labels.GetOrigin()[2] + labels.GetSpacing()[2] * bladder.min() - centre[2] if bladder.size else float("nan"))
     return out
+
+
+def symphysis_top(labels, hip_bones, joint_mm=10.0):
+    """Height (mm, scanner z) of the pubic symphysis's top: the highest slice on which the two hip bones
+    (``hip_bones``: left, right) come within ``joint_mm`` of each other along a row; the labels axis-aligned
+    LPS (`to_lps_axial`)."""
+    array = sitk.GetArrayViewFromImage(labels)
+    columns = np.arange(array.shape[2])
+    reach = joint_mm / labels.GetSpacing()[0]
+    # per (slice, row): each bone's column nearest the midline (LPS x, and the column, grow to the left)
+    left = np.where(array == hip_bones[0], columns, array.shape[2] * 2).min(axis=2)
+    right = np.where(array == hip_bones[1], columns, -array.shape[2]).max(axis=2)
+    slices = np.nonzero(((left - right) <= reach).any(axis=1))[0]
+    return labels.GetOrigin()[2] + labels.GetSpacing()[2] * slices.max() if slices.size else float("nan")
 
 
 def reach_in_front(labels, values, centre, heights):
@@ -213,7 +233,8 @@ def main(argv=None):
     print(f"| | real CT | phantom seed {args.seed} |" + "".join(f" phantom {s} |" for s in args.more_seeds))
     print("|---|---|---|" + "---|" * len(args.more_seeds))
     for name in table[0]:
-        print(f"| {name} | " + " | ".join(f"{t[name]:.2f}" if t[name] < 1 else f"{t[name]:.0f}" for t in table) + " |")
+        print(f"| {name} | " + " | ".join(f"{t[name]:.2f}" if "fraction" in name else f"{t[name]:.0f}" for t in table)
+              + " |")
     print("labels:", ", ".join(f"{s.value}={s.name}" for s in anatomy.STRUCTURES))
 
 
