@@ -173,8 +173,9 @@ def test_femoral_head_reference_recovers_a_phantom_head_from_its_femur(held_out)
         hip_bone = labels == anatomy.structure(f"hip_bone_{side}").value
         cut = femoral_head_reference(femur, hip_bone, spacing)
         assert metrics.mask_metrics(cut, head, spacing).dsc > 0.95, side
-    with pytest.raises(ValueError, match="does not meet its hip bone"):
+    with pytest.raises(SegcoreError, match="does not meet its hip bone"):
         femoral_head_reference(femur, np.zeros_like(hip_bone), spacing)
+    assert not femoral_head_reference(np.zeros_like(femur), hip_bone, spacing).any()
 
 
 def test_real_ct_organs_against_the_reference(segmenter, pelvis_ct_path, pelvis_labels_path):

@@ -31,6 +31,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from segcore import anatomy, metrics
+from segcore.errors import SegcoreError
 from segcore.files import atomic_output
 from segcore.organs import OrganSegmenter
 
@@ -108,12 +109,15 @@ def femoral_head_reference(femur: np.ndarray, hip_bone: np.ndarray, spacing_zyx,
     joint space is a few millimetres), grown by half a voxel."""
     from scipy import ndimage
 
+    if not femur.any():
+        return femur
     spacing = np.asarray(spacing_zyx, float)
     surface = femur & ~ndimage.binary_erosion(femur)
     near_hip = ndimage.distance_transform_edt(~hip_bone, sampling=spacing) <= joint_mm
     points = np.argwhere(surface & near_hip) * spacing
     if len(points) < 10:
-        raise ValueError("the reference femur does not meet its hip bone: no femoral head to fit")
+        raise SegcoreError("the reference's femur label does not meet its hip bone label, so its femoral head "
+                           "cannot be found: give a TotalSegmentator v1 label map (femurs 88/89, hip bones 90/91)")
     # Least-squares sphere: |p|^2 = 2 c.p + (r^2 - |c|^2), linear in c and the constant.
     a = np.hstack([2 * points, np.ones((len(points), 1))])
     b = (points ** 2).sum(axis=1)
