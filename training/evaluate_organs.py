@@ -102,8 +102,12 @@ def evaluate_phantoms(segmenter: OrganSegmenter, seed: int, cases: int, matrix: 
             "cases": rows}
 
 
+# How close (mm) the femur's surface comes to the hip bone where it is the head's articular surface.
+JOINT_MM = 4.0
+
+
 def femoral_head_reference(femur: np.ndarray, hip_bone: np.ndarray, spacing_zyx,
-                           joint_mm: float = 4.0) -> np.ndarray:
+                           joint_mm: float = JOINT_MM) -> np.ndarray:
     """The femoral-head part of a femur mask (z, y, x): femur voxels inside the sphere fitted to the femur's
     surface voxels within ``joint_mm`` of ``hip_bone`` (the head's articular surface in the acetabulum, whose
     joint space is a few millimetres), grown by half a voxel."""
@@ -144,7 +148,7 @@ def evaluate_real(segmenter: OrganSegmenter, ct: sitk.Image, reference: sitk.Ima
     for name, femur, hip in (("femoral_head_left", TS_FEMUR_LEFT, TS_HIP_LEFT),
                              ("femoral_head_right", TS_FEMUR_RIGHT, TS_HIP_RIGHT)):
         how = (f"femoral-head part of TotalSegmentator label {femur}: inside the sphere fitted to its surface "
-               f"within 4 mm of hip bone label {hip}")
+               f"within {JOINT_MM:g} mm of hip bone label {hip}")
         pairs.append((name, femoral_head_reference(ref == femur, ref == hip, spacing), how))
     for name, reference_mask, how in pairs:
         value = anatomy.structure(name).value
