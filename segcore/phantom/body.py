@@ -227,12 +227,14 @@ def _paint_muscles(canvas: Canvas, a: dict, hu: dict, body: Outline) -> None:
                                                (34, RECTUS_HALF_MM, RECTUS_HALF_HEIGHT_MM)))
         paint((sx * side - 40, -90, 60), (sx * side + 20, 60, 400),
               lambda x, y, z, sx=sx: ellipsoid(x, y, z, (sx * (side - 12), -20, 200), (14, 75, 140)))
+    up = np.array([0.0, 0.0, a["hip_lift_mm"]])   # the muscles about the hip rise with the joint
     for sx in (1, -1):
         for p0, p1, r in _limb_muscles(sx, s):
-            p0, p1 = np.asarray(p0, float), np.asarray(p1, float)
+            p0, p1 = np.asarray(p0, float) + up, np.asarray(p1, float) + up
             paint(np.minimum(p0, p1) - r, np.maximum(p0, p1) + r,
                   lambda x, y, z, p0=p0, p1=p1, r=r: capsule(x, y, z, p0, p1, r))
-        _paint_gluteal(paint, sx, s, ((26 * s, (64 * s, 56 * s, 18 * s)), (10 * s, (52 * s, 44 * s, 8 * s))))
+        _paint_gluteal(paint, sx, s, a["hip_lift_mm"],
+                       ((26 * s, (64 * s, 56 * s, 18 * s)), (10 * s, (52 * s, 44 * s, 8 * s))))
 
 
 def _limb_muscles(sx, s):
@@ -257,10 +259,10 @@ def _limb_muscles(sx, s):
     ]
 
 
-def _paint_gluteal(paint, sx, s, layers) -> None:
+def _paint_gluteal(paint, sx, s, lift, layers) -> None:
     """Muscles lying on the iliac wing: (offset along its lateral normal, half sizes) each. Gluteus medius
     and minimus lie on its outer face (positive offsets), the iliacus on its inner face."""
-    centre, frame, _ = iliac_wing(sx, s)
+    centre, frame, _ = iliac_wing(sx, s, lift)
     normal = frame[:, 2] * np.sign(frame[0, 2] * sx)   # points laterally, away from the pelvis
     for offset, half in layers:
         c = centre + offset * normal - np.array([0, 0, 12 * s if offset > 0 else 0])
@@ -275,7 +277,7 @@ def paint_pelvic_fat(canvas: Canvas, a: dict, hu: dict, body: Outline) -> None:
     """The pelvic cavity's fat (widening towards the inlet) and, above the pubis, the space behind the
     abdominal wall; the ischiorectal fossae; then the muscles of the pelvic walls: iliopsoas, obturator
     internus and the levator ani below."""
-    s, roomy = a["pelvis_scale"], a["cavity_scale"]
+    s, roomy, lift = a["pelvis_scale"], a["cavity_scale"], a["hip_lift_mm"]
     wall_back = body.abdominal_wall_back
 
     def paint(low, high, distance):
@@ -300,7 +302,7 @@ def paint_pelvic_fat(canvas: Canvas, a: dict, hu: dict, body: Outline) -> None:
                      lambda x, y, z, sx=sx: ellipsoid(x, y, z, (sx * 38 * s, 38 * s, -42 * s), (22 * s, 30 * s, 32)),
                      hu["fat"], L["fat"])
         # the femoral triangle's fat, with the femoral artery and vein, in front of the hip
-        triangle = np.array([sx * 58 * s, -52 * s, -5 * s])
+        triangle = np.array([sx * 58 * s, -52 * s, -5 * s + lift])
         canvas.shape(triangle - 40, triangle + 40,
                      lambda x, y, z, c=triangle: ellipsoid(x, y, z, c, (16 * s, 12 * s, 38)), hu["fat"], L["fat"])
         for dx, r in ((10, 4.5), (-3, 5.5)):
@@ -310,14 +312,15 @@ def paint_pelvic_fat(canvas: Canvas, a: dict, hu: dict, body: Outline) -> None:
         wall = s * roomy * 42
         paint((sx * wall - 12, -40, -45), (sx * wall + 12, 50, 30),
               lambda x, y, z, sx=sx, w=wall: ellipsoid(x, y, z, (sx * (w + 3), 6 * s, -8 * s), (8 * s, 34 * s, 28 * s)))
-        # psoas down to the iliopsoas in front of the hip and on to the lesser trochanter
-        for p0, p1, r in (((sx * 42 * s, 30 * s, 260), (sx * 64 * s, 12 * s, 95 * s), 21 * s),
-                          ((sx * 64 * s, 12 * s, 95 * s), (sx * 76 * s, -48 * s, 22 * s), 16 * s),
-                          ((sx * 76 * s, -48 * s, 22 * s), (sx * 104 * s, 4 * s, -48 * s), 12 * s)):
+        # psoas down to the iliopsoas in front of the hip and on to the lesser trochanter (these two rise
+        # with the hip joint)
+        for p0, p1, r in (((sx * 42 * s, 30 * s, 260), (sx * 64 * s, 12 * s, 95 * s + lift), 21 * s),
+                          ((sx * 64 * s, 12 * s, 95 * s + lift), (sx * 76 * s, -48 * s, 22 * s + lift), 16 * s),
+                          ((sx * 76 * s, -48 * s, 22 * s + lift), (sx * 104 * s, 4 * s, -48 * s + lift), 12 * s)):
             p0, p1 = np.asarray(p0, float), np.asarray(p1, float)
             paint(np.minimum(p0, p1) - r, np.maximum(p0, p1) + r,
                   lambda x, y, z, p0=p0, p1=p1, r=r: capsule(x, y, z, p0, p1, r))
-        _paint_gluteal(paint, sx, s, ((-17 * s, (52 * s, 46 * s, 10 * s)),))
+        _paint_gluteal(paint, sx, s, lift, ((-17 * s, (52 * s, 46 * s, 10 * s)),))
 
     def levator(x, y, z):
         shell = np.abs(ellipsoid(x, y, z, (0, 22 * s, -8 * s), (44 * s, 46 * s, 42 * s))) - 2.5

@@ -15,9 +15,18 @@ BONE_LABELS = ("hip_bone_left", "hip_bone_right", "sacrum", "femur_left", "femur
 
 
 def head_centre(a: dict, sx: float) -> np.ndarray:
-    """The femoral head's centre: heads 170-190 mm apart in men."""
+    """The femoral head's centre: heads 170-190 mm apart in men, `hip_lift_mm` above where the pelvic floor
+    alone would put them (`patient._draw_hip_lift`)."""
     s = a["pelvis_scale"]
-    return np.array([sx * 88 * s, -8 * s, 18 * s])
+    return np.array([sx * 88 * s, -8 * s, 18 * s + a["hip_lift_mm"]])
+
+
+def raised(piece, lift: float):
+    """A (low, high, distance, ...) piece moved `lift` mm up (the patient's head end)."""
+    low, high, distance, *rest = piece
+    up = np.array([0.0, 0.0, lift])
+    return (np.asarray(low, float) + up, np.asarray(high, float) + up,
+            lambda x, y, z: distance(x, y, z - np.float32(lift)), *rest)
 
 
 def paint_bones(canvas: Canvas, a: dict, hu: dict) -> None:
@@ -30,7 +39,8 @@ def paint_bones(canvas: Canvas, a: dict, hu: dict) -> None:
     pieces = [(*piece, L["sacrum"], *shell) for piece in _sacrum_pieces(s)]
     for name, sx in (("left", 1.0), ("right", -1.0)):
         head = head_centre(a, sx)
-        pieces += [(*piece, L[f"hip_bone_{name}"], *shell) for piece in _hip_bone_pieces(head, rh, sx, s)]
+        pieces += [(*piece, L[f"hip_bone_{name}"], *shell)
+                   for piece in _hip_bone_pieces(head, rh, sx, s, a["hip_lift_mm"])]
         pieces += _femur_pieces(a, hu, name, head, rh, sx, shell)
     painted = []
     for low, high, distance, label, thickness, inner in pieces:
@@ -93,15 +103,16 @@ def _acetabulum(head, rh, sx):
     return head - rh - 16, head + rh + 16, cup
 
 
-def iliac_wing(sx: float, s: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def iliac_wing(sx: float, s: float, lift: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The iliac wing as a plate: centre, frame (length, height, thickness axes) and half sizes, mm. Its back
     end is at the sacroiliac joint; its front end is the anterior superior iliac spine, placed from the hip
     joint centre by Bell, Pedersen and Brand (J Biomech 1990): the joint centre lies 30 % of the inter-ASIS
     width below the ASIS, 19 % behind and 14 % medial of it. With the heads 176 mm apart (`head_centre`)
     that puts the ASIS 122 mm from the midline, 46 mm in front of the joint centre and 73 mm above it, in the
-    coronal plane of the pubic symphysis (Lewinnek's anterior pelvic plane)."""
-    back = np.array([sx * 49, 71, 91]) * s
-    asis = np.array([sx * 122, -54, 91]) * s
+    coronal plane of the pubic symphysis (Lewinnek's anterior pelvic plane). The wing rises with the hip
+    joint (`lift`, mm)."""
+    back = np.array([sx * 49, 71, 91]) * s + [0, 0, lift]
+    asis = np.array([sx * 122, -54, 91]) * s + [0, 0, lift]
     length, height = np.linalg.norm(asis - back), 110 * s
     frame = rotation_from(asis - back, (sx * 0.25, 0, 1))
     # turned 20 degrees in its own plane so that its front edge runs down and back from the ASIS to the
@@ -115,32 +126,39 @@ def iliac_wing(sx: float, s: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return centre, frame, np.array([length / 2, height / 2, 5.5 * s])
 
 
-def _iliac_wing_piece(sx, s):
-    centre, frame, half = iliac_wing(sx, s)
+def _iliac_wing_piece(sx, s, lift):
+    centre, frame, half = iliac_wing(sx, s, lift)
     reach = np.abs(frame) @ half + 2
     return centre - reach, centre + reach, lambda x, y, z: oriented_box(x, y, z, centre, frame, half)
 
 
-def _hip_bone_pieces(head, rh, sx, s):
-    """(low, high, distance) of the hip bone's pieces on one side (sx +1 left, -1 right)."""
+def _hip_bone_pieces(head, rh, sx, s, lift):
+    """(low, high, distance) of the hip bone's pieces on one side (sx +1 left, -1 right). Acetabulum, ilium
+    and ischium rise with the hip joint (`lift`, mm); the symphysis stays with the pelvic floor, and the pubic
+    rami run from it up to the acetabulum."""
+    up = np.array([0.0, 0.0, lift])
+    superior = (np.array([sx * 12 * s, -55 * s, 16 * s]), np.array([sx * 72 * s, -24 * s, 22 * s]) + up)
+    inferior = (np.array([sx * 12 * s, -52 * s, -8 * s]), np.array([sx * 48 * s, 6 * s, -34 * s]) + up)
     return [
         _acetabulum(head, rh, sx),
         # iliac body and wing: up, back and out towards the sacroiliac joint
-        ((sx * 85 * s - 25, -25, 5), (sx * 85 * s + 25, 45, 75),
-         lambda x, y, z, sx=sx: capsule(x, y, z, (sx * 82 * s, 2 * s, 22 * s), (sx * 78 * s, 30 * s, 62 * s), 17 * s)),
-        _iliac_wing_piece(sx, s),
+        raised(((sx * 85 * s - 25, -25, 5), (sx * 85 * s + 25, 45, 75),
+                lambda x, y, z: capsule(x, y, z, (sx * 82 * s, 2 * s, 22 * s), (sx * 78 * s, 30 * s, 62 * s), 17 * s)),
+               lift),
+        _iliac_wing_piece(sx, s, lift),
         # pubis: superior ramus to the symphysis, inferior ramus, symphyseal body (the obturator foramen is
         # the gap these leave with the ischium)
-        ((sx * 40 * s - 45, -75, -5), (sx * 40 * s + 45, -10, 40),
-         lambda x, y, z, sx=sx: capsule(x, y, z, (sx * 12 * s, -55 * s, 16 * s), (sx * 72 * s, -24 * s, 22 * s), 10 * s)),
-        ((sx * 30 * s - 35, -70, -50), (sx * 30 * s + 35, 25, 5),
-         lambda x, y, z, sx=sx: capsule(x, y, z, (sx * 12 * s, -52 * s, -8 * s), (sx * 48 * s, 6 * s, -34 * s), 8 * s)),
+        (np.minimum(*superior) - 12, np.maximum(*superior) + 12,
+         lambda x, y, z: capsule(x, y, z, *superior, 10 * s)),
+        (np.minimum(*inferior) - 10, np.maximum(*inferior) + 10,
+         lambda x, y, z: capsule(x, y, z, *inferior, 8 * s)),
         ((sx * 10 * s - 15, -75, -25), (sx * 10 * s + 15, -35, 40),
-         lambda x, y, z, sx=sx: ellipsoid(x, y, z, (sx * 10 * s, -55 * s, 6 * s), (7.5 * s, 12 * s, 22 * s))),
+         lambda x, y, z: ellipsoid(x, y, z, (sx * 10 * s, -55 * s, 6 * s), (7.5 * s, 12 * s, 22 * s))),
         # ischium down to the tuberosity
-        ((sx * 65 * s - 35, -10, -60), (sx * 65 * s + 35, 45, 25),
-         lambda x, y, z, sx=sx: capsule(x, y, z, (sx * 80 * s, 12 * s, 6 * s), (sx * 52 * s, 24 * s, -34 * s),
+        raised(((sx * 65 * s - 35, -10, -60), (sx * 65 * s + 35, 45, 25),
+                lambda x, y, z: capsule(x, y, z, (sx * 80 * s, 12 * s, 6 * s), (sx * 52 * s, 24 * s, -34 * s),
                                         13 * s, 16 * s)),
+               lift),
     ]
 
 
@@ -148,11 +166,12 @@ def _femur_pieces(a: dict, hu: dict, name: str, head, rh, sx, shell):
     """(low, high, distance, label, shell mm, interior HU) of the femur, `shell` for the usual cortex: neck (about 130 degrees to the
     shaft, 10-15 degrees of anteversion), greater and lesser trochanters, the shaft (thick cortex around
     fatty marrow), and last the head: dense trabecular bone (its compressive trabeculae) under a thin
-    subchondral shell."""
-    s = a["pelvis_scale"]
+    subchondral shell. Drawn with the hip joint at the pelvic floor's height, then raised by `hip_lift_mm`."""
+    s, lift = a["pelvis_scale"], a["hip_lift_mm"]
     femur_label, head_label = L[f"femur_{name}"], L[f"femoral_head_{name}"]
+    head = head - np.array([0.0, 0.0, lift])
     neck_end = (sx * 128 * s, 2 * s, -14 * s)
-    return [
+    pieces = [
         ((sx * 110 * s - 30, -40, -30), (sx * 110 * s + 40, 20, 40),
          lambda x, y, z, h=head: capsule(x, y, z, h, neck_end, 14 * s), femur_label, *shell),
         ((sx * 135 * s - 25, -30, -40), (sx * 135 * s + 25, 35, 20),
@@ -165,6 +184,7 @@ def _femur_pieces(a: dict, hu: dict, name: str, head, rh, sx, shell):
         (head - rh - 4, head + rh + 4, lambda x, y, z, h=head: norm(x - h[0], y - h[1], z - h[2]) - rh,
          head_label, 0.8, hu["cancellous"] + hu["head_extra"]),
     ]
+    return [raised(piece, lift) for piece in pieces]
 
 
 def _add_trabecular_texture(canvas: Canvas, box, hu: dict, rng) -> None:
@@ -181,8 +201,8 @@ def _paint_implant(canvas: Canvas, a: dict, head, rh, sx, s) -> None:
     """Total hip replacement: metal ball in the head (still the femoral-head OAR), neck and stem (labelled
     implant), with streak artefacts in the axial planes."""
     canvas.shape(head - rh, head + rh, lambda x, y, z: norm(x - head[0], y - head[1], z - head[2]) - (rh - 3), METAL_HU)
-    neck_end = np.array([sx * 128 * s, -8 * s, -14 * s])
-    stem_end = np.array([sx * 118 * s, -8 * s, -150 * s])
+    neck_end = np.array([sx * 128 * s, -8 * s, -14 * s + a["hip_lift_mm"]])
+    stem_end = np.array([sx * 118 * s, -8 * s, -150 * s + a["hip_lift_mm"]])
     for p0, p1, r in ((head, neck_end, 7.0), (neck_end, stem_end, 6.5)):
         canvas.shape(np.minimum(p0, p1) - r, np.maximum(p0, p1) + r,
                      lambda x, y, z, p0=p0, p1=p1, r=r: capsule(x, y, z, p0, p1, r), METAL_HU, L["metal_implant"])
