@@ -372,3 +372,23 @@ def test_the_couch_lies_level_whatever_the_patients_roll():
     assert max(tops) - min(tops) <= 1, tops   # rolled with the patient it would climb 7 rows across
     lowest = max(np.flatnonzero(body[k][:, i]).max() for i in columns)
     assert 0 <= min(tops) - lowest <= 2, (tops, lowest)
+
+
+def test_the_pubic_symphysis_lies_below_the_femoral_heads_by_the_drawn_hip_lift():
+    """The top of the symphysis (the highest slice where the two hip bones come within 10 mm of each other)
+    lies about `hip_lift_mm` below the femoral heads' centre, as in real pelves (about 19 mm, Seidel 1995);
+    the unlifted phantom had it level with them."""
+    for seed in (40, 41):
+        case = make_phantom(seed, matrix=128, spacing=(2.0, 2.0, 2.0), orientation="LPS", implant=False)
+        lift = case.info["anatomy"]["hip_lift_mm"]
+        assert 9 <= lift <= 29
+        points = centroids(case.labels)
+        heads_z = (points[L["femoral_head_left"]][2] + points[L["femoral_head_right"]][2]) / 2
+        _ct, labels = arrays(case)
+        x = case.ct.GetOrigin()[0] + case.ct.GetSpacing()[0] * np.arange(labels.shape[2])
+        tops = [k for k in range(labels.shape[0])
+                if (labels[k] == L["hip_bone_left"]).any() and (labels[k] == L["hip_bone_right"]).any()
+                and x[(labels[k] == L["hip_bone_left"]).any(0)].min()
+                - x[(labels[k] == L["hip_bone_right"]).any(0)].max() < 10]
+        top_z = case.ct.TransformIndexToPhysicalPoint((0, 0, max(tops)))[2]
+        assert lift - 8 <= heads_z - top_z <= lift + 6, (seed, lift, heads_z - top_z)
