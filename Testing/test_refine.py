@@ -112,7 +112,25 @@ def test_an_exclude_point_removes_a_false_part(phantom, refiner):
     after = array(result.labelmap) == BLADDER
     assert not after[tuple(zyx)]
     assert result.details["removed_voxels"] > 0
+    assert result.details["added_voxels"] == 0           # an exclude point never makes the structure larger
+    assert not (after & (array(current) != BLADDER)).any()
     assert simulated.dice(after, truth) > simulated.dice(array(current) == BLADDER, truth)
+
+
+def test_an_include_point_adds_a_missing_part_and_removes_nothing(phantom, refiner):
+    labels = array(phantom.labels)
+    truth = labels == BLADDER
+    spacing_zyx = phantom.ct.GetSpacing()[::-1]
+    current = replaced(phantom.labels, BLADDER, simulated.grown(truth, -6.0, spacing_zyx))
+    before = array(current) == BLADDER
+    zyx, kind = simulated.next_click(before, truth, spacing_zyx)
+    assert kind == INCLUDE
+    result = refiner(phantom.ct, current, [point_of(phantom.ct, zyx)], [], BLADDER)
+    after = array(result.labelmap) == BLADDER
+    assert after[tuple(zyx)]
+    assert result.details["added_voxels"] > 0 and result.details["removed_voxels"] == 0
+    assert not (before & ~after).any()
+    assert simulated.dice(after, truth) > simulated.dice(before, truth)
 
 
 def test_the_result_does_not_depend_on_how_the_voxels_are_stored(phantom, refiner):
