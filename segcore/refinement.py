@@ -20,7 +20,7 @@ ones where the network's answer differs from the current mask on the 1 mm grid,
 and only ones that are background or this label. Every other voxel, and every
 other label, keeps its value. The clicked voxels themselves always end up as
 asked (include: the label; exclude: not the label). With exclude points only the
-structure can only shrink, with include points only it can only grow.
+structure can only shrink.
 """
 
 from __future__ import annotations
@@ -160,14 +160,11 @@ def refine_on_grid(network, ct: np.ndarray, mask: np.ndarray, clicks, spacing, s
     if settings.near_mm > 0:
         unsure &= ~near_clicks(clicks, indices, ct.shape[1:], spacing, settings.near_mm)
     refined[indices] = np.where(unsure, refined[indices], probability > settings.threshold)
-    # The mask changes only the way the points ask: exclude points alone never make it larger, include
-    # points alone never make it smaller. Without this an exclude point on a leak could grow the structure
-    # elsewhere (seen on the phantom with the hip joints lifted: the bladder into the muscle beside it).
-    kinds = {click[3] for click in clicks}
-    if kinds == {EXCLUDE}:
+    # Exclude points alone never make the structure larger: without this, an exclude point on a leak grew
+    # the bladder into the muscle beside it on the phantom with lifted hip joints. Include points alone may
+    # still remove voxels: a shifted mask needs both, and forbidding it cost accuracy (bench_refine.py).
+    if all(click[3] == EXCLUDE for click in clicks):
         refined &= mask.astype(np.uint8)
-    elif kinds == {INCLUDE}:
-        refined |= mask.astype(np.uint8)
     inside = probability[probability > settings.threshold]
     return refined, float(inside.mean()) if inside.size else 0.0
 
