@@ -63,9 +63,10 @@ def heads_centre(labels, groups):
     return np.array([(right[0] + left[0]) / 2, right[1], right[2]])
 
 
-def femoral_head_diameter(labels, values, top_mm=15.0):
-    """Diameter of the sphere fitted (least squares) to the femur's outer surface in its top `top_mm`: the
-    head's dome. The cut face at the bottom of that part is left out of the fit."""
+def femoral_head_dome(labels, values, top_mm=15.0):
+    """Centre (z, y, x mm from the array's first voxel) and radius of the sphere fitted (least squares) to the
+    femur's outer surface in its top `top_mm`: the head's dome. The cut face at the bottom of that part is
+    left out of the fit."""
     mask = np.isin(sitk.GetArrayViewFromImage(labels), values)
     sz, sy, sx = labels.GetSpacing()[::-1]
     slices = np.nonzero(mask.any(axis=(1, 2)))[0]
@@ -77,7 +78,21 @@ def femoral_head_diameter(labels, values, top_mm=15.0):
     points = np.argwhere(surface) * [sz, sy, sx]
     a = np.hstack([2 * points, np.ones((len(points), 1))])
     solution, *_ = np.linalg.lstsq(a, (points ** 2).sum(axis=1), rcond=None)
-    return 2 * float(np.sqrt(solution[3] + solution[:3] @ solution[:3]))
+    return solution[:3], float(np.sqrt(solution[3] + solution[:3] @ solution[:3]))
+
+
+def femoral_head_rim_contrast(ct, labels, values, rim_mm=3.0):
+    """Mean HU of the femoral head's outer `rim_mm` (its articular surface) minus that of its core more than
+    twice as deep: a bright rim is a cortical shell. The head is the femur inside its fitted dome sphere."""
+    centre, radius = femoral_head_dome(labels, values)
+    mask = np.isin(sitk.GetArrayViewFromImage(labels), values)
+    zz, yy, xx = np.indices(mask.shape, sparse=True)
+    sz, sy, sx = labels.GetSpacing()[::-1]
+    depth = radius - np.sqrt((zz * sz - centre[0]) ** 2 + (yy * sy - centre[1]) ** 2 + (xx * sx - centre[2]) ** 2)
+    values_hu = sitk.GetArrayViewFromImage(ct)
+    rim = mask & (depth >= 0) & (depth < rim_mm)
+    core = mask & (depth >= 2 * rim_mm)
+    return float(values_hu[rim].mean() - values_hu[core].mean())
 
 
 def realism(ct, labels, groups, centre):
@@ -98,7 +113,8 @@ def realism(ct, labels, groups, centre):
     columns = np.nonzero(body.any(axis=0))[0]
     out = {"body width (mm)": (columns.max() - columns.min() + 1) * ct.GetSpacing()[0],
            # the right: the real patient's left hip is a prosthesis
-           "right femoral head diameter (mm)": femoral_head_diameter(labels, groups["femur_right"]),
+           "right femoral head diameter (mm)": 2 * femoral_head_dome(labels, groups["femur_right"])[1],
+           "right femoral head rim minus core (HU)": femoral_head_rim_contrast(ct, labels, groups["femur_right"]),
            "bone fraction of body area": bone.sum() / area, "soft-tissue (0-100 HU) fraction": soft.sum() / area,
            "fat fraction": fat.sum() / area}
     for name, region in (("fat", fat), ("gluteal muscle", muscle)):

@@ -32,7 +32,8 @@ def raised(piece, lift: float):
 def paint_bones(canvas: Canvas, a: dict, hu: dict) -> None:
     """Sacrum and coccyx, each side's hip bone and femur, the trabecular texture, then the prostheses
     (after the organs: soft tissue gives way to bone). All pieces' outer surfaces are painted before any
-    interior, so where pieces of one bone overlap no cortex line runs through the bone."""
+    interior, so where pieces of one bone overlap no cortex line runs through the bone; a piece with a 0 mm
+    shell has no cortex."""
     s = a["pelvis_scale"]
     rh = a["femoral_head_radius"]
     shell = (1.5, hu["cancellous"])
@@ -47,7 +48,7 @@ def paint_bones(canvas: Canvas, a: dict, hu: dict) -> None:
         box = canvas.box(low, high)
         if box is not None:
             sd = distance(*canvas.xyz(box))
-            canvas.paint(box, sd, hu["cortical"], label)
+            canvas.paint(box, sd, hu["cortical"] if thickness > 0 else inner, label)
             painted.append((box, sd + np.float32(thickness), inner))
     for box, inner_sd, inner in painted:
         canvas.paint(box, inner_sd, inner)
@@ -165,8 +166,11 @@ def _hip_bone_pieces(head, rh, sx, s, lift):
 def _femur_pieces(a: dict, hu: dict, name: str, head, rh, sx, shell):
     """(low, high, distance, label, shell mm, interior HU) of the femur, `shell` for the usual cortex: neck (about 130 degrees to the
     shaft, 10-15 degrees of anteversion), greater and lesser trochanters, the shaft (thick cortex around
-    fatty marrow), and last the head: dense trabecular bone (its compressive trabeculae) under a thin
-    subchondral shell. Drawn with the hip joint at the pelvic floor's height, then raised by `hip_lift_mm`."""
+    fatty marrow), and last the head: dense trabecular bone (its compressive trabeculae) with no cortex of
+    its own (shell 0): its subchondral plate is about a millimetre thick and merges into the trabeculae,
+    so CT shows the head as a trabecular ball ringed by the darker joint space, not by a bright line (with
+    one, the demo organ model took the acetabular roof's ring, seen in slices above a real head, for the
+    head). Drawn with the hip joint at the pelvic floor's height, then raised by `hip_lift_mm`."""
     s, lift = a["pelvis_scale"], a["hip_lift_mm"]
     femur_label, head_label = L[f"femur_{name}"], L[f"femoral_head_{name}"]
     head = head - np.array([0.0, 0.0, lift])
@@ -182,7 +186,7 @@ def _femur_pieces(a: dict, hu: dict, name: str, head, rh, sx, shell):
          lambda x, y, z: capsule(x, y, z, (sx * 128 * s, 0, -18 * s), (sx * 112 * s, -12 * s, -330), 15 * s),
          femur_label, 5.5, hu["marrow"]),
         (head - rh - 4, head + rh + 4, lambda x, y, z, h=head: norm(x - h[0], y - h[1], z - h[2]) - rh,
-         head_label, 0.8, hu["cancellous"] + hu["head_extra"]),
+         head_label, 0.0, hu["cancellous"] + hu["head_extra"]),
     ]
     return [raised(piece, lift) for piece in pieces]
 
