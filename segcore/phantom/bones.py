@@ -168,9 +168,8 @@ def _femur_pieces(a: dict, hu: dict, name: str, head, rh, sx, shell):
     shaft, 10-15 degrees of anteversion), greater and lesser trochanters, the shaft (thick cortex around
     fatty marrow), and last the head: dense trabecular bone (its compressive trabeculae) with no cortex of
     its own (shell 0): its subchondral plate is about a millimetre thick and merges into the trabeculae,
-    so CT shows the head as a trabecular ball ringed by the darker joint space, not by a bright line (with
-    one, the demo organ model took the acetabular roof's ring, seen in slices above a real head, for the
-    head). Drawn with the hip joint at the pelvic floor's height, then raised by `hip_lift_mm`."""
+    so CT shows the head as a trabecular ball ringed by the darker joint space, not by a bright line. Drawn
+    with the hip joint at the pelvic floor's height, then raised by `hip_lift_mm`."""
     s, lift = a["pelvis_scale"], a["hip_lift_mm"]
     femur_label, head_label = L[f"femur_{name}"], L[f"femoral_head_{name}"]
     head = head - np.array([0.0, 0.0, lift])
