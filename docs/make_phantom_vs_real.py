@@ -81,10 +81,11 @@ def femoral_head_dome(labels, values, top_mm=15.0):
     return solution[:3], float(np.sqrt(solution[3] + solution[:3] @ solution[:3]))
 
 
-def femoral_head_rim_contrast(ct, labels, values, rim_mm=3.0):
+def femoral_head_rim_contrast(ct, labels, values, dome, rim_mm=3.0):
     """Mean HU of the femoral head's outer `rim_mm` (its articular surface) minus that of its core more than
-    twice as deep: a bright rim is a cortical shell. The head is the femur inside its fitted dome sphere."""
-    centre, radius = femoral_head_dome(labels, values)
+    twice as deep: a bright rim is a cortical shell. The head is the femur inside `dome` (centre, radius)
+    from `femoral_head_dome`."""
+    centre, radius = dome
     mask = np.isin(sitk.GetArrayViewFromImage(labels), values)
     zz, yy, xx = np.indices(mask.shape, sparse=True)
     sz, sy, sx = labels.GetSpacing()[::-1]
@@ -111,10 +112,10 @@ def realism(ct, labels, groups, centre):
     bone = body & (values > 200)
     muscle = np.isin(sitk.GetArrayViewFromImage(labels)[k], groups["gluteal muscle"]) & soft
     columns = np.nonzero(body.any(axis=0))[0]
+    dome = femoral_head_dome(labels, groups["femur_right"])   # the right: the real patient's left hip is a prosthesis
     out = {"body width (mm)": (columns.max() - columns.min() + 1) * ct.GetSpacing()[0],
-           # the right: the real patient's left hip is a prosthesis
-           "right femoral head diameter (mm)": 2 * femoral_head_dome(labels, groups["femur_right"])[1],
-           "right femoral head rim minus core (HU)": femoral_head_rim_contrast(ct, labels, groups["femur_right"]),
+           "right femoral head diameter (mm)": 2 * dome[1],
+           "right femoral head rim minus core (HU)": femoral_head_rim_contrast(ct, labels, groups["femur_right"], dome),
            "bone fraction of body area": bone.sum() / area, "soft-tissue (0-100 HU) fraction": soft.sum() / area,
            "fat fraction": fat.sum() / area}
     for name, region in (("fat", fat), ("gluteal muscle", muscle)):
