@@ -214,6 +214,24 @@ def test_femoral_heads_have_no_bright_cortical_rim():
             assert abs(ct[rim].mean() - ct[core].mean()) < 80, (seed, side)
 
 
+def test_hip_joint_space_and_the_ilium_above_the_acetabulum():
+    """The hip bone keeps out of the head's joint space, and above the acetabular roof the ilium is its body
+    alone, in front of the greater sciatic notch; higher up the wing reaches back to the sacroiliac joint.
+    The phantom's round iliac body used to reach into the socket, and its wing ran 80 mm behind the joint at
+    every height."""
+    case = make_phantom(35, matrix=256, spacing=(1.0, 1.0, 1.0), orientation="LPS", implant=False)
+    labels = sitk.GetArrayFromImage(case.labels)
+    radius = case.info["anatomy"]["femoral_head_radius"]
+    for side in ("left", "right"):
+        head = np.asarray(centroids(case.labels)[L[f"femoral_head_{side}"]])
+        hip = np.argwhere(labels == L[f"hip_bone_{side}"])[:, ::-1]
+        points = np.array([case.labels.TransformContinuousIndexToPhysicalPoint(p.tolist()) for p in hip.astype(float)])
+        assert np.linalg.norm(points - head, axis=1).min() >= radius + 2.0, side
+        # how far behind the head's centre the hip bone reaches 40 and 60 mm above it
+        behind = [points[np.abs(points[:, 2] - head[2] - height) < 0.5, 1].max() - head[1] for height in (40, 60)]
+        assert behind[0] < 35 and behind[1] > 50, (side, behind)
+
+
 def test_thighs_part_below_the_perineum_and_muscles_have_fat_planes():
     case = make_phantom(38, matrix=256, spacing=(1.6, 1.6, 2.0), orientation="LPS", implant=False)
     _ct, labels = arrays(case)

@@ -125,6 +125,8 @@ def realism(ct, labels, groups, centre):
     out["hip bone front, 60-85 mm above the heads (mm in front of them)"] = reach_in_front(
         labels, groups["hip bones"], centre, (60, 85))
     out["bladder front (mm in front of the heads)"] = reach_in_front(labels, groups["bladder"], centre, (-100, 200))
+    out["right ilium front to back, 40 mm above the heads (mm)"] = front_to_back(
+        labels, groups["hip bones"][1:], centre[2] + 40)
     # Where the pelvic floor's organs sit against the hips: Seidel et al. (J Biomech 1995) put the hip joint
     # centre at 79 % of the ASIS-to-symphysis height below the ASIS, so the symphysis about 20 mm below it.
     out["pubic symphysis top (mm above the heads)"] = symphysis_top(labels, groups["hip bones"]) - centre[2]
@@ -157,6 +159,15 @@ def reach_in_front(labels, values, centre, heights):
     mask = mask & ((z >= centre[2] + heights[0]) & (z <= centre[2] + heights[1]))[:, None, None]
     rows = np.nonzero(mask.any(axis=(0, 2)))[0]
     return float(centre[1] - (origin[1] + spacing[1] * rows.min())) if rows.size else float("nan")
+
+
+def front_to_back(labels, values, height):
+    """Front-to-back extent (mm) of the labels ``values`` on the slice nearest ``height`` (mm, scanner z). Just
+    above the acetabulum the ilium is its body alone, in front of the greater sciatic notch; a wing without
+    the notch reaches back to the sacrum there. The labels axis-aligned LPS (`to_lps_axial`)."""
+    k = int(round((height - labels.GetOrigin()[2]) / labels.GetSpacing()[2]))
+    rows = np.nonzero(np.isin(sitk.GetArrayViewFromImage(labels)[k], values).any(axis=1))[0]
+    return float((rows.max() - rows.min() + 1) * labels.GetSpacing()[1]) if rows.size else float("nan")
 
 
 def tissue_stats(ct, labels, groups):

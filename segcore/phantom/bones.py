@@ -33,23 +33,28 @@ def paint_bones(canvas: Canvas, a: dict, hu: dict) -> None:
     """Sacrum and coccyx, each side's hip bone and femur, the trabecular texture, then the prostheses
     (after the organs: soft tissue gives way to bone). All pieces' outer surfaces are painted before any
     interior, so where pieces of one bone overlap no cortex line runs through the bone; a piece with a 0 mm
-    shell has no cortex."""
+    shell has no cortex, and a hip-bone piece cut by the socket has none on the cut (`_hip_bone_pieces`)."""
     s = a["pelvis_scale"]
     rh = a["femoral_head_radius"]
     shell = (1.5, hu["cancellous"])
     pieces = [(*piece, L["sacrum"], *shell) for piece in _sacrum_pieces(s)]
     for name, sx in (("left", 1.0), ("right", -1.0)):
         head = head_centre(a, sx)
-        pieces += [(*piece, L[f"hip_bone_{name}"], *shell)
-                   for piece in _hip_bone_pieces(head, rh, sx, s, a["hip_lift_mm"])]
+        pieces += [(low, high, distance, L[f"hip_bone_{name}"], *shell, cut)
+                   for low, high, distance, cut in _hip_bone_pieces(head, rh, sx, s, a["hip_lift_mm"])]
         pieces += _femur_pieces(a, hu, name, head, rh, sx, shell)
     painted = []
-    for low, high, distance, label, thickness, inner in pieces:
+    for low, high, distance, label, thickness, inner, *cut in pieces:
         box = canvas.box(low, high)
         if box is not None:
-            sd = distance(*canvas.xyz(box))
+            xyz = canvas.xyz(box)
+            sd = distance(*xyz)
+            inner_sd = sd + np.float32(thickness)
+            if cut and cut[0] is not None:
+                cut_sd = cut[0](*xyz)
+                sd, inner_sd = np.maximum(sd, cut_sd), np.maximum(inner_sd, cut_sd)
             canvas.paint(box, sd, hu["cortical"] if thickness > 0 else inner, label)
-            painted.append((box, sd + np.float32(thickness), inner))
+            painted.append((box, inner_sd, inner))
     for box, inner_sd, inner in painted:
         canvas.paint(box, inner_sd, inner)
     if painted:   # the texture only where bone can be: the pieces' boxes together
@@ -88,20 +93,50 @@ def _sacrum_pieces(s: float):
     return pieces
 
 
+JOINT_SPACE_MM = 2.5
+
+
+def _socket_cut(piece, head, rh):
+    """(low, high, distance, cut): the piece and, where its box reaches the socket (the head and its joint
+    space), the distance to the socket's outside, which takes the socket out of the piece. Every hip-bone
+    piece is cut so, so the head is ringed by joint space wherever bone is near; the cut face gets no
+    cortex, as the acetabulum's subchondral plate, like the head's, merges into the trabeculae."""
+    low, high, distance = piece
+    reach = rh + JOINT_SPACE_MM
+    if np.any(np.asarray(low) > head + reach) or np.any(np.asarray(high) < head - reach):
+        return low, high, distance, None
+    return low, high, distance, lambda x, y, z: reach - norm(x - head[0], y - head[1], z - head[2])
+
+
 def _acetabulum(head, rh, sx):
-    """A cup over the head's upper, inner and back part, open laterally, forwards and down (the acetabulum
-    faces about 45 degrees down and 15-20 degrees forwards): a roof about 17 mm thick, anterior and
-    posterior columns about 11 mm, a thin medial wall, a 2.5 mm joint space."""
+    """The acetabular walls: a shell about 9 mm thick (the lunate surface's bone and the medial wall over
+    the fossa) round the head's upper, inner and back part, open laterally, forwards and
+    down (the acetabulum faces about 45 degrees down and 15-20 degrees forwards). The thick roof is the
+    iliac body's lower end (`_iliac_body`); the anterior and posterior columns are the pubic and ischial
+    pieces where they meet the socket."""
     opening = np.array([sx * 0.68, -0.28, -0.68])
-    outer_centre = head + np.array([sx * 6.0, 0, 6.0])
 
     def cup(x, y, z):
-        outer = norm(x - outer_centre[0], y - outer_centre[1], z - outer_centre[2]) - (rh + 14)
-        inner = (rh + 2.5) - norm(x - head[0], y - head[1], z - head[2])
+        outer = norm(x - head[0], y - head[1], z - head[2]) - (rh + JOINT_SPACE_MM + 9)
         facing = opening[0] * (x - head[0]) + opening[1] * (y - head[1]) + opening[2] * (z - head[2]) - 2
-        return np.maximum(np.maximum(outer, inner), facing)
+        return np.maximum(outer, facing)
 
-    return head - rh - 16, head + rh + 16, cup
+    return head - rh - 10, head + rh + 10, cup
+
+
+def _iliac_body(head, sx, s, lift):
+    """The ilium's body between the acetabular roof and the wing: solid trabecular bone about 22 mm thick
+    (the supra-acetabular bone that takes the pelvis's long screws), in axial section an oval about 50 mm
+    long in the wing's direction, not a round column. Drawn as a rounded plate in the wing's frame
+    (`iliac_wing`) standing over the head, a little behind and medial of it, as the body leads back to the
+    sciatic notch; its lower end, cut by the socket, is the acetabular roof, so no round ball of bone sits
+    over the head."""
+    _, frame, _ = iliac_wing(sx, s, lift)
+    centre = head + np.array([-sx * 4, 8, 38]) * s
+    half = np.array([14, 22, 0]) * s
+    radius = 11 * s
+    reach = np.abs(frame) @ half + radius + 2
+    return centre - reach, centre + reach, lambda x, y, z: oriented_box(x, y, z, centre, frame, half) - radius
 
 
 def iliac_wing(sx: float, s: float, lift: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -127,26 +162,33 @@ def iliac_wing(sx: float, s: float, lift: float) -> tuple[np.ndarray, np.ndarray
     return centre, frame, np.array([length / 2, height / 2, 5.5 * s])
 
 
-def _iliac_wing_piece(sx, s, lift):
+def _iliac_wing_piece(head, sx, s, lift):
+    """The wing less the greater sciatic notch: no bone behind and below the notch's apex, which we place
+    45 mm above and 30 mm behind the hip joint's centre (our reading of pelvic atlases, not a measurement).
+    Above the acetabulum the ilium is then its body alone, about 5 cm from front to back."""
     centre, frame, half = iliac_wing(sx, s, lift)
     reach = np.abs(frame) @ half + 2
-    return centre - reach, centre + reach, lambda x, y, z: oriented_box(x, y, z, centre, frame, half)
+    notch = head + np.array([0, 30, 45]) * s
+
+    def wing(x, y, z):
+        in_notch = np.maximum(notch[1] - y, z - notch[2])
+        return np.maximum(oriented_box(x, y, z, centre, frame, half), -in_notch)
+
+    return centre - reach, centre + reach, wing
 
 
 def _hip_bone_pieces(head, rh, sx, s, lift):
-    """(low, high, distance) of the hip bone's pieces on one side (sx +1 left, -1 right). Acetabulum, ilium
+    """(low, high, distance, cut) of the hip bone's pieces on one side (sx +1 left, -1 right), `cut` the
+    socket where a piece reaches it (`_socket_cut`). Acetabulum, ilium
     and ischium rise with the hip joint (`lift`, mm); the symphysis stays with the pelvic floor, and the pubic
     rami run from it up to the acetabulum."""
     up = np.array([0.0, 0.0, lift])
     superior = (np.array([sx * 12 * s, -55 * s, 16 * s]), np.array([sx * 72 * s, -24 * s, 22 * s]) + up)
     inferior = (np.array([sx * 12 * s, -52 * s, -8 * s]), np.array([sx * 48 * s, 6 * s, -34 * s]) + up)
-    return [
+    pieces = [
         _acetabulum(head, rh, sx),
-        # iliac body and wing: up, back and out towards the sacroiliac joint
-        raised(((sx * 85 * s - 25, -25, 5), (sx * 85 * s + 25, 45, 75),
-                lambda x, y, z: capsule(x, y, z, (sx * 82 * s, 2 * s, 22 * s), (sx * 78 * s, 30 * s, 62 * s), 17 * s)),
-               lift),
-        _iliac_wing_piece(sx, s, lift),
+        _iliac_body(head, sx, s, lift),
+        _iliac_wing_piece(head, sx, s, lift),
         # pubis: superior ramus to the symphysis, inferior ramus, symphyseal body (the obturator foramen is
         # the gap these leave with the ischium)
         (np.minimum(*superior) - 12, np.maximum(*superior) + 12,
@@ -161,6 +203,7 @@ def _hip_bone_pieces(head, rh, sx, s, lift):
                                         13 * s, 16 * s)),
                lift),
     ]
+    return [_socket_cut(piece, head, rh) for piece in pieces]
 
 
 def _femur_pieces(a: dict, hu: dict, name: str, head, rh, sx, shell):
