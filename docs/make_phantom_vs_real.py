@@ -165,7 +165,7 @@ def front_to_back(labels, values, height):
     """Front-to-back extent (mm) of the labels ``values`` on the slice nearest ``height`` (mm, scanner z). Just
     above the acetabulum the ilium is its body alone, in front of the greater sciatic notch; a wing without
     the notch reaches back to the sacrum there. The labels axis-aligned LPS (`to_lps_axial`)."""
-    k = int(round((height - labels.GetOrigin()[2]) / labels.GetSpacing()[2]))
+    k = round(float(height - labels.GetOrigin()[2]) / labels.GetSpacing()[2])
     rows = np.nonzero(np.isin(sitk.GetArrayViewFromImage(labels)[k], values).any(axis=1))[0]
     return float((rows.max() - rows.min() + 1) * labels.GetSpacing()[1]) if rows.size else float("nan")
 
