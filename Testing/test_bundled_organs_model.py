@@ -180,14 +180,14 @@ def test_femoral_head_reference_recovers_a_phantom_head_from_its_femur(held_out)
 
 def test_real_ct_organs_against_the_reference(segmenter, pelvis_ct_path, pelvis_labels_path):
     """`evaluate_organs real` on the real pelvic CT: the bundled model's bladder and femoral heads overlap the
-    TotalSegmentator reference (README: bladder 0.84, heads 0.46 / 0.53) and its rectum lies in the colon label."""
+    TotalSegmentator reference (README: bladder 0.84, heads 0.58 / 0.61) and its rectum lies in the colon label."""
     from training.evaluate_organs import evaluate_real
 
     ct = sitk.ReadImage(str(pelvis_ct_path))
     out, labelmap = evaluate_real(segmenter, ct, sitk.ReadImage(str(pelvis_labels_path)))
     organs = out["organs"]
     assert organs["bladder"]["dsc"] > 0.8
-    assert organs["femoral_head_left"]["dsc"] > 0.4 and organs["femoral_head_right"]["dsc"] > 0.4
+    assert organs["femoral_head_left"]["dsc"] > 0.5 and organs["femoral_head_right"]["dsc"] > 0.55
     assert 45 < organs["femoral_head_right"]["reference_cc"] < 65   # a 47-50 mm head, without the trochanter
-    assert organs["rectum"]["inside_colon_fraction"] > 0.85
+    assert organs["rectum"]["inside_colon_fraction"] > 0.9
     assert labelmap.GetSize() == ct.GetSize()
