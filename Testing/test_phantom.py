@@ -224,8 +224,9 @@ def test_hip_joint_space_and_the_ilium_above_the_acetabulum():
     radius = case.info["anatomy"]["femoral_head_radius"]
     for side in ("left", "right"):
         head = np.asarray(centroids(case.labels)[L[f"femoral_head_{side}"]])
-        hip = np.argwhere(labels == L[f"hip_bone_{side}"])[:, ::-1]
-        points = np.array([case.labels.TransformContinuousIndexToPhysicalPoint(p.tolist()) for p in hip.astype(float)])
+        hip = np.argwhere(labels == L[f"hip_bone_{side}"])[:, ::-1]   # i, j, k
+        direction = np.reshape(case.labels.GetDirection(), (3, 3))
+        points = np.asarray(case.labels.GetOrigin()) + (hip * case.labels.GetSpacing()) @ direction.T
         assert np.linalg.norm(points - head, axis=1).min() >= radius + 2.0, side
         # how far behind the head's centre the hip bone reaches 40 and 60 mm above it
         behind = [points[np.abs(points[:, 2] - head[2] - height) < 0.5, 1].max() - head[1] for height in (40, 60)]

@@ -22,7 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from segcore import anatomy, image, phantom
+from segcore import anatomy, image, metrics, phantom
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL = ROOT.parent / "shared" / "data" / "real" / "pelvis_ct"
@@ -75,10 +75,7 @@ def femoral_head_dome(labels, values, top_mm=15.0):
     dome[:first] = False
     surface = dome & ~ndimage.binary_erosion(dome)
     surface[first] = False
-    points = np.argwhere(surface) * [sz, sy, sx]
-    a = np.hstack([2 * points, np.ones((len(points), 1))])
-    solution, *_ = np.linalg.lstsq(a, (points ** 2).sum(axis=1), rcond=None)
-    return solution[:3], float(np.sqrt(solution[3] + solution[:3] @ solution[:3]))
+    return metrics.fit_sphere(np.argwhere(surface) * [sz, sy, sx])
 
 
 def femoral_head_rim_contrast(ct, labels, values, dome, rim_mm=3.0):

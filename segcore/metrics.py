@@ -231,6 +231,15 @@ def _union_box(a, b):
     return tuple(slice(min(sa.start, sb.start), max(sa.stop, sb.stop)) for sa, sb in zip(a, b))
 
 
+def fit_sphere(points: np.ndarray) -> tuple[np.ndarray, float]:
+    """Centre and radius of the sphere fitted by least squares to ``points`` (N x 3, mm):
+    |p|^2 = 2 c.p + (r^2 - |c|^2) is linear in the centre c and the constant."""
+    a = np.hstack([2 * points, np.ones((len(points), 1))])
+    solution, *_ = np.linalg.lstsq(a, (points ** 2).sum(axis=1), rcond=None)
+    centre = solution[:3]
+    return centre, float(np.sqrt(solution[3] + centre @ centre))
+
+
 def surface_mask(mask: np.ndarray) -> np.ndarray:
     """Voxels of ``mask`` with a face neighbour outside it (the image border is outside)."""
     mask = np.asarray(mask, dtype=bool)

@@ -122,12 +122,8 @@ def femoral_head_reference(femur: np.ndarray, hip_bone: np.ndarray, spacing_zyx,
     if len(points) < 10:
         raise SegcoreError("the reference's femur label does not meet its hip bone label, so its femoral head "
                            "cannot be found: give a TotalSegmentator v1 label map (femurs 88/89, hip bones 90/91)")
-    # Least-squares sphere: |p|^2 = 2 c.p + (r^2 - |c|^2), linear in c and the constant.
-    a = np.hstack([2 * points, np.ones((len(points), 1))])
-    b = (points ** 2).sum(axis=1)
-    solution, *_ = np.linalg.lstsq(a, b, rcond=None)
-    centre = solution[:3]
-    radius = float(np.sqrt(solution[3] + centre @ centre)) + 0.5 * float(spacing.mean())
+    centre, radius = metrics.fit_sphere(points)
+    radius += 0.5 * float(spacing.mean())
     zz, yy, xx = np.indices(femur.shape, sparse=True)
     inside = ((zz * spacing[0] - centre[0]) ** 2 + (yy * spacing[1] - centre[1]) ** 2
               + (xx * spacing[2] - centre[2]) ** 2) <= radius ** 2

@@ -37,21 +37,21 @@ def paint_bones(canvas: Canvas, a: dict, hu: dict) -> None:
     s = a["pelvis_scale"]
     rh = a["femoral_head_radius"]
     shell = (1.5, hu["cancellous"])
-    pieces = [(*piece, L["sacrum"], *shell) for piece in _sacrum_pieces(s)]
+    pieces = [(*piece, L["sacrum"], *shell, None) for piece in _sacrum_pieces(s)]
     for name, sx in (("left", 1.0), ("right", -1.0)):
         head = head_centre(a, sx)
         pieces += [(low, high, distance, L[f"hip_bone_{name}"], *shell, cut)
                    for low, high, distance, cut in _hip_bone_pieces(head, rh, sx, s, a["hip_lift_mm"])]
-        pieces += _femur_pieces(a, hu, name, head, rh, sx, shell)
+        pieces += [(*piece, None) for piece in _femur_pieces(a, hu, name, head, rh, sx, shell)]
     painted = []
-    for low, high, distance, label, thickness, inner, *cut in pieces:
+    for low, high, distance, label, thickness, inner, cut in pieces:
         box = canvas.box(low, high)
         if box is not None:
             xyz = canvas.xyz(box)
             sd = distance(*xyz)
             inner_sd = sd + np.float32(thickness)
-            if cut and cut[0] is not None:
-                cut_sd = cut[0](*xyz)
+            if cut is not None:
+                cut_sd = cut(*xyz)
                 sd, inner_sd = np.maximum(sd, cut_sd), np.maximum(inner_sd, cut_sd)
             canvas.paint(box, sd, hu["cortical"] if thickness > 0 else inner, label)
             painted.append((box, inner_sd, inner))
