@@ -18,7 +18,10 @@ surface voxels' centres lie that far inside the bone. DSC and HD95 of our
 femoral head against that part. (Until 2026-12-07 the sphere was fitted to the
 femur's top 30 mm, which takes in the greater trochanter where it rises that
 high: on phantoms, whose heads are known, that recovered the head at DSC
-0.79-0.93, the articular fit at 0.97-1.00.)
+0.79-0.93, the articular fit at 0.97-1.00.) On the real CT the femur labels stop
+short of the heads' domes, which pulls that sphere low, so each head is also
+compared with balls fitted to the joint space seen in the CT itself
+(`joint_space_sphere`), from several first guesses, as min / median / max.
 """
 
 from __future__ import annotations
@@ -111,10 +114,18 @@ def femoral_head_reference(femur: np.ndarray, hip_bone: np.ndarray, spacing_zyx,
     """The femoral-head part of a femur mask (z, y, x): femur voxels inside the sphere fitted to the femur's
     surface voxels within ``joint_mm`` of ``hip_bone`` (the head's articular surface in the acetabulum, whose
     joint space is a few millimetres), grown by half a voxel."""
-    from scipy import ndimage
-
     if not femur.any():
         return femur
+    centre, radius = label_head_sphere(femur, hip_bone, spacing_zyx, joint_mm)
+    return femur & sphere_mask(femur.shape, spacing_zyx, centre, radius + 0.5 * float(np.mean(spacing_zyx)))
+
+
+def label_head_sphere(femur: np.ndarray, hip_bone: np.ndarray, spacing_zyx,
+                      joint_mm: float = JOINT_MM) -> tuple[np.ndarray, float]:
+    """Centre (z, y, x mm) and radius of the sphere fitted to the femur's surface voxels within ``joint_mm``
+    of ``hip_bone``."""
+    from scipy import ndimage
+
     spacing = np.asarray(spacing_zyx, float)
     surface = femur & ~ndimage.binary_erosion(femur)
     near_hip = ndimage.distance_transform_edt(~hip_bone, sampling=spacing) <= joint_mm
@@ -122,12 +133,75 @@ def femoral_head_reference(femur: np.ndarray, hip_bone: np.ndarray, spacing_zyx,
     if len(points) < 10:
         raise SegcoreError("the reference's femur label does not meet its hip bone label, so its femoral head "
                            "cannot be found: give a TotalSegmentator v1 label map (femurs 88/89, hip bones 90/91)")
-    centre, radius = metrics.fit_sphere(points)
-    radius += 0.5 * float(spacing.mean())
-    zz, yy, xx = np.indices(femur.shape, sparse=True)
-    inside = ((zz * spacing[0] - centre[0]) ** 2 + (yy * spacing[1] - centre[1]) ** 2
-              + (xx * spacing[2] - centre[2]) ** 2) <= radius ** 2
-    return femur & inside
+    return metrics.fit_sphere(points)
+
+
+# The joint-space fit: rays from the head's centre out to RAY_MM; a joint-space point is a ray's first dip
+# with bone (above BONE_HU and JOINT_CONTRAST over the dip) within 4 mm on both sides: the head inside, the
+# acetabulum outside. Rays that leave the head into muscle or fat find no such point.
+RAY_MM = (8.0, 36.0)
+BONE_HU, JOINT_CONTRAST = 150.0, 60.0
+# Half the hip's joint space (two layers of cartilage, about 2 mm each, at the dome): the head's surface lies
+# this far inside the middle of the joint space that the fit finds.
+HALF_JOINT_SPACE_MM = 1.5
+
+
+def joint_space_sphere(ct: np.ndarray, spacing_zyx, start_mm, rounds: int = 6) -> tuple[np.ndarray, float, int]:
+    """Centre (z, y, x mm), radius and point count of the sphere through the hip's joint space seen in the
+    CT array `ct` (HU), found from `start_mm`, a first guess within about 10 mm. Independent of any label:
+    on the real CT the TotalSegmentator femur label stops short of the head's dome (its top slices are
+    labelled hip bone), which pulls the label-based sphere down. Each round casts rays from the current
+    centre, keeps the joint-space points, fits a sphere (`metrics.fit_sphere`) to them and refits to the 80 %
+    that lie closest to it (the acetabular fossa's fat gives some points off the joint)."""
+    from scipy import ndimage
+
+    spacing = np.asarray(spacing_zyx, float)
+    smooth = ndimage.gaussian_filter(np.asarray(ct, np.float32), 0.5)
+    k = np.arange(2000) + 0.5                               # Fibonacci directions, evenly over the sphere
+    polar, turn = np.arccos(1 - 2 * k / k.size), np.pi * (1 + 5 ** 0.5) * k
+    directions = np.stack([np.cos(polar), np.sin(polar) * np.sin(turn), np.sin(polar) * np.cos(turn)], 1)
+    radii = np.arange(*RAY_MM, 0.5)
+    side = 8                                                # samples in 4 mm
+    centre, radius, points = np.asarray(start_mm, float), 0.0, np.empty((0, 3))
+    for _ in range(rounds):
+        rays = centre + directions[:, None, :] * radii[None, :, None]
+        hu = ndimage.map_coordinates(smooth, (rays / spacing).reshape(-1, 3).T, order=1, mode="nearest")
+        hu = hu.reshape(len(directions), len(radii))
+        points = np.array([centre + direction * radii[j] for direction, ray in zip(directions, hu)
+                           if (j := _first_gap(ray, side)) is not None]).reshape(-1, 3)
+        if len(points) < 20:
+            raise SegcoreError("too few points of the hip's joint space were found round the femoral head: "
+                               "give a CT (HU) whose femoral head lies in its acetabulum")
+        centre, radius = metrics.fit_sphere(points)
+        off = np.abs(np.linalg.norm(points - centre, axis=1) - radius)
+        centre, radius = metrics.fit_sphere(points[off <= np.percentile(off, 80)])
+    return centre, radius, len(points)
+
+
+def _first_gap(ray: np.ndarray, side: int) -> int | None:
+    """Index of the first dip along `ray` (HU, outwards) with bone on both sides within `side` samples,
+    JOINT_CONTRAST above the dip: the joint space, not the fossa's fat or the pelvis's beyond the acetabulum.
+    No absolute HU for the dip: at 3 mm slices the joint space's partial volume leaves it at 150-250 HU."""
+    in_bone = False
+    for j in range(side, len(ray) - side):
+        before = ray[j - side:j].max()
+        if in_bone and before < BONE_HU:        # the ray has left the head's bone without crossing a joint
+            return None
+        in_bone |= bool(before >= BONE_HU)
+        if ray[j] <= ray[j - 1:j + 2].min() and min(before, ray[j + 1:j + side + 1].max()) > ray[j] + JOINT_CONTRAST:
+            return j
+    return None
+
+
+def sphere_mask(shape, spacing_zyx, centre_mm, radius_mm: float) -> np.ndarray:
+    zz, yy, xx = np.indices(shape, sparse=True)
+    spacing = np.asarray(spacing_zyx, float)
+    return ((zz * spacing[0] - centre_mm[0]) ** 2 + (yy * spacing[1] - centre_mm[1]) ** 2
+            + (xx * spacing[2] - centre_mm[2]) ** 2) <= radius_mm ** 2
+
+
+def centroid_mm(mask: np.ndarray, spacing_zyx) -> np.ndarray | None:
+    return np.argwhere(mask).mean(axis=0) * np.asarray(spacing_zyx, float) if mask.any() else None
 
 
 def evaluate_real(segmenter: OrganSegmenter, ct: sitk.Image, reference: sitk.Image) -> tuple[dict, sitk.Image]:
@@ -153,7 +227,48 @@ def evaluate_real(segmenter: OrganSegmenter, ct: sitk.Image, reference: sitk.Ima
                                "predicted_cc": float((pred == value).sum() * np.prod(spacing) / 1000),
                                "reference_cc": float(reference_mask.sum() * np.prod(spacing) / 1000)}
     out["organs"]["rectum"] = rectum_in_colon(pred == anatomy.structure("rectum").value, ref == TS_COLON, spacing)
+    image = sitk.GetArrayFromImage(canonicalize(ct)[0])
+    out["femoral_heads_from_joint_space"] = {
+        name: head_against_joint_space(pred == anatomy.structure(name).value, image, spacing,
+                                       ref == femur, ref == hip)
+        for name, femur, hip in (("femoral_head_left", TS_FEMUR_LEFT, TS_HIP_LEFT),
+                                 ("femoral_head_right", TS_FEMUR_RIGHT, TS_HIP_RIGHT))}
     return out, result.labelmap
+
+
+# First guesses for the joint-space fit, mm (z up, y back, x left) from the label-based sphere's centre: on
+# the real CT the fit lands within about 10 mm of where it starts, so its spread over these is reported.
+JOINT_SPACE_STARTS = ((0, 0, 0), (-5, 0, 0), (5, 0, 0), (10, 0, 0), (5, 5, 5), (0, -8, 8), (0, 5, -5))
+
+
+def head_against_joint_space(predicted: np.ndarray, image: np.ndarray, spacing_zyx, femur, hip_bone) -> dict:
+    """A second reference for one femoral head, from the CT itself: the ball inside the sphere through the
+    joint space (`joint_space_sphere`), less half the joint space, fitted from each of JOINT_SPACE_STARTS
+    round the label-based sphere's centre. DSC against each ball (min, median, max) and the centres' height
+    above the label-based sphere's, mm, so that both references and the prediction can be compared."""
+    spacing = np.asarray(spacing_zyx, float)
+    label_centre = label_head_sphere(femur, hip_bone, spacing)[0]
+    fits = []
+    for offset in JOINT_SPACE_STARTS:
+        try:
+            centre, radius, _ = joint_space_sphere(image, spacing, label_centre + offset)
+        except SegcoreError:
+            continue
+        ball = sphere_mask(image.shape, spacing, centre, radius - HALF_JOINT_SPACE_MM)
+        fits.append((metrics.mask_metrics(predicted, ball, spacing).dsc, centre[0] - label_centre[0], radius))
+    if not fits:
+        return {"dsc": None, "fits": 0}
+    dsc, above, radius = (np.array(column) for column in zip(*fits))
+    found = centroid_mm(predicted, spacing)
+    return {"dsc": _spread(dsc, 3), "centre_above_label_sphere_mm": _spread(above, 1),
+            "radius_mm": _spread(radius - HALF_JOINT_SPACE_MM, 1), "fits": len(fits),
+            "predicted_above_label_sphere_mm": None if found is None else round(float(found[0] - label_centre[0]), 1),
+            "reference": f"balls inside the spheres fitted to the hip's joint space in the CT from {len(fits)} "
+                         f"starts, less {HALF_JOINT_SPACE_MM:g} mm"}
+
+
+def _spread(values: np.ndarray, digits: int) -> dict:
+    return {key: round(float(f(values)), digits) for key, f in (("min", np.min), ("median", np.median), ("max", np.max))}
 
 
 def rectum_in_colon(rectum: np.ndarray, colon: np.ndarray, spacing_zyx, tolerance_mm: float = 3.0) -> dict:
