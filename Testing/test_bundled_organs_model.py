@@ -200,7 +200,7 @@ def test_joint_space_sphere_finds_a_phantom_head_from_its_image():
         joint_space_sphere(np.full((30, 80, 80), 40.0), spacing, (45, 36, 36))
 
 
-def test_real_ct_organs_against_the_reference(segmenter, pelvis_ct_path, pelvis_labels_path):
+def test_real_ct_organs_against_the_reference(segmenter, pelvis_ct_path, pelvis_labels_path, tmp_path):
     """`evaluate_organs real` on the real pelvic CT: the bundled model's bladder and femoral heads overlap the
     TotalSegmentator reference (README: bladder 0.84, heads 0.58 / 0.61) and its rectum lies in the colon label."""
     from training.evaluate_organs import evaluate_real
@@ -218,3 +218,9 @@ def test_real_ct_organs_against_the_reference(segmenter, pelvis_ct_path, pelvis_
     right = out["femoral_heads_from_joint_space"]["femoral_head_right"]
     assert right["fits"] >= 5 and right["centre_above_label_sphere_mm"]["min"] > 5
     assert right["dsc"]["median"] > organs["femoral_head_right"]["dsc"] + 0.05
+    assert 20 < right["median_ball"]["radius_mm"] < 30                     # a 40-60 mm head
+    from training.evaluate_organs import draw_real_ct
+
+    draw_real_ct(ct, labelmap, sitk.ReadImage(str(pelvis_labels_path)), tmp_path / "organs.png",
+                 out["femoral_heads_from_joint_space"])
+    assert (tmp_path / "organs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -244,8 +244,9 @@ JOINT_SPACE_STARTS = ((0, 0, 0), (-5, 0, 0), (5, 0, 0), (10, 0, 0), (5, 5, 5), (
 def head_against_joint_space(predicted: np.ndarray, image: np.ndarray, spacing_zyx, femur, hip_bone) -> dict:
     """A second reference for one femoral head, from the CT itself: the ball inside the sphere through the
     joint space (`joint_space_sphere`), less half the joint space, fitted from each of JOINT_SPACE_STARTS
-    round the label-based sphere's centre. DSC against each ball (min, median, max) and the centres' height
-    above the label-based sphere's, mm, so that both references and the prediction can be compared."""
+    round the label-based sphere's centre. DSC against each ball (min, median, max; the ball of the median
+    DSC is given whole) and the centres' height above the label-based sphere's, mm, so that both references
+    and the prediction can be compared. Centres (z, y, x) mm on the canonical grid, from its first voxel."""
     spacing = np.asarray(spacing_zyx, float)
     label_centre = label_head_sphere(femur, hip_bone, spacing)[0]
     fits = []
@@ -254,14 +255,20 @@ def head_against_joint_space(predicted: np.ndarray, image: np.ndarray, spacing_z
             centre, radius, _ = joint_space_sphere(image, spacing, label_centre + offset)
         except SegcoreError:
             continue
-        ball = sphere_mask(image.shape, spacing, centre, radius - HALF_JOINT_SPACE_MM)
-        fits.append((metrics.mask_metrics(predicted, ball, spacing).dsc, centre[0] - label_centre[0], radius))
+        radius -= HALF_JOINT_SPACE_MM
+        ball = sphere_mask(image.shape, spacing, centre, radius)
+        fits.append((metrics.mask_metrics(predicted, ball, spacing).dsc, centre, radius))
     if not fits:
         return {"dsc": None, "fits": 0}
-    dsc, above, radius = (np.array(column) for column in zip(*fits))
+    fits.sort(key=lambda fit: fit[0])
+    dsc, radius = np.array([fit[0] for fit in fits]), np.array([fit[2] for fit in fits])
+    above = np.array([fit[1][0] - label_centre[0] for fit in fits])
     found = centroid_mm(predicted, spacing)
+    median_centre, median_radius = fits[len(fits) // 2][1:]
     return {"dsc": _spread(dsc, 3), "centre_above_label_sphere_mm": _spread(above, 1),
-            "radius_mm": _spread(radius - HALF_JOINT_SPACE_MM, 1), "fits": len(fits),
+            "radius_mm": _spread(radius, 1), "fits": len(fits),
+            "median_ball": {"centre_mm": [round(float(v), 1) for v in median_centre],
+                            "radius_mm": round(float(median_radius), 1)},
             "predicted_above_label_sphere_mm": None if found is None else round(float(found[0] - label_centre[0]), 1),
             "reference": f"balls inside the spheres fitted to the hip's joint space in the CT from {len(fits)} "
                          f"starts, less {HALF_JOINT_SPACE_MM:g} mm"}
@@ -288,13 +295,16 @@ def rectum_in_colon(rectum: np.ndarray, colon: np.ndarray, spacing_zyx, toleranc
     return {**out, "inside_colon_fraction": float((rectum & grown).sum() / rectum.sum())}
 
 
-def draw_real_ct(ct: sitk.Image, prediction: sitk.Image, reference: sitk.Image, path: Path) -> None:
+def draw_real_ct(ct: sitk.Image, prediction: sitk.Image, reference: sitk.Image, path: Path,
+                 heads: dict | None = None) -> None:
     """A coronal slice through the femoral heads and an axial slice through the bladder: predicted organs
-    filled, the reference bladder and femurs outlined."""
+    filled, the reference bladder and femurs outlined, and in the coronal slice each head's ball of the
+    median DSC from the joint space (`heads`, `evaluate_real`'s "femoral_heads_from_joint_space")."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Ellipse
 
     from segcore.image import canonicalize
 
@@ -302,9 +312,10 @@ def draw_real_ct(ct: sitk.Image, prediction: sitk.Image, reference: sitk.Image, 
     p = sitk.GetArrayFromImage(canonicalize(prediction)[0])
     r = sitk.GetArrayFromImage(canonicalize(sitk.Cast(reference, sitk.sitkUInt8))[0])
     spacing = canonicalize(ct)[0].GetSpacing()
-    heads = np.isin(p, [4, 5])
-    j = int(np.nonzero(heads)[1].mean()) if heads.any() else a.shape[1] // 2
-    bladder = p == 2
+    head_values = [anatomy.structure(f"femoral_head_{side}").value for side in ("left", "right")]
+    in_heads = np.isin(p, head_values)
+    j = int(np.nonzero(in_heads)[1].mean()) if in_heads.any() else a.shape[1] // 2
+    bladder = p == anatomy.structure("bladder").value
     k = int(np.nonzero(bladder)[0].mean()) if bladder.any() else a.shape[0] // 2
     views = [("coronal", a[:, j][::-1], p[:, j][::-1], r[:, j][::-1], spacing[2] / spacing[0]),
              ("axial", a[k], p[k], r[k], spacing[1] / spacing[0])]
@@ -320,6 +331,19 @@ def draw_real_ct(ct: sitk.Image, prediction: sitk.Image, reference: sitk.Image, 
                 ax.contour(rm == value, levels=[0.5], colors=colour, linewidths=0.8)
         ax.set_title(f"{title}: predicted organs filled; reference bladder (yellow) and femurs (cyan)", fontsize=9)
         ax.axis("off")
+    for fit in (heads or {}).values():
+        if not fit.get("median_ball"):
+            continue
+        (cz, cy, cx), radius = fit["median_ball"]["centre_mm"], fit["median_ball"]["radius_mm"]
+        across = radius ** 2 - (j * spacing[1] - cy) ** 2         # the ball's circle in this coronal plane
+        if across > 0:
+            axes[0].add_patch(Ellipse((cx / spacing[0], a.shape[0] - 1 - cz / spacing[2]), 2 * np.sqrt(across) / spacing[0],
+                                      2 * np.sqrt(across) / spacing[2], fill=False, color="magenta", lw=0.9, ls="--"))
+    if heads:
+        axes[0].set_xlabel("dashed magenta: femoral head from the CT's joint space (median fit)", fontsize=9)
+        axes[0].axis("on")
+        axes[0].set_xticks([])
+        axes[0].set_yticks([])
     fig.tight_layout()
     with atomic_output(path, overwrite=True) as tmp:
         fig.savefig(tmp, dpi=80)
@@ -360,7 +384,7 @@ def evaluate(args) -> int:
         out, labelmap = evaluate_real(segmenter, ct, reference)
         print(json.dumps(out, indent=1))
         if args.picture:
-            draw_real_ct(ct, labelmap, reference, args.picture)
+            draw_real_ct(ct, labelmap, reference, args.picture, out["femoral_heads_from_joint_space"])
     write_results(args.json, out)
     return 0
 
