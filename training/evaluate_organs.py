@@ -162,7 +162,7 @@ def joint_space_sphere(ct: np.ndarray, spacing_zyx, start_mm, rounds: int = 6) -
     directions = np.stack([np.cos(polar), np.sin(polar) * np.sin(turn), np.sin(polar) * np.cos(turn)], 1)
     radii = np.arange(*RAY_MM, 0.5)
     side = 8                                                # samples in 4 mm
-    centre, radius, points = np.asarray(start_mm, float), 0.0, np.empty((0, 3))
+    centre = np.asarray(start_mm, float)
     for _ in range(rounds):
         rays = centre + directions[:, None, :] * radii[None, :, None]
         hu = ndimage.map_coordinates(smooth, (rays / spacing).reshape(-1, 3).T, order=1, mode="nearest")
