@@ -116,7 +116,13 @@ def femoral_head_reference(femur: np.ndarray, hip_bone: np.ndarray, spacing_zyx,
     joint space is a few millimetres), grown by half a voxel."""
     if not femur.any():
         return femur
-    centre, radius = label_head_sphere(femur, hip_bone, spacing_zyx, joint_mm)
+    return head_in_sphere(femur, label_head_sphere(femur, hip_bone, spacing_zyx, joint_mm), spacing_zyx)
+
+
+def head_in_sphere(femur: np.ndarray, sphere: tuple[np.ndarray, float], spacing_zyx) -> np.ndarray:
+    """Femur voxels inside `sphere` (centre, radius mm) grown by half a voxel, as surface voxels' centres lie
+    that far inside the bone."""
+    centre, radius = sphere
     return femur & sphere_mask(femur.shape, spacing_zyx, centre, radius + 0.5 * float(np.mean(spacing_zyx)))
 
 
@@ -215,11 +221,13 @@ def evaluate_real(segmenter: OrganSegmenter, ct: sitk.Image, reference: sitk.Ima
     out = {"model": segmenter.package.name, "confidence": result.confidence, "messages": result.messages,
            "seconds": result.timings.get("total"), "organs": {}}
     pairs = [("bladder", ref == TS_BLADDER, "TotalSegmentator label 104 (urinary bladder)")]
+    spheres = {}
     for name, femur, hip in (("femoral_head_left", TS_FEMUR_LEFT, TS_HIP_LEFT),
                              ("femoral_head_right", TS_FEMUR_RIGHT, TS_HIP_RIGHT)):
         how = (f"femoral-head part of TotalSegmentator label {femur}: inside the sphere fitted to its surface "
                f"within {JOINT_MM:g} mm of hip bone label {hip}")
-        pairs.append((name, femoral_head_reference(ref == femur, ref == hip, spacing), how))
+        spheres[name] = label_head_sphere(ref == femur, ref == hip, spacing)
+        pairs.append((name, head_in_sphere(ref == femur, spheres[name], spacing), how))
     for name, reference_mask, how in pairs:
         value = anatomy.structure(name).value
         score = metrics.mask_metrics(pred == value, reference_mask, spacing)
@@ -229,10 +237,8 @@ def evaluate_real(segmenter: OrganSegmenter, ct: sitk.Image, reference: sitk.Ima
     out["organs"]["rectum"] = rectum_in_colon(pred == anatomy.structure("rectum").value, ref == TS_COLON, spacing)
     image = sitk.GetArrayFromImage(canonicalize(ct)[0])
     out["femoral_heads_from_joint_space"] = {
-        name: head_against_joint_space(pred == anatomy.structure(name).value, image, spacing,
-                                       ref == femur, ref == hip)
-        for name, femur, hip in (("femoral_head_left", TS_FEMUR_LEFT, TS_HIP_LEFT),
-                                 ("femoral_head_right", TS_FEMUR_RIGHT, TS_HIP_RIGHT))}
+        name: head_against_joint_space(pred == anatomy.structure(name).value, image, spacing, centre)
+        for name, (centre, _) in spheres.items()}
     return out, result.labelmap
 
 
@@ -241,14 +247,13 @@ def evaluate_real(segmenter: OrganSegmenter, ct: sitk.Image, reference: sitk.Ima
 JOINT_SPACE_STARTS = ((0, 0, 0), (-5, 0, 0), (5, 0, 0), (10, 0, 0), (5, 5, 5), (0, -8, 8), (0, 5, -5))
 
 
-def head_against_joint_space(predicted: np.ndarray, image: np.ndarray, spacing_zyx, femur, hip_bone) -> dict:
+def head_against_joint_space(predicted: np.ndarray, image: np.ndarray, spacing_zyx, label_centre) -> dict:
     """A second reference for one femoral head, from the CT itself: the ball inside the sphere through the
     joint space (`joint_space_sphere`), less half the joint space, fitted from each of JOINT_SPACE_STARTS
-    round the label-based sphere's centre. DSC against each ball (min, median, max; the ball of the median
+    round the label-based sphere's centre (`label_centre`, `label_head_sphere`). DSC against each ball (min, median, max; the ball of the median
     DSC is given whole) and the centres' height above the label-based sphere's, mm, so that both references
     and the prediction can be compared. Centres (z, y, x) mm on the canonical grid, from its first voxel."""
     spacing = np.asarray(spacing_zyx, float)
-    label_centre = label_head_sphere(femur, hip_bone, spacing)[0]
     fits = []
     for offset in JOINT_SPACE_STARTS:
         try:
@@ -308,10 +313,10 @@ def draw_real_ct(ct: sitk.Image, prediction: sitk.Image, reference: sitk.Image, 
 
     from segcore.image import canonicalize
 
-    a = sitk.GetArrayFromImage(canonicalize(ct)[0])
+    ct_c = canonicalize(ct)[0]
+    a, spacing = sitk.GetArrayFromImage(ct_c), ct_c.GetSpacing()
     p = sitk.GetArrayFromImage(canonicalize(prediction)[0])
     r = sitk.GetArrayFromImage(canonicalize(sitk.Cast(reference, sitk.sitkUInt8))[0])
-    spacing = canonicalize(ct)[0].GetSpacing()
     head_values = [anatomy.structure(f"femoral_head_{side}").value for side in ("left", "right")]
     in_heads = np.isin(p, head_values)
     j = int(np.nonzero(in_heads)[1].mean()) if in_heads.any() else a.shape[1] // 2
