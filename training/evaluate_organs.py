@@ -234,6 +234,8 @@ def evaluate_real(segmenter: OrganSegmenter, ct: sitk.Image, reference: sitk.Ima
         out["organs"][name] = {"dsc": score.dsc, "hd95": score.hd95, "reference": how,
                                "predicted_cc": float((pred == value).sum() * np.prod(spacing) / 1000),
                                "reference_cc": float(reference_mask.sum() * np.prod(spacing) / 1000)}
+    out["organs"]["bladder"]["edges_mm"] = edge_offsets(pred == anatomy.structure("bladder").value,
+                                                        ref == TS_BLADDER, spacing)
     out["organs"]["rectum"] = rectum_in_colon(pred == anatomy.structure("rectum").value, ref == TS_COLON, spacing)
     image = sitk.GetArrayFromImage(canonicalize(ct)[0])
     out["femoral_heads_from_joint_space"] = {
@@ -298,6 +300,26 @@ def rectum_in_colon(rectum: np.ndarray, colon: np.ndarray, spacing_zyx, toleranc
     pelvic[slices.min():slices.max() + 1] = colon[slices.min():slices.max() + 1]
     grown = ndimage.distance_transform_edt(~pelvic, sampling=spacing_zyx) <= tolerance_mm
     return {**out, "inside_colon_fraction": float((rectum & grown).sum() / rectum.sum())}
+
+
+def edge_offsets(predicted: np.ndarray, reference: np.ndarray, spacing_zyx) -> dict | None:
+    """Where a predicted organ's outline lies against the reference's, which DSC alone does not say: the
+    signed distances (mm, + = the predicted edge outside the reference's) of its front, back, right and left
+    edges, each the median over the slices both masks hold, read along each slice's column (front, back) and
+    row (right, left) through the reference's centroid. Masks are on the canonical grid (y back, x left)."""
+    spacing = np.asarray(spacing_zyx, float)
+    rows = []
+    for z in np.nonzero(reference.any(axis=(1, 2)) & predicted.any(axis=(1, 2)))[0]:
+        cy, cx = np.round(np.argwhere(reference[z]).mean(axis=0)).astype(int)
+        ref_col, pred_col = np.nonzero(reference[z][:, cx])[0], np.nonzero(predicted[z][:, cx])[0]
+        ref_row, pred_row = np.nonzero(reference[z][cy])[0], np.nonzero(predicted[z][cy])[0]
+        if min(map(len, (ref_col, pred_col, ref_row, pred_row))):
+            rows.append([(ref_col.min() - pred_col.min()) * spacing[1], (pred_col.max() - ref_col.max()) * spacing[1],
+                         (ref_row.min() - pred_row.min()) * spacing[2], (pred_row.max() - ref_row.max()) * spacing[2]])
+    if not rows:
+        return None
+    medians = np.round(np.median(rows, axis=0), 1).tolist()
+    return {**dict(zip(("front", "back", "right", "left"), medians)), "slices": len(rows)}
 
 
 def draw_real_ct(ct: sitk.Image, prediction: sitk.Image, reference: sitk.Image, path: Path,
