@@ -8,7 +8,8 @@ Phantoms: the full pipeline on each case's own grid, DSC, HD and HD95 per organ
 against the phantom's labels; mAP50-95 of the slice detections on the canonical
 slice grid (the boxes the network is trained to find).
 
-Real CT (TotalSegmentator v1 reference): the bladder against label 104. The
+Real CT (TotalSegmentator v1 reference): the bladder against label 104, with
+its front, back and side edges' offsets from the reference's (`edge_offsets`). The
 reference has whole femurs (88 left, 89 right) but no femoral heads, so each
 femoral head is compared with the part of its femur that lies inside a sphere
 fitted (least squares) to the head's articular surface: the femur's surface
