@@ -221,7 +221,8 @@ def evaluate_real(segmenter: OrganSegmenter, ct: sitk.Image, reference: sitk.Ima
     spacing = pred_c.GetSpacing()[::-1]
     out = {"model": segmenter.package.name, "confidence": result.confidence, "messages": result.messages,
            "seconds": result.timings.get("total"), "organs": {}}
-    pairs = [("bladder", ref == TS_BLADDER, "TotalSegmentator label 104 (urinary bladder)")]
+    bladder = ref == TS_BLADDER
+    pairs = [("bladder", bladder, "TotalSegmentator label 104 (urinary bladder)")]
     spheres = {}
     for name, femur, hip in (("femoral_head_left", TS_FEMUR_LEFT, TS_HIP_LEFT),
                              ("femoral_head_right", TS_FEMUR_RIGHT, TS_HIP_RIGHT)):
@@ -235,8 +236,7 @@ def evaluate_real(segmenter: OrganSegmenter, ct: sitk.Image, reference: sitk.Ima
         out["organs"][name] = {"dsc": score.dsc, "hd95": score.hd95, "reference": how,
                                "predicted_cc": float((pred == value).sum() * np.prod(spacing) / 1000),
                                "reference_cc": float(reference_mask.sum() * np.prod(spacing) / 1000)}
-    out["organs"]["bladder"]["edges_mm"] = edge_offsets(pred == anatomy.structure("bladder").value,
-                                                        ref == TS_BLADDER, spacing)
+    out["organs"]["bladder"]["edges_mm"] = edge_offsets(pred == anatomy.structure("bladder").value, bladder, spacing)
     out["organs"]["rectum"] = rectum_in_colon(pred == anatomy.structure("rectum").value, ref == TS_COLON, spacing)
     image = sitk.GetArrayFromImage(canonicalize(ct)[0])
     out["femoral_heads_from_joint_space"] = {
@@ -253,9 +253,9 @@ JOINT_SPACE_STARTS = ((0, 0, 0), (-5, 0, 0), (5, 0, 0), (10, 0, 0), (5, 5, 5), (
 def head_against_joint_space(predicted: np.ndarray, image: np.ndarray, spacing_zyx, label_centre) -> dict:
     """A second reference for one femoral head, from the CT itself: the ball inside the sphere through the
     joint space (`joint_space_sphere`), less half the joint space, fitted from each of JOINT_SPACE_STARTS
-    round the label-based sphere's centre (`label_centre`, `label_head_sphere`). DSC against each ball (min, median, max; the ball of the median
-    DSC is given whole) and the centres' height above the label-based sphere's, mm, so that both references
-    and the prediction can be compared. Centres (z, y, x) mm on the canonical grid, from its first voxel."""
+    round the label-based sphere's centre (`label_centre`, from `label_head_sphere`). DSC against each ball
+    (min, median, max; the ball of the median DSC is given whole) and the centres' height above the
+    label-based sphere's, mm, so that both references and the prediction can be compared. Centres (z, y, x) mm on the canonical grid, from its first voxel."""
     spacing = np.asarray(spacing_zyx, float)
     fits = []
     for offset in JOINT_SPACE_STARTS:
